@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='surgery_job',
+    version='0.1.0',
+    description='Distributed, sharded checkpoint surgery for JAX/Flax/Orbax checkpoints.',
+    packages=find_packages(include=['surgery_job', 'surgery_job.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'orbax-checkpoint>=0.12.8',
+        'tensorstore>=0.1.86',
+        'absl-py>=2.5.1',
+        'ml_collections>=1.1.0',
+        'optax>=0.2.8',
+    ],
+    extras_require={'test': ['pytest>=8']},
+    entry_points={'console_scripts': ['surgery-job=surgery_job.main:run']},
+)

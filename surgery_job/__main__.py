@@ -1,0 +1,3 @@
+from surgery_job.main import run
+
+run()

@@ -1,0 +1,94 @@
+"""Orbax I/O: find the input, read its metadata, restore what is needed, write and re-read the output."""
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from surgery_job import tree
+from surgery_job.errors import SurgeryError
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """One checkpoint item: a single PyTree checkpoint, or one item of a CheckpointManager step."""
+  root: Path
+  step: int | None  # None: a single PyTree checkpoint, not a CheckpointManager directory.
+  item: str | None
+
+  @property
+  def item_dir(self) -> Path:
+    return self.root if self.step is None else self.root / str(self.step) / self.item
+
+
+def _is_pytree(path: Path) -> bool:
+  return (path / '_METADATA').is_file()
+
+
+def locate(path: str, step: Any, item: str | None) -> Location:
+  """The input item named by `input.path`, `input.step` and `input.item`."""
+  root = Path(path).absolute()
+  if not root.exists():
+    raise SurgeryError(f'input.path {root} does not exist')
+  if _is_pytree(root):
+    if isinstance(step, int):
+      raise SurgeryError(f'input.step is {step} but {root} is a single PyTree checkpoint')
+    return Location(root, None, None)
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+  if not steps:
+    raise SurgeryError(f'input.path {root} is not an Orbax checkpoint: no _METADATA file and '
+                       'no numbered step folders')
+  if step is None or step == 'latest':
+    step = steps[-1]
+  elif step not in steps:
+    raise SurgeryError(f'input.step {step} not found in {root} (steps: {steps})')
+  items = sorted(p.name for p in (root / str(step)).iterdir() if _is_pytree(p))
+  if item is None:
+    if len(items) != 1:
+      raise SurgeryError(f'set input.item: step {step} of {root} holds items {items}')
+    item = items[0]
+  elif item not in items:
+    raise SurgeryError(f'input.item {item!r} not found in step {step} of {root} (items: {items})')
+  return Location(root, step, item)
+
+
+def read_metadata(location: Location) -> Any:
+  """The item's tree of ArrayMetadata (shape, dtype, saved sharding), read without array data."""
+  try:
+    return ocp.StandardCheckpointer().metadata(location.item_dir).item_metadata.tree
+  except Exception as e:  # Orbax raises many kinds for a damaged checkpoint.
+    raise SurgeryError(f'cannot read checkpoint metadata in {location.item_dir}: '
+                       f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+
+
+def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  """Reads only the `targets` leaves, each onto its sharding; the others stay on disk."""
+  flat_skeleton = tree.flatten(skeleton)
+  item = tree.unflatten({k: targets.get(k, ocp.PLACEHOLDER) for k in flat_skeleton}, skeleton)
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+      if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), item)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args))
+  return {k: v for k, v in tree.flatten(restored).items() if k in targets}
+
+
+def save(nested: Any, directory: Path, location: Location, step: int | None) -> Path:
+  """Writes `nested` in the input's layout under `directory`; returns the item folder written."""
+  if location.step is None:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(directory, nested)
+    return directory
+  with ocp.CheckpointManager(directory, item_names=(location.item,)) as manager:
+    manager.save(step, args=ocp.args.Composite(**{location.item: ocp.args.StandardSave(nested)}))
+    manager.wait_until_finished()
+  return directory / str(step) / location.item
+
+
+def inside(path: Path, parent: Path) -> bool:
+  path, parent = Path(os.path.realpath(path)), Path(os.path.realpath(parent))
+  return path == parent or parent in path.parents

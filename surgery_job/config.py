@@ -1,0 +1,72 @@
+"""The job's config: every field with its default, and the merge of a user's config onto them."""
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from surgery_job.errors import SurgeryError
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  """Every field the job reads, with its default. Config files override what they need."""
+  config = ml_collections.ConfigDict()
+
+  config.input = ml_collections.ConfigDict()
+  config.input.path = config_dict.placeholder(str)  # CheckpointManager dir or one PyTree checkpoint.
+  config.input.step = config_dict.placeholder(object)  # None or 'latest': the latest committed step.
+  config.input.item = config_dict.placeholder(str)  # None: the step's only item (e.g. 'default').
+
+  config.output = ml_collections.ConfigDict()
+  config.output.path = config_dict.placeholder(str)  # Same layout as the input.
+  config.output.step = config_dict.placeholder(int)  # None: the input's step.
+  config.output.overwrite = False  # False: refuse an existing output.path.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = config_dict.placeholder(tuple)  # None: the saved mesh; -1 fills the rest.
+  config.mesh.axes = config_dict.placeholder(tuple)  # None: the saved mesh's axis names.
+
+  config.params_root = config_dict.placeholder(str)  # None: 'params' if present, else the whole tree.
+  config.transforms = []  # Ordered list of dicts, each with an 'op' (see README).
+  config.partition_rules = []  # Ordered (regex, spec) pairs for leaves whose spec is not carried over.
+  config.dry_run = False  # Plan, print the plan, write nothing.
+  return config
+
+
+def resolve(user_config: Any) -> ml_collections.ConfigDict:
+  """Lays `user_config` over the defaults; an unknown or mistyped field is a SurgeryError."""
+  config = get_default_config()
+  _merge(config, _as_dict(user_config), prefix='')
+  config.transforms = [_as_dict(t) for t in config.transforms]
+  config.partition_rules = [tuple(r) for r in config.partition_rules]
+  if not config.input.path:
+    raise SurgeryError('config: missing field input.path')
+  if not config.output.path and not config.dry_run:
+    raise SurgeryError('config: missing field output.path')
+  step = config.input.step
+  if not (step is None or step == 'latest' or (isinstance(step, int) and step >= 0)):
+    raise SurgeryError(f"config: input.step must be a step number, None or 'latest', got {step!r}")
+  return config
+
+
+def _as_dict(value: Any) -> dict:
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value)
+
+
+def _merge(defaults: ml_collections.ConfigDict, user: dict, prefix: str) -> None:
+  for key, value in user.items():
+    path = prefix + key
+    if key not in defaults:
+      raise SurgeryError(f'config: unknown field {path!r} (known: {", ".join(sorted(defaults.keys()))})')
+    if isinstance(defaults[key], ml_collections.ConfigDict):
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise SurgeryError(f'config: field {path!r} is a group of fields, got {value!r}')
+      _merge(defaults[key], _as_dict(value), prefix=path + '.')
+      continue
+    if isinstance(value, list) and defaults.get_type(key) is tuple:
+      value = tuple(value)
+    try:
+      defaults[key] = value
+    except TypeError:
+      expected = defaults.get_type(key).__name__
+      raise SurgeryError(f'config: field {path!r} expects {expected}, got {value!r}') from None

@@ -1,0 +1,171 @@
+"""The surgery job, phase by phase: read, mesh, plan, restore, transform, write, validate, commit."""
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import logging
+from jax.experimental import multihost_utils
+
+from surgery_job import checkpoint, config as config_lib, plan as plan_lib, sharding, transforms, tree
+from surgery_job.errors import SurgeryError
+from surgery_job.validate import mismatches
+
+REPORT = 'surgery_report.json'
+TMP_SUFFIX = '.surgery-tmp'
+OLD_SUFFIX = '.surgery-old'
+
+
+class Phases:
+  """Times each phase; process 0 logs one line per phase."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    start = time.perf_counter()
+    yield
+    self.seconds[name] = round(time.perf_counter() - start, 3)
+    if jax.process_index() == 0:
+      logging.info('Phase %-9s done in %.2f s', name, self.seconds[name])
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def run(user_config: ml_collections.ConfigDict) -> dict | None:
+  """Runs the surgery `user_config` describes; returns the report (None for a dry run)."""
+  config = config_lib.resolve(user_config)
+  phases = Phases()
+
+  with phases('read'):
+    source = checkpoint.locate(config.input.path, config.input.step, config.input.item)
+    skeleton = checkpoint.read_metadata(source)
+    metadata = tree.flatten(skeleton)
+    try:
+      layout = tree.find_layout(list(metadata), config.params_root)
+    except ValueError as e:
+      raise SurgeryError(f'config: {e}') from None
+    out_root, out_step = _output(config, source)
+
+  with phases('mesh'):
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes,
+                              sharding.saved_mesh_shape(list(metadata.values())), jax.devices())
+    if jax.process_index() == 0:
+      logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape), mesh.size,
+                   jax.process_count())
+
+  with phases('plan'):
+    # Each leaf is restored with the spec it was saved with, fitted to this job's mesh.
+    inputs = {k: sharding.abstract(m.shape, m.dtype, mesh, sharding.fit_spec(
+        sharding.saved_spec(m), m.shape, mesh, k)) for k, m in metadata.items()}
+    plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
+                              config.partition_rules)
+
+  if config.dry_run:
+    if jax.process_index() == 0:
+      print(describe(plan, source, out_root, out_step))
+    return None
+
+  tmp = out_root.with_name(out_root.name + TMP_SUFFIX)
+  if jax.process_index() == 0 and tmp.exists():
+    shutil.rmtree(tmp)
+  _barrier('surgery_job:prepared')
+  committed = False
+  try:
+    with phases('restore'):
+      restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in plan.needed})
+    with phases('transform'):
+      computed = plan_lib.transform_fn(plan)(restored)
+      jax.block_until_ready(computed)
+    outputs = {k: restored[leaf.passthrough] if leaf.passthrough else computed[k]
+               for k, leaf in plan.outputs.items()}
+    out_skeleton = tree.unflatten(outputs, skeleton)
+    with phases('write'):
+      item_dir = checkpoint.save(out_skeleton, tmp, source, out_step)
+    with phases('validate'):
+      targets = {k: sharding.abstract(v.shape, v.dtype, mesh, plan.outputs[k].spec)
+                 for k, v in outputs.items()}
+      bad = mismatches(outputs, checkpoint.restore(item_dir, out_skeleton, targets))
+      if bad:
+        raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
+    report = _report(config, plan, source, out_root, out_step, phases)
+    with phases('commit'):
+      if jax.process_index() == 0:
+        (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        _replace(tmp, out_root)
+      _barrier('surgery_job:committed')
+      committed = True
+    report['seconds'] = phases.seconds
+    return report
+  finally:
+    if not committed and jax.process_index() == 0:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _output(config, source: checkpoint.Location) -> tuple[Path, int | None]:
+  out_root = Path(config.output.path).absolute()
+  if checkpoint.inside(out_root, source.root):
+    raise SurgeryError(f'output.path {out_root} is inside input.path {source.root}')
+  if checkpoint.inside(source.root, out_root):
+    raise SurgeryError(f'input.path {source.root} is inside output.path {out_root}')
+  if out_root.exists() and not config.output.overwrite:
+    raise SurgeryError(f'output.path {out_root} exists; set output.overwrite=True to replace it')
+  if source.step is None:
+    if config.output.step is not None:
+      raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
+    return out_root, None
+  return out_root, source.step if config.output.step is None else config.output.step
+
+
+def _replace(tmp: Path, out_root: Path) -> None:
+  """Makes the validated `tmp` visible at `out_root`, moving an older output away only now."""
+  old = out_root.with_name(out_root.name + OLD_SUFFIX)
+  if out_root.exists():
+    shutil.rmtree(old, ignore_errors=True)
+    out_root.rename(old)
+  tmp.rename(out_root)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _spec_str(spec) -> str:
+  return str(tuple(spec))
+
+
+def _report(config, plan, source, out_root, out_step, phases) -> dict:
+  return {
+      'input': {'path': str(source.root), 'step': source.step, 'item': source.item},
+      'output': {'path': str(out_root), 'step': out_step},
+      'config': config.to_dict(),
+      'mesh': dict(plan.mesh.shape),
+      'ops': [{'op': label, 'touched': keys} for label, keys in plan.touched],
+      'leaves': {k: {'shape': list(leaf.shape), 'dtype': leaf.dtype.name, 'spec': list(leaf.spec),
+                     'sources': list(leaf.sources)} for k, leaf in plan.outputs.items()},
+      'bytes_read': plan.bytes_read,
+      'bytes_written': plan.bytes_written,
+      'seconds': dict(phases.seconds),
+      'validation': {'ok': True, 'leaves_compared': len(plan.outputs)},
+  }
+
+
+def describe(plan: plan_lib.Plan, source, out_root: Path, out_step) -> str:
+  """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O."""
+  lines = [f'Surgery plan: {source.item_dir} -> {out_root}'
+           + (f' (step {out_step})' if out_step is not None else ''),
+           f'Mesh: {dict(plan.mesh.shape)}']
+  for label, keys in plan.touched:
+    lines.append(f'{label}: {len(keys)} keys: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}')
+  lines.append(f'Output leaves ({len(plan.outputs)}):')
+  for key, leaf in plan.outputs.items():
+    how = 'unchanged' if leaf.passthrough == key else f'from {", ".join(leaf.sources) or "nothing"}'
+    lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {_spec_str(leaf.spec)} {how}')
+  lines.append(f'Reads {len(plan.needed)} of {len(plan.inputs)} leaves ({plan.bytes_read} bytes); '
+               f'writes {len(plan.outputs)} leaves ({plan.bytes_written} bytes).')
+  return '\n'.join(lines)

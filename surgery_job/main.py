@@ -1,0 +1,66 @@
+"""Entrypoint: `surgery-job --config=configs/NAME.py --config.input.path=IN --config.output.path=OUT`.
+
+Exit codes: 0 done, 2 bad config or input (one line on stderr), 1 failed at run time.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from surgery_job import job
+from surgery_job.errors import SurgeryError
+
+# Overrides of fields a config file left out are accepted here and checked against the defaults.
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a configs/*.py file.', lock_config=False, accept_new_attributes=True)
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, where JAX cannot detect the cluster.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0-based.')
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _init_distributed() -> bool:
+  """Joins the cluster JAX detects (Slurm, Open MPI, TPU VMs, Kubernetes) or the flags name."""
+  explicit = any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID))
+  try:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    if explicit or 'coordinator_address should be defined' not in str(e):
+      raise
+    return False
+  return True
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    distributed = _init_distributed()
+    if jax.process_index() == 0:
+      logging.info('surgery_job: %s; process %d of %d, %d local / %d global devices (%s).',
+                   'jax.distributed initialised' if distributed else 'single process',
+                   jax.process_index(), jax.process_count(), jax.local_device_count(),
+                   jax.device_count(), jax.devices()[0].platform)
+    if _CONFIG.value is None:
+      raise SurgeryError('--config is required')
+    job.run(_CONFIG.value)
+  except SurgeryError as e:
+    print(f'surgery-job: error: {e}', file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  except Exception:  # pylint: disable=broad-except
+    logging.exception('surgery_job failed')
+    sys.exit(EXIT_FAILED)
+
+
+def run() -> None:
+  """The console script."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,161 @@
+"""The whole surgery planned on shapes and dtypes before any data moves.
+
+The ops run once under `jax.make_jaxpr` on abstract inputs. That trace gives every output's shape,
+dtype and derived spec, and its dataflow gives each output's source keys and which outputs are an
+input passed through unchanged (those are never copied or recomputed).
+"""
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Literal
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from surgery_job import sharding, transforms, tree
+from surgery_job.errors import SurgeryError
+from surgery_job.transforms import Leaf, State
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputLeaf:
+  shape: tuple[int, ...]
+  dtype: Any
+  spec: PartitionSpec
+  sources: tuple[str, ...]  # Input keys its value is computed from.
+  passthrough: str | None  # The input key whose array it is, unchanged; None if computed.
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  mesh: Mesh
+  layout: tree.Layout
+  ops: Sequence[tuple[str, transforms.Op]]
+  inputs: dict[str, jax.ShapeDtypeStruct]  # Every input leaf, with its sharding on `mesh`.
+  outputs: dict[str, OutputLeaf]
+  touched: list[tuple[str, list[str]]]  # (op label, keys it added, removed or changed).
+
+  @property
+  def needed(self) -> list[str]:
+    """Input keys that some output reads; the others are never restored."""
+    keys = {k for leaf in self.outputs.values() for k in leaf.sources}
+    return [k for k in self.inputs if k in keys]
+
+  @property
+  def computed(self) -> list[str]:
+    return [k for k, leaf in self.outputs.items() if leaf.passthrough is None]
+
+  @property
+  def bytes_read(self) -> int:
+    return sum(math.prod(self.inputs[k].shape) * self.inputs[k].dtype.itemsize for k in self.needed)
+
+  @property
+  def bytes_written(self) -> int:
+    return sum(leaf.nbytes for leaf in self.outputs.values())
+
+  def output_sharding(self, key: str) -> NamedSharding:
+    return NamedSharding(self.mesh, self.outputs[key].spec)
+
+
+def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None) -> dict[str, Leaf]:
+  params, mirrors, others = layout.split(inputs)
+  state = transforms.apply(plan_ops, State(params, mirrors, others), touched)
+  return assemble(layout, state)
+
+
+def assemble(layout: tree.Layout, state: State) -> dict[str, Leaf]:
+  flat = {tree.join(layout.params_root, k): leaf for k, leaf in state.params.items()}
+  for root, mirror in state.mirrors.items():
+    flat.update({tree.join(root, k): leaf for k, leaf in mirror.items()})
+  flat.update(state.others)
+  return flat
+
+
+def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct], mesh: Mesh,
+              rules: Sequence[tuple[str, Any]]) -> Plan:
+  in_specs = {k: x.sharding.spec for k, x in inputs.items()}
+  steps, specs = [], {}
+
+  def trace(values):
+    out = run_ops(ops, layout, {k: Leaf(values[k], in_specs[k]) for k in inputs}, steps)
+    specs.update({k: leaf.spec for k, leaf in out.items()})
+    return {k: leaf.value for k, leaf in out.items()}
+
+  closed, out_shapes = jax.make_jaxpr(trace, return_shape=True)(inputs)
+  _check_keys(list(specs))
+  sources, passthrough = _dataflow(closed.jaxpr, list(tree.flatten(inputs)), list(tree.flatten(out_shapes)))
+  outputs = {}
+  for key, rule_spec in specs.items():
+    shape, dtype = out_shapes[key].shape, out_shapes[key].dtype
+    spec = rule_spec
+    if spec is None:
+      names = [tree.relative(key, r) for r in (layout.params_root, *layout.mirror_roots)]
+      spec = sharding.rule_spec(rules, [n for n in names if n] + [key], shape, mesh)
+    spec = sharding.fit_spec(spec, shape, mesh, key)
+    source = passthrough.get(key)
+    if source is not None and in_specs[source] != spec:
+      source = None
+    outputs[key] = OutputLeaf(tuple(shape), jnp.dtype(dtype), spec, tuple(sorted(sources[key])), source)
+  return Plan(mesh, layout, ops, inputs, outputs, [(label, _diff(layout, a, b)) for label, a, b in steps])
+
+
+def _check_keys(keys: list[str]) -> None:
+  """Every output key must nest: no empty parts, and no key both a leaf and a parent."""
+  key_set = set(keys)
+  for key in keys:
+    parts = key.split(tree.SEP)
+    if not all(parts):
+      raise SurgeryError(f'output key {key!r} has an empty part')
+    for depth in range(1, len(parts)):
+      parent = tree.SEP.join(parts[:depth])
+      if parent in key_set:
+        raise SurgeryError(f'output key {parent!r} is both a leaf and the parent of {key!r}')
+
+
+def _dataflow(jaxpr, in_keys: list[str], out_keys: list[str]):
+  """(sources, passthrough): input keys each output depends on; outputs that are an input itself."""
+  deps = {var: {key} for var, key in zip(jaxpr.invars, in_keys)}
+  for eqn in jaxpr.eqns:
+    found = set().union(*(deps.get(v, ()) for v in eqn.invars if not isinstance(v, Literal)))
+    for var in eqn.outvars:
+      deps[var] = found
+  names = dict(zip(jaxpr.invars, in_keys))
+  sources, passthrough = {}, {}
+  for key, var in zip(out_keys, jaxpr.outvars):
+    if isinstance(var, Literal):
+      sources[key] = set()
+      continue
+    sources[key] = deps.get(var, set())
+    if var in names:
+      passthrough[key] = names[var]
+  return sources, passthrough
+
+
+def _diff(layout: tree.Layout, before: State, after: State) -> list[str]:
+  old, new = assemble(layout, before), assemble(layout, after)
+  changed = {k for k in old if k not in new or new[k] is not old[k]} | (new.keys() - old.keys())
+  return sorted(changed)
+
+
+def transform_fn(plan: Plan):
+  """The jitted surgery: needed inputs in (on their restored shardings), computed outputs out."""
+  in_specs = {k: x.sharding.spec for k, x in plan.inputs.items()}
+  needed, computed = plan.needed, plan.computed
+
+  def compute(values):
+    # Inputs no output reads are zeros here, which XLA drops as dead code: they are never restored.
+    leaves = {k: Leaf(values[k] if k in values else jnp.zeros(x.shape, x.dtype), in_specs[k])
+              for k, x in plan.inputs.items()}
+    out = run_ops(plan.ops, plan.layout, leaves)
+    return {k: out[k].value for k in computed}
+
+  # Unchanged leaves keep the sharding they were restored with; computed ones get their planned spec.
+  return jax.jit(compute,
+                 in_shardings=({k: plan.inputs[k].sharding for k in needed},),
+                 out_shardings={k: plan.output_sharding(k) for k in computed})
