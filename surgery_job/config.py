@@ -33,10 +33,17 @@ def get_default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def with_defaults(user_config: Any) -> ml_collections.ConfigDict:
+  """`user_config` laid over the defaults, unknown fields kept for `resolve` to report."""
+  config = get_default_config()
+  _merge(config, _as_dict(user_config), prefix='', strict=False)
+  return config
+
+
 def resolve(user_config: Any) -> ml_collections.ConfigDict:
   """Lays `user_config` over the defaults; an unknown or mistyped field is a SurgeryError."""
   config = get_default_config()
-  _merge(config, _as_dict(user_config), prefix='')
+  _merge(config, _as_dict(user_config), prefix='', strict=True)
   config.transforms = [_as_dict(t) for t in config.transforms]
   config.partition_rules = [tuple(r) for r in config.partition_rules]
   if not config.input.path:
@@ -53,15 +60,18 @@ def _as_dict(value: Any) -> dict:
   return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value)
 
 
-def _merge(defaults: ml_collections.ConfigDict, user: dict, prefix: str) -> None:
+def _merge(defaults: ml_collections.ConfigDict, user: dict, prefix: str, strict: bool) -> None:
   for key, value in user.items():
     path = prefix + key
+    if key not in defaults and not strict:
+      defaults[key] = value
+      continue
     if key not in defaults:
       raise SurgeryError(f'config: unknown field {path!r} (known: {", ".join(sorted(defaults.keys()))})')
     if isinstance(defaults[key], ml_collections.ConfigDict):
       if not isinstance(value, (dict, ml_collections.ConfigDict)):
         raise SurgeryError(f'config: field {path!r} is a group of fields, got {value!r}')
-      _merge(defaults[key], _as_dict(value), prefix=path + '.')
+      _merge(defaults[key], _as_dict(value), prefix=path + '.', strict=strict)
       continue
     if isinstance(value, list) and defaults.get_type(key) is tuple:
       value = tuple(value)

@@ -3,18 +3,35 @@
 Exit codes: 0 done, 2 bad config or input (one line on stderr), 1 failed at run time.
 """
 
+import logging as py_logging
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surgery_job import job
+from surgery_job import config as config_lib, job
 from surgery_job.errors import SurgeryError
 
-# Overrides of fields a config file left out are accepted here and checked against the defaults.
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file.', lock_config=False, accept_new_attributes=True)
+
+
+
+
+def _lay_over_defaults(load_file):
+  """Wraps the file loader so overrides (--config.FIELD=...) apply to the file merged with defaults."""
+  def parse(path):
+    config = load_file(path)
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise ValueError(f'cannot load a ConfigDict from {path}')
+    return config_lib.with_defaults(config)
+  return parse
+
+
+flags.FLAGS['config'].parser.parse = _lay_over_defaults(flags.FLAGS['config'].parser.parse)
+
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, where JAX cannot detect the cluster.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
@@ -36,7 +53,14 @@ def _init_distributed() -> bool:
   return True
 
 
+def _quiet_orbax() -> None:
+  """Orbax logs every save and restore step at INFO; keep its warnings and the job's own lines."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname)
+
+
 def main(argv) -> None:
+  _quiet_orbax()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
@@ -57,9 +81,17 @@ def main(argv) -> None:
     sys.exit(EXIT_FAILED)
 
 
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'surgery-job: error: {str(e).splitlines()[0]}', file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
 def run() -> None:
   """The console script."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

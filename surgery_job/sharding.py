@@ -87,8 +87,6 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, key: str) ->
       logging.info('%s: spec %s does not fit shape %s on mesh %s; dimension replicated.',
                    key, spec, tuple(shape), dict(mesh.shape))
     fitted.append(None if not names else names[0] if len(names) == 1 else names)
-  while fitted and fitted[-1] is None:
-    fitted.pop()
   return PartitionSpec(*fitted)
 
 

@@ -1,0 +1,37 @@
+"""Runs surgery_job as users do: a subprocess, a config file, command-line overrides."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(directory: Path, config: dict, name: str = 'config.py') -> Path:
+  """A bare config file: it sets only what it needs, the job fills in the defaults."""
+  path = directory / name
+  path.write_text('import ml_collections\n\n\ndef get_config():\n'
+                  f'  return ml_collections.ConfigDict({config!r})\n')
+  return path
+
+
+def run_job(config_file, *overrides: str, devices: int = 8, timeout: int = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+  command = [sys.executable, '-m', 'surgery_job', f'--config={config_file}', *overrides]
+  full_env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+              'JAX_PLATFORMS': 'cpu', **(env or {})}
+  return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def surgery(tmp_path: Path, input_path, transforms: list, **fields) -> tuple[Path, subprocess.CompletedProcess]:
+  """Runs `transforms` on `input_path` into tmp_path/out; returns the output path and the process."""
+  out = tmp_path / 'out'
+  config_file = write_config(tmp_path, {'transforms': transforms, **fields})
+  result = run_job(config_file, f'--config.input.path={input_path}', f'--config.output.path={out}')
+  return out, result
+
+
+def ok(result: subprocess.CompletedProcess) -> None:
+  assert result.returncode == 0, result.stderr[-4000:]
