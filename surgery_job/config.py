@@ -1,5 +1,6 @@
 """The job's config: every field with its default, and the merge of a user's config onto them."""
 
+import re
 from typing import Any
 
 import ml_collections
@@ -45,7 +46,7 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   config = get_default_config()
   _merge(config, _as_dict(user_config), prefix='', strict=True)
   config.transforms = [_as_dict(t) for t in config.transforms]
-  config.partition_rules = [tuple(r) for r in config.partition_rules]
+  config.partition_rules = [_rule(i, r) for i, r in enumerate(config.partition_rules)]
   if not config.input.path:
     raise SurgeryError('config: missing field input.path')
   if not config.output.path and not config.dry_run:
@@ -54,6 +55,23 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   if not (step is None or step == 'latest' or (isinstance(step, int) and step >= 0)):
     raise SurgeryError(f"config: input.step must be a step number, None or 'latest', got {step!r}")
   return config
+
+
+def _rule(index: int, rule: Any) -> tuple[str, tuple]:
+  """A (regex, spec) pair; spec entries are None, an axis name, or a tuple of axis names."""
+  where = f'partition_rules[{index}]'
+  if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+    raise SurgeryError(f'{where}: expected a (regex, spec) pair, got {rule!r}')
+  try:
+    re.compile(rule[0])
+  except re.error as e:
+    raise SurgeryError(f'{where}: bad regex {rule[0]!r}: {e}') from None
+  spec = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+  for entry in spec:
+    names = entry if isinstance(entry, (tuple, list)) else (entry,)
+    if not all(n is None or isinstance(n, str) for n in names):
+      raise SurgeryError(f'{where}: spec {rule[1]!r} must hold None, axis names or tuples of them')
+  return rule[0], tuple(tuple(e) if isinstance(e, list) else e for e in spec)
 
 
 def _as_dict(value: Any) -> dict:

@@ -96,7 +96,7 @@ def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct],
     spec = rule_spec
     if spec is None:
       names = [tree.relative(key, r) for r in (layout.params_root, *layout.mirror_roots)]
-      spec = sharding.rule_spec(rules, [n for n in names if n] + [key], shape, mesh)
+      spec = sharding.rule_spec(rules, key, [n for n in names if n], shape, mesh)
     spec = sharding.fit_spec(spec, shape, mesh, key)
     source = passthrough.get(key)
     if source is not None and in_specs[source] != spec:

@@ -90,13 +90,14 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, key: str) ->
   return PartitionSpec(*fitted)
 
 
-def rule_spec(rules: Sequence[tuple[str, Any]], names: Sequence[str], shape: Sequence[int],
+def rule_spec(rules: Sequence[tuple[str, Any]], key: str, names: Sequence[str], shape: Sequence[int],
               mesh: Mesh) -> PartitionSpec:
-  """The spec of the first rule whose regex is found in any of `names`; replicated if none is."""
+  """The spec of the first rule whose regex is found in `key` or any of its other `names`
+  (its path under params_root or a mirror); replicated if none is."""
   for index, (pattern, spec) in enumerate(rules):
-    if any(re.search(pattern, name) for name in names):
-      spec = PartitionSpec(*(spec if isinstance(spec, (tuple, list)) else [spec]))
-      _check_rule(index, pattern, spec, names[0], shape, mesh)
+    if any(re.search(pattern, name) for name in (key, *names)):
+      spec = PartitionSpec(*spec)
+      _check_rule(index, pattern, spec, key, shape, mesh)
       return spec
   return PartitionSpec()
 

@@ -1,0 +1,115 @@
+"""Bad input ends with one line naming the op and the key, exit code 2, no traceback, and nothing
+written: the output path stays absent (or as it was) and the input is untouched."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from jobs import run_job, write_config
+
+EMBED_PAD = dict(op='pad', pattern='embed/embedding', axis=0, size=20)
+
+# (transforms or other config fields, extra overrides, expected text of the error line)
+CASES = {
+    'unknown_op': ({'transforms': [dict(op='frobnicate')]}, [], 'op 0 (frobnicate): unknown op'),
+    'unknown_field': ({'transforms': [dict(op='drop', pattern='head/.*', patern='x')]}, [],
+                      "op 0 (drop): unknown field 'patern'"),
+    'missing_field': ({'transforms': [dict(op='pad', pattern='embed/embedding', axis=0)]}, [],
+                      "op 0 (pad): missing field 'size'"),
+    'missing_op': ({'transforms': [dict(pattern='x')]}, [], "op 0: missing field 'op'"),
+    'unknown_config_field': ({'transforms': [], 'dryrun': True}, [], "unknown field 'dryrun'"),
+    'mistyped_override': ({'transforms': []}, ['--config.output.step=abc'], 'output.step'),
+    'pattern_matches_nothing': ({'transforms': [EMBED_PAD, dict(op='drop', pattern='nope/.*')]}, [],
+                                "op 1 (drop): pattern 'nope/.*' matches no parameter"),
+    'rename_collision': ({'transforms': [dict(op='rename', pattern='head/bias', replacement='head/kernel')]}, [],
+                         "op 0 (rename): renaming 'head/bias' to 'head/kernel' collides with an existing parameter"),
+    'rename_collision_between_renamed': (
+        {'transforms': [dict(op='rename', pattern='head/(.*)', replacement='head/w')]}, [],
+        "op 0 (rename): 'head/bias' and 'head/kernel' would both become 'head/w'"),
+    'pad_smaller': ({'transforms': [EMBED_PAD, dict(op='pad', pattern='embed/embedding', axis=0, size=8)]}, [],
+                    "op 1 (pad): cannot pad 'embed/embedding' axis 0 from 20 to smaller size 8"),
+    'stack_gap': ({'transforms': [dict(op='drop', pattern='layers_1/.*'),
+                                  dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2')]}, [],
+                  "op 1 (stack): stack into 'layers/attn/qkv/kernel': layer index 1 is missing (found [0, 2])"),
+    'concat_mismatch': ({'transforms': [dict(op='concat', sources=['embed/embedding', 'head/kernel'], axis=0,
+                                             target='fused')]}, [],
+                        "op 0 (concat): cannot combine into 'fused': mismatched shapes or dtypes: "
+                        'embed/embedding (16, 8) float32, head/kernel (8, 12) float32'),
+    'unknown_dtype': ({'transforms': [dict(op='cast', pattern='.*', dtype='float13')]}, [],
+                      "op 0 (cast): unknown dtype 'float13'"),
+    'mesh_does_not_fit': ({'transforms': [], 'mesh': {'shape': (3, 4), 'axes': ('data', 'model')}}, [],
+                          'mesh.shape (3, 4) needs 12 devices, found 8'),
+    'rule_with_unknown_axis': ({'transforms': [dict(op='add', path='new/kernel', shape=[8, 4])],
+                                'partition_rules': [('new/kernel', (None, 'tensor'))]}, [],
+                               "partition_rules[0] ('new/kernel') for 'params/new/kernel': mesh has no axis 'tensor'"),
+}
+
+
+def digest(path: Path) -> str:
+  sha = hashlib.sha256()
+  for file in sorted(p for p in path.rglob('*') if p.is_file()):
+    sha.update(str(file.relative_to(path)).encode())
+    sha.update(file.read_bytes())
+  return sha.hexdigest()
+
+
+def assert_bad_input(result, expected: str) -> None:
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('surgery-job: error: '), last
+  assert expected in last, last
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_bad_config(name, layered, tmp_path):
+  fields, overrides, expected = CASES[name]
+  in_path, _ = layered
+  before = digest(in_path)
+  out = tmp_path / 'out'
+  result = run_job(write_config(tmp_path, fields), f'--config.input.path={in_path}',
+                   f'--config.output.path={out}', *overrides)
+  assert_bad_input(result, expected)
+  assert not out.exists() and not list(tmp_path.glob('out*'))
+  assert digest(in_path) == before
+
+
+def _run_paths(tmp_path, in_path, out):
+  return run_job(write_config(tmp_path, {'transforms': []}), f'--config.input.path={in_path}',
+                 f'--config.output.path={out}')
+
+
+def test_missing_input(tmp_path):
+  result = _run_paths(tmp_path, tmp_path / 'nowhere', tmp_path / 'out')
+  assert_bad_input(result, f'input.path {tmp_path / "nowhere"} does not exist')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path):
+  folder = tmp_path / 'notes'
+  folder.mkdir()
+  (folder / 'readme.txt').write_text('not a checkpoint')
+  result = _run_paths(tmp_path, folder, tmp_path / 'out')
+  assert_bad_input(result, f'input.path {folder} is not an Orbax checkpoint')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_existing_output_without_overwrite(layered, tmp_path):
+  in_path, _ = layered
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'precious.txt').write_text('keep me')
+  result = _run_paths(tmp_path, in_path, out)
+  assert_bad_input(result, f'output.path {out} exists; set output.overwrite=True to replace it')
+  assert [p.name for p in out.iterdir()] == ['precious.txt']
+
+
+def test_output_inside_input(layered, tmp_path):
+  in_path, _ = layered
+  before = digest(in_path)
+  out = in_path / 'converted'
+  result = _run_paths(tmp_path, in_path, out)
+  assert_bad_input(result, f'output.path {out} is inside input.path {in_path}')
+  assert not out.exists()
+  assert digest(in_path) == before
