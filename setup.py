@@ -15,6 +15,6 @@ setup(
         'ml_collections>=1.1.0',
         'optax>=0.2.8',
     ],
-    extras_require={'test': ['pytest>=8']},
+    extras_require={'test': ['pytest>=8', 'pyyaml>=6']},
     entry_points={'console_scripts': ['surgery-job=surgery_job.main:run']},
 )

@@ -4,6 +4,8 @@
 item `default`), sharded over a ('data', 'model') mesh of all devices.
 """
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,7 +64,7 @@ def example_state(mesh: Mesh, seed: int = 0) -> dict:
 
 def save_example(path: str, step: int = 1, mesh: Mesh | None = None) -> dict:
   state = example_state(mesh or example_mesh())
-  with ocp.CheckpointManager(path) as manager:
+  with ocp.CheckpointManager(os.path.abspath(path)) as manager:
     manager.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state)))
     manager.wait_until_finished()
   return state

@@ -1,7 +1,6 @@
 """The surgery job, phase by phase: read, mesh, plan, restore, transform, write, validate, commit."""
 
 import contextlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -11,11 +10,11 @@ import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
 
-from surgery_job import checkpoint, config as config_lib, plan as plan_lib, sharding, transforms, tree
+from surgery_job import (checkpoint, config as config_lib, plan as plan_lib, report as report_lib,
+                         sharding, transforms, tree)
 from surgery_job.errors import SurgeryError
 from surgery_job.validate import mismatches
 
-REPORT = 'surgery_report.json'
 TMP_SUFFIX = '.surgery-tmp'
 OLD_SUFFIX = '.surgery-old'
 
@@ -96,10 +95,10 @@ def run(user_config: ml_collections.ConfigDict) -> dict | None:
       bad = mismatches(outputs, checkpoint.restore(item_dir, out_skeleton, targets))
       if bad:
         raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
-    report = _report(config, plan, source, out_root, out_step, phases)
+    report = report_lib.build(config, plan, source, out_root, out_step, phases.seconds)
     with phases('commit'):
       if jax.process_index() == 0:
-        (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        report_lib.write(report, tmp)
         _replace(tmp, out_root)
       _barrier('surgery_job:committed')
       committed = True
@@ -135,26 +134,6 @@ def _replace(tmp: Path, out_root: Path) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
-def _spec_str(spec) -> str:
-  return str(tuple(spec))
-
-
-def _report(config, plan, source, out_root, out_step, phases) -> dict:
-  return {
-      'input': {'path': str(source.root), 'step': source.step, 'item': source.item},
-      'output': {'path': str(out_root), 'step': out_step},
-      'config': config.to_dict(),
-      'mesh': dict(plan.mesh.shape),
-      'ops': [{'op': label, 'touched': keys} for label, keys in plan.touched],
-      'leaves': {k: {'shape': list(leaf.shape), 'dtype': leaf.dtype.name, 'spec': list(leaf.spec),
-                     'sources': list(leaf.sources)} for k, leaf in plan.outputs.items()},
-      'bytes_read': plan.bytes_read,
-      'bytes_written': plan.bytes_written,
-      'seconds': dict(phases.seconds),
-      'validation': {'ok': True, 'leaves_compared': len(plan.outputs)},
-  }
-
-
 def describe(plan: plan_lib.Plan, source, out_root: Path, out_step) -> str:
   """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O."""
   lines = [f'Surgery plan: {source.item_dir} -> {out_root}'
@@ -165,7 +144,7 @@ def describe(plan: plan_lib.Plan, source, out_root: Path, out_step) -> str:
   lines.append(f'Output leaves ({len(plan.outputs)}):')
   for key, leaf in plan.outputs.items():
     how = 'unchanged' if leaf.passthrough == key else f'from {", ".join(leaf.sources) or "nothing"}'
-    lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {_spec_str(leaf.spec)} {how}')
+    lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {tuple(leaf.spec)} {how}')
   lines.append(f'Reads {len(plan.needed)} of {len(plan.inputs)} leaves ({plan.bytes_read} bytes); '
                f'writes {len(plan.outputs)} leaves ({plan.bytes_written} bytes).')
   return '\n'.join(lines)

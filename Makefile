@@ -1,0 +1,28 @@
+# make demo: set up .venv, write the example CNN checkpoint, run a serving export on it.
+# make test: set up .venv and run the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := demo_out
+# Eight fake CPU devices where there is no accelerator: the example is sharded over a 2x4 mesh.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+$(VENV)/installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/installed
+
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/python -m surgery_job.example --path=$(DEMO)/cnn
+	$(BIN)/surgery-job --config=configs/params_only_bf16.py \
+	    --config.input.path=$(DEMO)/cnn --config.output.path=$(DEMO)/cnn_serving
+	$(BIN)/python -m surgery_job.report $(DEMO)/cnn_serving
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+.PHONY: setup demo test
