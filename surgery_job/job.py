@@ -8,10 +8,9 @@ from pathlib import Path
 import jax
 import ml_collections
 from absl import logging
-from jax.experimental import multihost_utils
 
-from surgery_job import (checkpoint, config as config_lib, plan as plan_lib, report as report_lib,
-                         sharding, transforms, tree)
+from surgery_job import (checkpoint, config as config_lib, distributed, faults, plan as plan_lib,
+                         report as report_lib, sharding, transforms, tree)
 from surgery_job.errors import SurgeryError
 from surgery_job.validate import mismatches
 
@@ -28,20 +27,33 @@ class Phases:
   @contextlib.contextmanager
   def __call__(self, name: str):
     start = time.perf_counter()
+    faults.check(name)
     yield
     self.seconds[name] = round(time.perf_counter() - start, 3)
     if jax.process_index() == 0:
       logging.info('Phase %-9s done in %.2f s', name, self.seconds[name])
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+def temporary_path(output_path: str) -> Path:
+  """Where the output is written and validated before it is renamed to `output_path`."""
+  out_root = Path(output_path).absolute()
+  return out_root.with_name(out_root.name + TMP_SUFFIX)
 
 
-def run(user_config: ml_collections.ConfigDict) -> dict | None:
+def abandon(user_config: ml_collections.ConfigDict | None) -> None:
+  """Removes the temporary output of a run that another process failed (process 0 only)."""
+  path = user_config.get('output', {}).get('path') if user_config is not None else None
+  if path and jax.process_index() == 0:
+    shutil.rmtree(temporary_path(path), ignore_errors=True)
+
+
+def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> dict | None:
   """Runs the surgery `user_config` describes; returns the report (None for a dry run)."""
   config = config_lib.resolve(user_config)
+
+  def barrier(name):
+    distributed.barrier(f'surgery_job:{name}', barrier_timeout_seconds)
+
   phases = Phases()
 
   with phases('read'):
@@ -73,10 +85,10 @@ def run(user_config: ml_collections.ConfigDict) -> dict | None:
       print(describe(plan, source, out_root, out_step))
     return None
 
-  tmp = out_root.with_name(out_root.name + TMP_SUFFIX)
+  tmp = temporary_path(config.output.path)
   if jax.process_index() == 0 and tmp.exists():
     shutil.rmtree(tmp)
-  _barrier('surgery_job:prepared')
+  barrier('prepared')
   committed = False
   try:
     with phases('restore'):
@@ -100,7 +112,7 @@ def run(user_config: ml_collections.ConfigDict) -> dict | None:
       if jax.process_index() == 0:
         report_lib.write(report, tmp)
         _replace(tmp, out_root)
-      _barrier('surgery_job:committed')
+      barrier('committed')
       committed = True
     report['seconds'] = phases.seconds
     return report

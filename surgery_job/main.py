@@ -1,6 +1,7 @@
 """Entrypoint: `surgery-job --config=configs/NAME.py --config.input.path=IN --config.output.path=OUT`.
 
-Exit codes: 0 done, 2 bad config or input (one line on stderr), 1 failed at run time.
+Every process of a multi-host job runs this same command. Exit codes: 0 done, 2 bad config or
+input (one line on stderr), 1 failed at run time.
 """
 
 import logging as py_logging
@@ -11,13 +12,22 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surgery_job import config as config_lib, job
+from surgery_job import config as config_lib, distributed, job
 from surgery_job.errors import SurgeryError
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file.', lock_config=False, accept_new_attributes=True)
-
-
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, where JAX cannot detect the cluster.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0-based.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout_seconds', 60, 'A process silent this long is taken for dead; all stop.')
+_BARRIER_TIMEOUT = flags.DEFINE_integer(
+    'barrier_timeout_seconds', 600, 'Longest wait at a barrier for the other processes.')
 
 
 def _lay_over_defaults(load_file):
@@ -32,26 +42,6 @@ def _lay_over_defaults(load_file):
 
 flags.FLAGS['config'].parser.parse = _lay_over_defaults(flags.FLAGS['config'].parser.parse)
 
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0, where JAX cannot detect the cluster.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0-based.')
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-
-
-def _init_distributed() -> bool:
-  """Joins the cluster JAX detects (Slurm, Open MPI, TPU VMs, Kubernetes) or the flags name."""
-  explicit = any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID))
-  try:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except ValueError as e:
-    if explicit or 'coordinator_address should be defined' not in str(e):
-      raise
-    return False
-  return True
-
 
 def _quiet_orbax() -> None:
   """Orbax logs every save and restore step at INFO; keep its warnings and the job's own lines."""
@@ -64,21 +54,22 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    distributed = _init_distributed()
+    if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                              _HEARTBEAT.value):
+      distributed.watch_for_failures(lambda: job.abandon(_CONFIG.value))
     if jax.process_index() == 0:
-      logging.info('surgery_job: %s; process %d of %d, %d local / %d global devices (%s).',
-                   'jax.distributed initialised' if distributed else 'single process',
+      logging.info('surgery_job: process %d of %d, %d local / %d global %s devices.',
                    jax.process_index(), jax.process_count(), jax.local_device_count(),
                    jax.device_count(), jax.devices()[0].platform)
     if _CONFIG.value is None:
       raise SurgeryError('--config is required')
-    job.run(_CONFIG.value)
+    job.run(_CONFIG.value, barrier_timeout_seconds=_BARRIER_TIMEOUT.value)
   except SurgeryError as e:
     print(f'surgery-job: error: {e}', file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
-  except Exception:  # pylint: disable=broad-except
-    logging.exception('surgery_job failed')
-    sys.exit(EXIT_FAILED)
+    distributed.fail(EXIT_BAD_INPUT, str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.exception('surgery_job failed on process %d', jax.process_index())
+    distributed.fail(EXIT_FAILED, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
 
 
 def _parse_flags(argv):

@@ -1,0 +1,108 @@
+"""Several processes joined by jax.distributed on 127.0.0.1, started by launch/local.sh as on a
+cluster: shards live on every process, and the output is read back by one plain-Orbax process."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import checkpoints
+from jobs import REPO, ok, run_job, write_config
+from test_ops import CASES
+
+JOB = f'{sys.executable} -m surgery_job'
+
+
+def launch(processes: int, *args: str, log_dir, devices_per_process: int = 4, command: str = JOB,
+           env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+  full_env = {**os.environ, 'SURGERY_JOB': command, 'LOG_DIR': str(log_dir),
+              'DEVICES_PER_PROCESS': str(devices_per_process), **(env or {})}
+  return subprocess.run(['bash', str(REPO / 'launch' / 'local.sh'), str(processes), '--', *args],
+                        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+@pytest.fixture(scope='module')
+def two_process_checkpoint(tmp_path_factory):
+  """The layered checkpoint written by 2 processes x 4 devices; its numpy values."""
+  path = tmp_path_factory.mktemp('mp') / 'ckpt'
+  ok(launch(2, str(path), log_dir=path.parent / 'logs',
+            command=f'{sys.executable} {REPO / "tests" / "write_checkpoint.py"}'))
+  assert {p.name for p in (path / '3' / 'default').glob('ocdbt.process_*')} == {'ocdbt.process_0', 'ocdbt.process_1'}
+  return path, checkpoints.flat_numpy(checkpoints.train_state(checkpoints.layered_params()))
+
+
+def run_two_processes(tmp_path, in_path, config: dict, **kwargs):
+  out = tmp_path / 'out'
+  result = launch(2, f'--config={write_config(tmp_path, config)}', f'--config.input.path={in_path}',
+                  f'--config.output.path={out}', log_dir=tmp_path / 'logs', **kwargs)
+  return out, result
+
+
+@pytest.mark.parametrize('name', ['rename', 'pad_mean', 'stack', 'cast', 'drop_optimizer'])
+def test_two_processes(name, two_process_checkpoint, tmp_path):
+  transforms, extra, reference, specs = CASES[name]
+  in_path, x = two_process_checkpoint
+  out, result = run_two_processes(tmp_path, in_path, {'transforms': transforms, **extra})
+  ok(result)
+  item_dir = out / '3' / 'default'
+  got = checkpoints.flat_numpy(checkpoints.restore_plain(item_dir))
+  want = reference(x)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert got[key].dtype == value.dtype, key
+    np.testing.assert_allclose(got[key], value, rtol=1e-6 if name == 'pad_mean' else 0, err_msg=key)
+  saved = checkpoints.saved_specs(item_dir)
+  for key, spec in specs.items():
+    assert saved[key] == checkpoints.normalized(spec), key
+  for key in want:  # Unchanged leaves keep the spec they were saved with.
+    if key in x and key not in specs and want[key].ndim and np.array_equal(want[key], x[key]):
+      assert saved[key] == checkpoints.normalized(checkpoints.saved_spec(key)), key
+
+
+RESHARD = [dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2'),
+           dict(op='add', path='new/kernel', shape=[8, 16], init='normal'),
+           dict(op='pad', pattern='embed/embedding', axis=0, size=24, init='normal')]
+
+
+def test_resharding_across_topologies_gives_identical_results(two_process_checkpoint, tmp_path):
+  in_path, x = two_process_checkpoint
+  config = write_config(tmp_path, {'transforms': RESHARD})
+  one = tmp_path / 'one_process_two_devices'
+  ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={one}', devices=2))
+  four = tmp_path / 'four_processes_one_device'
+  ok(launch(4, f'--config={config}', f'--config.input.path={in_path}', f'--config.output.path={four}',
+            log_dir=tmp_path / 'logs', devices_per_process=1))
+  got_one = checkpoints.flat_numpy(checkpoints.restore_plain(one / '3' / 'default'))
+  got_four = checkpoints.flat_numpy(checkpoints.restore_plain(four / '3' / 'default'))
+  assert sorted(got_one) == sorted(got_four)
+  for key in got_one:
+    np.testing.assert_array_equal(got_one[key], got_four[key], err_msg=key)
+  np.testing.assert_array_equal(got_four['params/embed/embedding'][:16], x['params/embed/embedding'])
+  assert np.any(got_four['params/embed/embedding'][16:]) and np.any(got_four['params/new/kernel'])
+  np.testing.assert_array_equal(got_four['params/layers/mlp/kernel'],
+                                np.stack([x[f'params/layers_{i}/mlp/kernel'] for i in range(3)]))
+  four_specs = checkpoints.saved_specs(four / '3' / 'default')
+  assert four_specs['params/layers/mlp/kernel'] == P(None, 'data', 'model')
+
+
+@pytest.mark.parametrize('fault', ['transform@1', 'write@0'])
+def test_a_failing_process_stops_every_process(fault, two_process_checkpoint, tmp_path):
+  in_path, _ = two_process_checkpoint
+  start = time.monotonic()
+  out, result = run_two_processes(tmp_path, in_path, {'transforms': RESHARD[:1]},
+                                  env={'SURGERY_JOB_FAULT': fault, 'GRACE_SECONDS': '300'})
+  elapsed = time.monotonic() - start
+  assert result.returncode != 0
+  for process in (0, 1):
+    assert f'local.sh: process {process} failed with exit code' in result.stderr, result.stderr[-3000:]
+  assert 'stopped after the grace period' not in result.stderr
+  assert elapsed < 120
+  failed = fault.split('@')[1]
+  assert f'injected fault in phase {fault.split("@")[0]} on process {failed}' in (
+      tmp_path / 'logs' / f'process_{failed}.log').read_text()
+  assert not out.exists() and not (tmp_path / 'out.surgery-tmp').exists()
