@@ -54,13 +54,15 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                              _HEARTBEAT.value):
+    joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    _HEARTBEAT.value)
+    if joined:
       distributed.watch_for_failures(lambda: job.abandon(_CONFIG.value))
     if jax.process_index() == 0:
-      logging.info('surgery_job: process %d of %d, %d local / %d global %s devices.',
-                   jax.process_index(), jax.process_count(), jax.local_device_count(),
-                   jax.device_count(), jax.devices()[0].platform)
+      logging.info('surgery_job: %s; %d processes, %d local / %d global %s devices.',
+                   'jax.distributed initialised' if joined else 'single process, no cluster',
+                   jax.process_count(), jax.local_device_count(), jax.device_count(),
+                   jax.devices()[0].platform)
     if _CONFIG.value is None:
       raise SurgeryError('--config is required')
     job.run(_CONFIG.value, barrier_timeout_seconds=_BARRIER_TIMEOUT.value)

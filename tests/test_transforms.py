@@ -1,0 +1,127 @@
+"""Ops and the planner on literal arrays, in process: fast checks of the semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import checkpoints
+from surgery_job import plan as plan_lib, sharding, transforms, tree
+from surgery_job.errors import SurgeryError
+from surgery_job.transforms import Leaf, State
+
+
+def state(params: dict, mirrors: tuple[str, ...] = ('mu',), others: dict | None = None) -> State:
+  def leaves(values):
+    return {k: Leaf(jnp.asarray(v), P()) for k, v in values.items()}
+  return State(leaves(params), {root: leaves({k: np.ones_like(v) for k, v in params.items()})
+                                for root in mirrors}, leaves(others or {}))
+
+
+def run(ops: list[dict], s: State) -> State:
+  return transforms.apply(transforms.build(ops), s)
+
+
+def values(tree_: dict) -> dict:
+  return {k: np.asarray(leaf.value) for k, leaf in tree_.items()}
+
+
+def test_rename_moves_params_and_moments():
+  out = run([dict(op='rename', pattern=r'a/(\w+)', replacement=r'b/\1')], state({'a/w': [1., 2.], 'c': [3.]}))
+  assert list(out.params) == ['b/w', 'c'] and list(out.mirrors['mu']) == ['b/w', 'c']
+
+
+def test_swap_by_rename_is_not_a_collision():
+  out = run([dict(op='rename', pattern='(x|y)', replacement='tmp_\\1'),
+             dict(op='rename', pattern='tmp_x', replacement='y'),
+             dict(op='rename', pattern='tmp_y', replacement='x')], state({'x': [1.], 'y': [2.]}))
+  assert values(out.params) == {'y': [1.], 'x': [2.]}
+
+
+def test_pad_fills_params_by_init_and_moments_with_zeros():
+  out = run([dict(op='pad', pattern='e', axis=0, size=3, init='mean')], state({'e': [[1., 3.], [3., 5.]]}))
+  np.testing.assert_array_equal(values(out.params)['e'], [[1, 3], [3, 5], [2, 4]])
+  np.testing.assert_array_equal(values(out.mirrors['mu'])['e'], [[1, 1], [1, 1], [0, 0]])
+
+
+def test_stack_orders_by_index_not_by_name():
+  params = {f'l_{i}/w': [float(i)] for i in (10, 9, 8)}
+  out = run([dict(op='stack', pattern=r'l_(\d+)/w', replacement='l/w')], state(params))
+  np.testing.assert_array_equal(values(out.params)['l/w'], [[8.], [9.], [10.]])
+
+
+def test_unstack_then_stack_round_trips_with_spec():
+  s = State({'l/w': Leaf(jnp.arange(6.).reshape(3, 2), P(None, 'model'))}, {}, {})
+  out = run([dict(op='unstack', pattern='l/w', replacement='l_{i}/w')], s)
+  assert out.params['l_1/w'].spec == P('model')
+  back = run([dict(op='stack', pattern=r'l_(\d+)/w', replacement='l/w')], out)
+  assert back.params['l/w'].spec == P(None, 'model')
+  np.testing.assert_array_equal(values(back.params)['l/w'], np.arange(6.).reshape(3, 2))
+
+
+def test_value_ops_leave_moments_alone():
+  out = run([dict(op='scale', pattern='w', factor=2.0), dict(op='cast', pattern='w', dtype='bfloat16')],
+            state({'w': [1., 2.]}))
+  assert out.params['w'].value.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(values(out.params)['w'].astype(np.float32), [2., 4.])
+  assert out.mirrors['mu']['w'].value.dtype == jnp.float32
+
+
+def test_shape_op_refuses_factored_moments():
+  s = State({'w': Leaf(jnp.ones((4, 8)), P())}, {'v_row': {'w': Leaf(jnp.ones((4,)), P())}}, {})
+  with pytest.raises(SurgeryError, match=r"op 0 \(pad\): pad of 'w': optimizer state v_row/w has shape \(4,\).*reset_optimizer"):
+    run([dict(op='pad', pattern='w', axis=1, size=16)], s)
+  renamed = run([dict(op='rename', pattern='w', replacement='u')], s)
+  assert list(renamed.mirrors['v_row']) == ['u']
+
+
+def test_drop_optimizer_keeps_params_and_step():
+  out = run([dict(op='drop_optimizer')], state({'w': [1.]}, others={'step': 3, 'opt/count': 1}))
+  assert out.mirrors == {} and list(out.others) == ['step']
+
+
+def test_layout_finds_adam_moments_as_mirrors():
+  params = checkpoints.layered_params()
+  keys = list(tree.flatten(checkpoints.train_state(params)))
+  layout = tree.find_layout(keys, None)
+  assert layout == tree.Layout('params', ('opt_state/0/mu', 'opt_state/0/nu'))
+  assert tree.find_layout(keys, 'params').mirror_roots == layout.mirror_roots
+  assert tree.find_layout([k for k in keys if k.startswith('params/')], None).mirror_roots == ()
+
+
+def test_unflatten_keeps_lists_and_empty_states():
+  skeleton = {'opt_state': [{'count': 0}, None], 'params': {'w': 0}}
+  flat = {'opt_state/0/count': 1, 'params/w': 2, 'params/new': 3}
+  assert tree.unflatten(flat, skeleton) == {'opt_state': [{'count': 1}, None], 'params': {'w': 2, 'new': 3}}
+
+
+def test_plan_finds_sources_and_passthroughs():
+  mesh = checkpoints.mesh_2x4()
+  inputs = {'params/a': sharding.abstract((4, 8), jnp.float32, mesh, P(None, 'model')),
+            'params/b': sharding.abstract((4, 8), jnp.float32, mesh, P()),
+            'step': sharding.abstract((), jnp.int32, mesh, P())}
+  ops = transforms.build([dict(op='rename', pattern='a', replacement='c'),
+                          dict(op='concat', sources=['b', 'c'], axis=0, target='d'),
+                          dict(op='copy', source='d', target='e'),
+                          dict(op='add', path='f', shape=[4], init='ones')])
+  plan = plan_lib.make_plan(ops, tree.Layout('params', ()), inputs, mesh, [('f', ('data',))])
+  assert plan.outputs['params/d'].sources == ('params/a', 'params/b')
+  assert plan.outputs['params/d'].passthrough is None and plan.outputs['params/d'].shape == (8, 8)
+  assert plan.outputs['step'].passthrough == 'step'
+  assert plan.outputs['params/f'].spec == P('data') and plan.outputs['params/f'].sources == ()
+  assert plan.touched[0] == ('op 0 (rename)', ['params/a', 'params/c'])
+
+
+def test_make_mesh_fills_and_checks():
+  devices = jax.devices()
+  assert dict(sharding.make_mesh((-1, 2), ('data', 'model'), None, devices).shape) == {'data': 4, 'model': 2}
+  assert dict(sharding.make_mesh(None, None, ((2, 4), ('data', 'model')), devices[:4]).shape) == {'data': 1, 'model': 4}
+  with pytest.raises(SurgeryError, match='needs 12 devices, found 8'):
+    sharding.make_mesh((3, 4), ('a', 'b'), None, devices)
+
+
+def test_fit_spec_replicates_what_does_not_divide():
+  mesh = checkpoints.mesh_2x4()
+  assert sharding.fit_spec(P('data', 'model'), (4, 6), mesh, 'k') == P('data', None)
+  assert sharding.fit_spec(P('tensor'), (8,), mesh, 'k') == P(None)
