@@ -1,14 +1,16 @@
 """Orbax I/O: find the input, read its metadata, restore what is needed, write and re-read the output."""
 
 import dataclasses
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from surgery_job import tree
+from surgery_job import faults, tree
 from surgery_job.errors import SurgeryError
 
 
@@ -58,10 +60,23 @@ def locate(path: str, step: Any, item: str | None) -> Location:
 def read_metadata(location: Location) -> Any:
   """The item's tree of ArrayMetadata (shape, dtype, saved sharding), read without array data."""
   try:
-    return ocp.StandardCheckpointer().metadata(location.item_dir).item_metadata.tree
-  except Exception as e:  # Orbax raises many kinds for a damaged checkpoint.
-    raise SurgeryError(f'cannot read checkpoint metadata in {location.item_dir}: '
-                       f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    return ocp.PyTreeCheckpointHandler().metadata(location.item_dir).tree
+  except Exception as e:  # Orbax and tensorstore raise many kinds for a damaged checkpoint.
+    raise SurgeryError(read_error(e, location.item_dir)) from None
+
+
+def read_error(error: Exception, item_dir: Path) -> str:
+  """One line naming the damaged or missing file of the checkpoint at `item_dir`."""
+  text = str(error)
+  files = re.findall(r'local file "([^"]+)"', text)
+  if isinstance(error, json.JSONDecodeError):
+    return f'damaged checkpoint metadata file {item_dir / "_METADATA"}: {error}'
+  if files:
+    path = Path(files[-1])
+    state = 'is missing' if not path.exists() else 'cannot be read'
+    return f'checkpoint file {path} {state} ({text.split(":", 1)[0]})'
+  return f'cannot read the checkpoint in {item_dir}: {text.splitlines()[0] if text else type(error).__name__}'
+
 
 
 def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
@@ -82,9 +97,11 @@ def save(nested: Any, directory: Path, location: Location, step: int | None) -> 
   if location.step is None:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(directory, nested)
+      faults.at('writing')
     return directory
   with ocp.CheckpointManager(directory, item_names=(location.item,)) as manager:
     manager.save(step, args=ocp.args.Composite(**{location.item: ocp.args.StandardSave(nested)}))
+    faults.at('writing')
     manager.wait_until_finished()
   return directory / str(step) / location.item
 

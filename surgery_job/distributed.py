@@ -54,8 +54,7 @@ def fail(code: int, message: str) -> None:
       pass  # Another process failed first; its code stands.
     if jax.process_index() == 0:
       time.sleep(3 * POLL_SECONDS)  # The coordination service dies with process 0: let others read.
-    _exit(code)
-  sys.exit(code)
+  _exit(code)
 
 
 def watch_for_failures(on_failure: Callable[[], None]) -> None:
@@ -80,7 +79,8 @@ def watch_for_failures(on_failure: Callable[[], None]) -> None:
 
 
 def _exit(code: int) -> None:
-  """Exits without JAX's shutdown barrier, which would wait for processes that are stuck."""
+  """Exits at once: no JAX shutdown barrier (other processes may be stuck) and no teardown of
+  Orbax's background threads, whose complaints would follow the one-line error."""
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()

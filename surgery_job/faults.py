@@ -1,21 +1,52 @@
-"""Fault injection for tests: `SURGERY_JOB_FAULT=PHASE@PROCESS` raises at the start of that phase
-on that process (`PHASE` alone: on every process). Unset in production, it does nothing."""
+"""Fault injection for tests; with none of its variables set, nothing here does anything.
+
+- `SURGERY_JOB_FAULT=POINT@PROCESS`: raise at that point on that process (`POINT` alone: on all).
+- `SURGERY_JOB_PAUSE=POINT@PROCESS` and `SURGERY_JOB_PAUSE_FILE=PATH`: at that point, write PATH
+  and wait forever, so that a test can kill the process at a known moment.
+- `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip one byte of the written checkpoint before validation.
+
+Points: each phase's name at its start (read, mesh, plan, restore, transform, write, validate,
+commit), `writing` while Orbax writes, `rename` between moving an old output aside and renaming the
+new one in, `renamed` just after.
+"""
 
 import os
+import time
+from pathlib import Path
 
 import jax
 
-ENV = 'SURGERY_JOB_FAULT'
+FAULT = 'SURGERY_JOB_FAULT'
+PAUSE = 'SURGERY_JOB_PAUSE'
+PAUSE_FILE = 'SURGERY_JOB_PAUSE_FILE'
+CORRUPT_OUTPUT = 'SURGERY_JOB_CORRUPT_OUTPUT'
 
 
 class InjectedFault(RuntimeError):
   pass
 
 
-def check(phase: str) -> None:
-  spec = os.environ.get(ENV)
+def _here(spec: str | None, point: str) -> bool:
   if not spec:
-    return
+    return False
   name, _, process = spec.partition('@')
-  if name == phase and (not process or int(process) == jax.process_index()):
-    raise InjectedFault(f'injected fault in phase {phase} on process {jax.process_index()}')
+  return name == point and (not process or int(process) == jax.process_index())
+
+
+def at(point: str) -> None:
+  if _here(os.environ.get(FAULT), point):
+    raise InjectedFault(f'injected fault at {point} on process {jax.process_index()}')
+  if _here(os.environ.get(PAUSE), point):
+    Path(os.environ[PAUSE_FILE]).write_text(f'{point} {os.getpid()}')
+    while True:
+      time.sleep(1)
+
+
+def corrupt_output(item_dir: Path) -> None:
+  """Flips a byte in the middle of the largest array data file (OCDBT's `d/`) just written."""
+  if not os.environ.get(CORRUPT_OUTPUT) or jax.process_index() != 0:
+    return
+  target = max((p for p in item_dir.glob('**/d/*') if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  target.write_bytes(bytes(data))

@@ -1,7 +1,7 @@
 """The surgery job, phase by phase: read, mesh, plan, restore, transform, write, validate, commit."""
 
 import contextlib
-import shutil
+import json
 import time
 from pathlib import Path
 
@@ -9,13 +9,10 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (checkpoint, config as config_lib, distributed, faults, plan as plan_lib,
-                         report as report_lib, sharding, transforms, tree)
+from surgery_job import (checkpoint, config as config_lib, distributed, faults, output,
+                         plan as plan_lib, report as report_lib, sharding, transforms, tree)
 from surgery_job.errors import SurgeryError
 from surgery_job.validate import mismatches
-
-TMP_SUFFIX = '.surgery-tmp'
-OLD_SUFFIX = '.surgery-old'
 
 
 class Phases:
@@ -27,28 +24,23 @@ class Phases:
   @contextlib.contextmanager
   def __call__(self, name: str):
     start = time.perf_counter()
-    faults.check(name)
+    faults.at(name)
     yield
     self.seconds[name] = round(time.perf_counter() - start, 3)
     if jax.process_index() == 0:
       logging.info('Phase %-9s done in %.2f s', name, self.seconds[name])
 
 
-def temporary_path(output_path: str) -> Path:
-  """Where the output is written and validated before it is renamed to `output_path`."""
-  out_root = Path(output_path).absolute()
-  return out_root.with_name(out_root.name + TMP_SUFFIX)
-
-
 def abandon(user_config: ml_collections.ConfigDict | None) -> None:
-  """Removes the temporary output of a run that another process failed (process 0 only)."""
+  """Removes the staging folder of a run that another process failed (process 0 only)."""
   path = user_config.get('output', {}).get('path') if user_config is not None else None
   if path and jax.process_index() == 0:
-    shutil.rmtree(temporary_path(path), ignore_errors=True)
+    with contextlib.suppress(Exception):
+      output.Staging(Path(path).absolute()).clean()
 
 
 def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> dict | None:
-  """Runs the surgery `user_config` describes; returns the report (None for a dry run)."""
+  """Runs the surgery `user_config` describes; returns its report (None for a dry run)."""
   config = config_lib.resolve(user_config)
 
   def barrier(name):
@@ -64,7 +56,18 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
       layout = tree.find_layout(list(metadata), config.params_root)
     except ValueError as e:
       raise SurgeryError(f'config: {e}') from None
+    run_fingerprint = output.fingerprint(config, source)
     out_root, out_step = _output(config, source)
+    if out_root.exists() and output.existing_fingerprint(out_root) == run_fingerprint:
+      if jax.process_index() == 0:
+        logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', out_root,
+                     source.item_dir, run_fingerprint[:12])
+      return json.loads((out_root / report_lib.REPORT).read_text())
+    if out_root.exists() and not config.output.overwrite:
+      found = output.existing_fingerprint(out_root)
+      raise SurgeryError(f'output.path {out_root} exists' + (
+          f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
+          if found else '') + '; set output.overwrite=True to replace it')
 
   with phases('mesh'):
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes,
@@ -85,14 +88,17 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
       print(describe(plan, source, out_root, out_step))
     return None
 
-  tmp = temporary_path(config.output.path)
-  if jax.process_index() == 0 and tmp.exists():
-    shutil.rmtree(tmp)
-  barrier('prepared')
+  staging = output.Staging(out_root)
+  if jax.process_index() == 0:
+    staging.create(run_fingerprint)
+  barrier('staged')
   committed = False
   try:
     with phases('restore'):
-      restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in plan.needed})
+      try:
+        restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in plan.needed})
+      except Exception as e:  # pylint: disable=broad-except
+        raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform'):
       computed = plan_lib.transform_fn(plan)(restored)
       jax.block_until_ready(computed)
@@ -100,25 +106,39 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
                for k, leaf in plan.outputs.items()}
     out_skeleton = tree.unflatten(outputs, skeleton)
     with phases('write'):
-      item_dir = checkpoint.save(out_skeleton, tmp, source, out_step)
+      item_dir = checkpoint.save(out_skeleton, staging.checkpoint, source, out_step)
+      faults.corrupt_output(item_dir)
+      barrier('written')
     with phases('validate'):
-      targets = {k: sharding.abstract(v.shape, v.dtype, mesh, plan.outputs[k].spec)
-                 for k, v in outputs.items()}
-      bad = mismatches(outputs, checkpoint.restore(item_dir, out_skeleton, targets))
-      if bad:
-        raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
-    report = report_lib.build(config, plan, source, out_root, out_step, phases.seconds)
+      _validate(item_dir, out_skeleton, outputs, plan)
+    report = report_lib.build(config, plan, source, out_root, out_step, phases.seconds,
+                              run_fingerprint)
     with phases('commit'):
       if jax.process_index() == 0:
-        report_lib.write(report, tmp)
-        _replace(tmp, out_root)
+        report_lib.write(report, staging.checkpoint)
+        staging.commit()
+        faults.at('renamed')
       barrier('committed')
       committed = True
     report['seconds'] = phases.seconds
     return report
   finally:
     if not committed and jax.process_index() == 0:
-      shutil.rmtree(tmp, ignore_errors=True)
+      with contextlib.suppress(Exception):
+        staging.clean()
+
+
+def _validate(item_dir: Path, out_skeleton, outputs: dict, plan: plan_lib.Plan) -> None:
+  """Reads the written checkpoint back with the planned shardings; every bit must match."""
+  targets = {k: sharding.abstract(v.shape, v.dtype, plan.mesh, plan.outputs[k].spec)
+             for k, v in outputs.items()}
+  try:
+    written = checkpoint.restore(item_dir, out_skeleton, targets)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f'validation failed: {checkpoint.read_error(e, item_dir)}') from None
+  bad = mismatches(outputs, written)
+  if bad:
+    raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
 
 
 def _output(config, source: checkpoint.Location) -> tuple[Path, int | None]:
@@ -127,23 +147,11 @@ def _output(config, source: checkpoint.Location) -> tuple[Path, int | None]:
     raise SurgeryError(f'output.path {out_root} is inside input.path {source.root}')
   if checkpoint.inside(source.root, out_root):
     raise SurgeryError(f'input.path {source.root} is inside output.path {out_root}')
-  if out_root.exists() and not config.output.overwrite:
-    raise SurgeryError(f'output.path {out_root} exists; set output.overwrite=True to replace it')
   if source.step is None:
     if config.output.step is not None:
       raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
     return out_root, None
   return out_root, source.step if config.output.step is None else config.output.step
-
-
-def _replace(tmp: Path, out_root: Path) -> None:
-  """Makes the validated `tmp` visible at `out_root`, moving an older output away only now."""
-  old = out_root.with_name(out_root.name + OLD_SUFFIX)
-  if out_root.exists():
-    shutil.rmtree(old, ignore_errors=True)
-    out_root.rename(old)
-  tmp.rename(out_root)
-  shutil.rmtree(old, ignore_errors=True)
 
 
 def describe(plan: plan_lib.Plan, source, out_root: Path, out_step) -> str:

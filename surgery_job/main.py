@@ -5,7 +5,9 @@ input (one line on stderr), 1 failed at run time.
 """
 
 import logging as py_logging
+import signal
 import sys
+import threading
 
 import jax
 import ml_collections
@@ -17,6 +19,7 @@ from surgery_job.errors import SurgeryError
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM, nothing committed; run it again.
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file.', lock_config=False, accept_new_attributes=True)
@@ -28,6 +31,21 @@ _HEARTBEAT = flags.DEFINE_integer(
     'heartbeat_timeout_seconds', 60, 'A process silent this long is taken for dead; all stop.')
 _BARRIER_TIMEOUT = flags.DEFINE_integer(
     'barrier_timeout_seconds', 600, 'Longest wait at a barrier for the other processes.')
+_STOP_TIMEOUT = flags.DEFINE_integer(
+    'stop_timeout_seconds', 30, 'After SIGTERM, the longest a clean stop may take before exiting.')
+
+
+class Preempted(BaseException):
+  """Raised in the main thread by SIGTERM; a BaseException so no `except Exception` swallows it."""
+
+
+def _on_sigterm(signum, frame) -> None:
+  del signum, frame
+  logging.warning('SIGTERM received (preemption?): stopping; nothing will be committed.')
+  # The main thread may be inside a long XLA or Orbax call: bound the clean stop.
+  threading.Timer(_STOP_TIMEOUT.value, distributed.fail,
+                  (EXIT_PREEMPTED, 'stopped by SIGTERM')).start()
+  raise Preempted()
 
 
 def _lay_over_defaults(load_file):
@@ -53,6 +71,7 @@ def main(argv) -> None:
   _quiet_orbax()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     _HEARTBEAT.value)
@@ -69,6 +88,9 @@ def main(argv) -> None:
   except SurgeryError as e:
     print(f'surgery-job: error: {e}', file=sys.stderr)
     distributed.fail(EXIT_BAD_INPUT, str(e))
+  except Preempted:
+    logging.warning('Stopped by SIGTERM on process %d; output.path untouched.', jax.process_index())
+    distributed.fail(EXIT_PREEMPTED, 'stopped by SIGTERM')
   except Exception as e:  # pylint: disable=broad-except
     logging.exception('surgery_job failed on process %d', jax.process_index())
     distributed.fail(EXIT_FAILED, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')

@@ -10,8 +10,10 @@ from pathlib import Path
 REPORT = 'surgery_report.json'
 
 
-def build(config, plan, source, out_root: Path, out_step, seconds: dict[str, float]) -> dict:
+def build(config, plan, source, out_root: Path, out_step, seconds: dict[str, float],
+          fingerprint: str) -> dict:
   return {
+      'fingerprint': fingerprint,
       'input': {'path': str(source.root), 'step': source.step, 'item': source.item},
       'output': {'path': str(out_root), 'step': out_step},
       'config': config.to_dict(),

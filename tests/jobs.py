@@ -16,13 +16,19 @@ def write_config(directory: Path, config: dict, name: str = 'config.py') -> Path
   return path
 
 
+def job_command(config_file, *overrides: str) -> list[str]:
+  return [sys.executable, '-m', 'surgery_job', f'--config={config_file}', *overrides]
+
+
+def job_env(devices: int = 8, env: dict | None = None) -> dict:
+  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+          'JAX_PLATFORMS': 'cpu', **(env or {})}
+
+
 def run_job(config_file, *overrides: str, devices: int = 8, timeout: int = 300,
             env: dict | None = None) -> subprocess.CompletedProcess:
-  command = [sys.executable, '-m', 'surgery_job', f'--config={config_file}', *overrides]
-  full_env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-              'JAX_PLATFORMS': 'cpu', **(env or {})}
-  return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  return subprocess.run(job_command(config_file, *overrides), cwd=REPO, env=job_env(devices, env),
+                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def surgery(tmp_path: Path, input_path, transforms: list, **fields) -> tuple[Path, subprocess.CompletedProcess]:

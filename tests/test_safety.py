@@ -1,0 +1,210 @@
+"""Never lose or corrupt a checkpoint: kills at known moments, SIGTERM, idempotent reruns,
+overwrite, damaged input and damaged output."""
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import checkpoints
+from jobs import REPO, job_command, job_env, ok, run_job, write_config
+from test_bad_input import assert_bad_input, digest
+from test_multiprocess import launch
+
+TRANSFORMS = [dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2'),
+              dict(op='pad', pattern='embed/embedding', axis=0, size=24, init='normal')]
+OTHER_TRANSFORMS = [dict(op='drop', pattern='head/.*')]
+KILL_POINTS = ['read', 'plan', 'restore', 'transform', 'write', 'writing', 'validate', 'commit',
+               'rename', 'renamed']
+
+
+def paths(tmp_path):
+  return tmp_path / 'out', tmp_path / 'out.surgery-tmp'
+
+
+def values(out) -> dict:
+  return checkpoints.flat_numpy(checkpoints.restore_plain(out / '3' / 'default'))
+
+
+def assert_same(a: dict, b: dict) -> None:
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope='module')
+def baseline(layered, tmp_path_factory):
+  """The output of an uninterrupted run of TRANSFORMS, and the config file that made it."""
+  directory = tmp_path_factory.mktemp('baseline')
+  config = write_config(directory, {'transforms': TRANSFORMS})
+  ok(run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={directory / "out"}'))
+  return config, values(directory / 'out')
+
+
+def start_paused(config, in_path, out, point: str, pause_file, *extra: str, env=None) -> subprocess.Popen:
+  """Starts the job and returns once it waits at `point`."""
+  process = subprocess.Popen(
+      job_command(config, f'--config.input.path={in_path}', f'--config.output.path={out}', *extra),
+      cwd=REPO, env=job_env(env={'SURGERY_JOB_PAUSE': point, 'SURGERY_JOB_PAUSE_FILE': str(pause_file),
+                                 **(env or {})}),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while not pause_file.exists():
+    assert process.poll() is None, process.stderr.read()[-3000:]
+    assert time.monotonic() < deadline, f'never reached {point}'
+    time.sleep(0.1)
+  return process
+
+
+@pytest.mark.parametrize('point', KILL_POINTS)
+def test_sigkill_at_any_moment_loses_nothing(point, layered, baseline, tmp_path):
+  config, want = baseline
+  in_path, _ = layered
+  before = digest(in_path)
+  out, staging = paths(tmp_path)
+  process = start_paused(config, in_path, out, point, tmp_path / 'paused')
+  process.kill()
+  process.wait(timeout=60)
+  assert digest(in_path) == before
+  if out.exists():  # Only once the rename happened: then it is complete and validated.
+    assert point == 'renamed'
+    assert_same(values(out), want)
+  rerun = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}')
+  ok(rerun)
+  assert ('Already done' in rerun.stderr) == (point == 'renamed')
+  assert_same(values(out), want)
+  assert not staging.exists()
+  assert digest(in_path) == before
+
+
+@pytest.mark.parametrize('point', ['restore@1', 'writing@1', 'validate@0', 'rename@0'])
+def test_sigkill_of_one_of_two_processes(point, layered, baseline, tmp_path):
+  config, want = baseline
+  in_path, _ = layered
+  before = digest(in_path)
+  out, staging = paths(tmp_path)
+  pause_file = tmp_path / 'paused'
+  args = (f'--config={config}', f'--config.input.path={in_path}', f'--config.output.path={out}',
+          '--heartbeat_timeout_seconds=10')
+  launcher = subprocess.Popen(
+      ['bash', str(REPO / 'launch' / 'local.sh'), '2', '--', *args], cwd=REPO,
+      env={**job_env(), 'SURGERY_JOB': f'{job_command(config)[0]} -m surgery_job',
+           'LOG_DIR': str(tmp_path / 'logs'), 'GRACE_SECONDS': '300',
+           'SURGERY_JOB_PAUSE': point, 'SURGERY_JOB_PAUSE_FILE': str(pause_file)},
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while not pause_file.exists():
+    assert launcher.poll() is None and time.monotonic() < deadline
+    time.sleep(0.1)
+  subprocess.run(['kill', '-KILL', pause_file.read_text().split()[1]], check=True)
+  start = time.monotonic()
+  launcher.wait(timeout=180)
+  assert launcher.returncode != 0
+  assert time.monotonic() - start < 120
+  assert not out.exists() and digest(in_path) == before
+  ok(launch(2, *args, log_dir=tmp_path / 'logs_rerun'))
+  assert_same(values(out), want)
+  assert not staging.exists()
+
+
+def test_sigterm_stops_cleanly_with_its_own_exit_code(layered, baseline, tmp_path):
+  config, _ = baseline
+  out, staging = paths(tmp_path)
+  process = start_paused(config, layered[0], out, 'transform', tmp_path / 'paused')
+  start = time.monotonic()
+  process.send_signal(signal.SIGTERM)
+  stderr = process.communicate(timeout=60)[1]
+  assert process.returncode == 75
+  assert time.monotonic() - start < 30
+  assert 'SIGTERM received' in stderr and 'Stopped by SIGTERM' in stderr
+  assert not out.exists() and not staging.exists()
+
+
+def test_same_config_again_is_already_done(layered, baseline, tmp_path):
+  config, _ = baseline
+  out, _ = paths(tmp_path)
+  overrides = (f'--config.input.path={layered[0]}', f'--config.output.path={out}')
+  ok(run_job(config, *overrides))
+  report = (out / 'surgery_report.json').read_text()
+  again = run_job(config, *overrides, '--config.input.step=latest')
+  ok(again)
+  assert 'Already done' in again.stderr
+  assert (out / 'surgery_report.json').read_text() == report
+  assert json.loads(report)['fingerprint']
+
+
+def test_another_config_without_overwrite_is_refused(layered, baseline, tmp_path):
+  config, want = baseline
+  out, _ = paths(tmp_path)
+  overrides = (f'--config.input.path={layered[0]}', f'--config.output.path={out}')
+  ok(run_job(config, *overrides))
+  other = write_config(tmp_path, {'transforms': OTHER_TRANSFORMS}, name='other.py')
+  result = run_job(other, *overrides)
+  assert_bad_input(result, f'output.path {out} exists and holds another surgery (fingerprint ')
+  assert_same(values(out), want)
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_validates(layered, baseline, tmp_path):
+  config, want = baseline
+  out, staging = paths(tmp_path)
+  overrides = (f'--config.input.path={layered[0]}', f'--config.output.path={out}')
+  ok(run_job(config, *overrides))
+  other = write_config(tmp_path, {'transforms': OTHER_TRANSFORMS}, name='other.py')
+  failed = run_job(other, *overrides, '--config.output.overwrite=True',
+                   env={'SURGERY_JOB_CORRUPT_OUTPUT': '1'})
+  assert failed.returncode == 1 and 'validation failed' in failed.stderr
+  assert_same(values(out), want)
+  # Killed between moving the old output aside and renaming the new one in: the next run puts
+  # the old one back before it starts, then replaces it.
+  process = start_paused(other, layered[0], out, 'rename', tmp_path / 'paused',
+                         '--config.output.overwrite=True')
+  process.kill()
+  process.wait(timeout=60)
+  assert not out.exists() and (staging / 'replaced').exists()
+  ok(run_job(other, *overrides, '--config.output.overwrite=True'))
+  assert not any(k.startswith('params/head/') for k in values(out))
+  assert not staging.exists()
+
+
+def test_validation_catches_a_flipped_byte(layered, baseline, tmp_path):
+  config, _ = baseline
+  out, staging = paths(tmp_path)
+  result = run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={out}',
+                   env={'SURGERY_JOB_CORRUPT_OUTPUT': '1'})
+  assert result.returncode == 1
+  assert 'validation failed' in result.stderr
+  assert not out.exists() and not staging.exists()
+
+
+def test_a_missing_data_file_is_named(layered, tmp_path):
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(layered[0], damaged)
+  data_file = next((damaged / '3' / 'default' / 'd').iterdir())
+  data_file.unlink()
+  result = run_job(write_config(tmp_path, {'transforms': []}), f'--config.input.path={damaged}',
+                   f'--config.output.path={tmp_path / "out"}')
+  assert_bad_input(result, f'checkpoint file {data_file} is missing')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_damaged_metadata_file_is_named(layered, tmp_path):
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(layered[0], damaged)
+  (damaged / '3' / 'default' / '_METADATA').write_text('{"tree_metadata": ')
+  result = run_job(write_config(tmp_path, {'transforms': []}), f'--config.input.path={damaged}',
+                   f'--config.output.path={tmp_path / "out"}')
+  assert_bad_input(result, f'damaged checkpoint metadata file {damaged / "3" / "default" / "_METADATA"}')
+
+
+def test_a_staging_folder_it_did_not_make_is_left_alone(layered, baseline, tmp_path):
+  config, _ = baseline
+  out, staging = paths(tmp_path)
+  staging.mkdir()
+  (staging / 'mine.txt').write_text('not yours')
+  result = run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={out}')
+  assert_bad_input(result, f'{staging} exists but was not made by surgery_job')
+  assert (staging / 'mine.txt').read_text() == 'not yours'
