@@ -67,8 +67,21 @@ def _quiet_orbax() -> None:
       lambda record: record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname)
 
 
+def _ignore_reads_after_a_failed_restore() -> None:
+  """After Orbax aborts a read of a damaged checkpoint, tensorstore still completes the other reads
+  into Orbax's closed event loop; Python reports each as unraisable. They say nothing new."""
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      default_hook(unraisable)
+  sys.unraisablehook = hook
+
+
 def main(argv) -> None:
   _quiet_orbax()
+  _ignore_reads_after_a_failed_restore()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   signal.signal(signal.SIGTERM, _on_sigterm)
