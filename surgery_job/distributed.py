@@ -7,6 +7,7 @@ a collective that will never complete. A process that dies without a word (SIGKI
 caught by the coordination service's heartbeat timeout instead.
 """
 
+import atexit
 import os
 import sys
 import threading
@@ -60,9 +61,10 @@ def fail(code: int, message: str) -> None:
 def watch_for_failures(on_failure: Callable[[], None]) -> None:
   """Starts the watchdog that ends this process when another one reports a failure."""
   client = ocp.multihost.get_jax_distributed_client()
+  stop = threading.Event()
 
   def watch():
-    while True:
+    while not stop.wait(POLL_SECONDS):
       try:
         value = client.key_value_try_get(FAILURE_KEY)
       except Exception:  # pylint: disable=broad-except
@@ -73,9 +75,16 @@ def watch_for_failures(on_failure: Callable[[], None]) -> None:
                       jax.process_index())
         on_failure()
         _exit(int(code))
-      time.sleep(POLL_SECONDS)
 
-  threading.Thread(target=watch, name='surgery_job_watchdog', daemon=True).start()
+  watchdog = threading.Thread(target=watch, name='surgery_job_watchdog', daemon=True)
+  watchdog.start()
+
+  # Registered after JAX's own exit handler, so it runs first: the watchdog must not be inside a
+  # call to the distributed client while JAX shuts that client down.
+  @atexit.register
+  def stop_watching():
+    stop.set()
+    watchdog.join()
 
 
 def _exit(code: int) -> None:

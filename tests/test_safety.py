@@ -137,23 +137,28 @@ def test_same_config_again_is_already_done(layered, baseline, tmp_path):
   assert json.loads(report)['fingerprint']
 
 
-def test_another_config_without_overwrite_is_refused(layered, baseline, tmp_path):
-  config, want = baseline
+@pytest.fixture
+def existing_output(layered, baseline, tmp_path):
+  """An output made by the baseline config, the overrides that name it, and another config."""
   out, _ = paths(tmp_path)
   overrides = (f'--config.input.path={layered[0]}', f'--config.output.path={out}')
-  ok(run_job(config, *overrides))
-  other = write_config(tmp_path, {'transforms': OTHER_TRANSFORMS}, name='other.py')
+  ok(run_job(baseline[0], *overrides))
+  return out, overrides, write_config(tmp_path, {'transforms': OTHER_TRANSFORMS}, name='other.py')
+
+
+def test_another_config_without_overwrite_is_refused(baseline, existing_output):
+  _, want = baseline
+  out, overrides, other = existing_output
   result = run_job(other, *overrides)
   assert_bad_input(result, f'output.path {out} exists and holds another surgery (fingerprint ')
   assert_same(values(out), want)
 
 
-def test_overwrite_keeps_the_old_output_until_the_new_one_validates(layered, baseline, tmp_path):
-  config, want = baseline
-  out, staging = paths(tmp_path)
-  overrides = (f'--config.input.path={layered[0]}', f'--config.output.path={out}')
-  ok(run_job(config, *overrides))
-  other = write_config(tmp_path, {'transforms': OTHER_TRANSFORMS}, name='other.py')
+def test_overwrite_keeps_the_old_output_until_the_new_one_validates(layered, baseline, existing_output,
+                                                                     tmp_path):
+  _, want = baseline
+  out, overrides, other = existing_output
+  staging = paths(tmp_path)[1]
   failed = run_job(other, *overrides, '--config.output.overwrite=True',
                    env={'SURGERY_JOB_CORRUPT_OUTPUT': '1'})
   assert failed.returncode == 1 and 'validation failed' in failed.stderr

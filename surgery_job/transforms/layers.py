@@ -83,15 +83,24 @@ def stack(pattern: str, replacement: str, axis: int = 0, allow_empty: bool = Fal
   return apply
 
 
-def _spread(tree: Tree, pieces: dict[str, list[str]], cut) -> Tree:
+def _spread(state: State, pieces: dict[str, list[str]], cut, op: str) -> State:
   """Replaces each key of `pieces` by the leaves `cut(key, leaf)` under the names it lists."""
-  out = {}
-  for key, leaf in tree.items():
-    if key in pieces:
-      out.update(zip(pieces[key], cut(key, leaf)))
-    else:
-      out[key] = leaf
-  return out
+  names = [name for names in pieces.values() for name in names]
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise SurgeryError(f'{op} gives the name {repeated[0]!r} to several pieces')
+  _check_free(state, names, pieces, op)
+  check_mirror_shapes(state, pieces, op)
+
+  def edit(tree: Tree, _) -> Tree:
+    out = {}
+    for key, leaf in tree.items():
+      if key in pieces:
+        out.update(zip(pieces[key], cut(key, leaf)))
+      else:
+        out[key] = leaf
+    return out
+  return structural(state, edit)
 
 
 def unstack(pattern: str, replacement: str, axis: int = 0, allow_empty: bool = False) -> Op:
@@ -105,18 +114,13 @@ def unstack(pattern: str, replacement: str, axis: int = 0, allow_empty: bool = F
       ax = normalize_axis(axis, x.ndim, key)
       template = expand(match, replacement)
       pieces[key] = [template.replace('{i}', str(i)) for i in range(x.shape[ax])]
-    targets = [t for names in pieces.values() for t in names]
-    if len(set(targets)) != len(targets):
-      raise SurgeryError(f'unstack with {replacement!r} gives one name to several layers')
-    _check_free(state, targets, pieces, 'unstack')
-    check_mirror_shapes(state, pieces, 'unstack')
 
     def cut(key, leaf):
       ax = normalize_axis(axis, leaf.value.ndim, key)
       entries = _spec_entries(leaf, leaf.value.ndim)
       spec = None if entries is None else PartitionSpec(*entries[:ax], *entries[ax + 1:])
       return [Leaf(x, spec) for x in jnp.unstack(leaf.value, axis=ax)]
-    return structural(state, lambda tree, _: _spread(tree, pieces, cut))
+    return _spread(state, pieces, cut, 'unstack')
   return apply
 
 
@@ -135,17 +139,12 @@ def split(source: str, axis: int, sizes: Sequence[int], targets: Sequence[str],
         raise SurgeryError(f'split sizes {sizes} of {key!r} add up to {sum(sizes)}, '
                            f'not its axis {ax} size {x.shape[ax]}')
       pieces[key] = [expand(match, t) for t in targets]
-    names = [t for ts in pieces.values() for t in ts]
-    if len(set(names)) != len(names):
-      raise SurgeryError(f'split targets {list(targets)} give one name to several pieces')
-    _check_free(state, names, pieces, 'split')
-    check_mirror_shapes(state, pieces, 'split')
     bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
 
     def cut(key, leaf):
       ax = normalize_axis(axis, leaf.value.ndim, key)
       return [Leaf(x, leaf.spec) for x in jnp.split(leaf.value, bounds, axis=ax)]
-    return structural(state, lambda tree, _: _spread(tree, pieces, cut))
+    return _spread(state, pieces, cut, 'split')
   return apply
 
 
