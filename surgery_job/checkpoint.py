@@ -4,14 +4,22 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial
 
 from surgery_job import faults, tree
 from surgery_job.errors import SurgeryError
+
+
+PARTIAL_ITEM = 'state'
+CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'
+STANDARD_HANDLER = (f'{ocp.StandardCheckpointHandler.__module__}.'
+                    f'{ocp.StandardCheckpointHandler.__qualname__}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,18 +100,41 @@ def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStru
   return {k: v for k, v in tree.flatten(restored).items() if k in targets}
 
 
-def save(nested: Any, directory: Path, location: Location, step: int | None) -> Path:
-  """Writes `nested` in the input's layout under `directory`; returns the item folder written."""
-  if location.step is None:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(directory, nested)
-      faults.at('writing')
-    return directory
-  with ocp.CheckpointManager(directory, item_names=(location.item,)) as manager:
-    manager.save(step, args=ocp.args.Composite(**{location.item: ocp.args.StandardSave(nested)}))
+class Writer:
+  """Writes the output group by group with Orbax partial saves, then finalizes it into one
+  ordinary checkpoint in the input's layout at `directory`."""
+
+  def __init__(self, directory: Path, location: Location, step: int | None,
+               barrier: Callable[[str], None]):
+    self.directory, self.location, self.step, self.barrier = directory, location, step, barrier
+    # Partial saves write an item folder named `state` under the path they are given.
+    self.partial = (directory.with_name(directory.name + '.partial') if step is None
+                    else directory / str(step))
+
+  def write(self, nested: Any) -> None:
+    partial.save(self.partial, nested)
     faults.at('writing')
-    manager.wait_until_finished()
-  return directory / str(step) / location.item
+
+  def finish(self) -> Path:
+    """Finalizes the partial saves (every process); returns the item folder written."""
+    partial.finalize(self.partial)
+    self.barrier('finalized')
+    if jax.process_index() == 0:
+      if self.step is None:
+        (self.partial / PARTIAL_ITEM).rename(self.directory)
+        shutil.rmtree(self.partial)
+      else:
+        (self.partial / PARTIAL_ITEM).rename(self.partial / self.location.item)
+        self._name_item_handler()
+    self.barrier('laid_out')
+    return self.directory if self.step is None else self.partial / self.location.item
+
+  def _name_item_handler(self) -> None:
+    """Records the item under its own name and Orbax's standard handler, as CheckpointManager does."""
+    path = self.partial / CHECKPOINT_METADATA
+    metadata = json.loads(path.read_text())
+    metadata['item_handlers'] = {self.location.item: STANDARD_HANDLER}
+    path.write_text(json.dumps(metadata))
 
 
 def inside(path: Path, parent: Path) -> bool:

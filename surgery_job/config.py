@@ -27,6 +27,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.mesh.shape = config_dict.placeholder(tuple)  # None: the saved mesh; -1 fills the rest.
   config.mesh.axes = config_dict.placeholder(tuple)  # None: the saved mesh's axis names.
 
+  config.memory = ml_collections.ConfigDict()
+  # Per host: stream the surgery in groups whose arrays fit this many GB; None: one group.
+  config.memory.host_budget_gb = config_dict.placeholder(float)
+
   config.params_root = config_dict.placeholder(str)  # None: 'params' if present, else the whole tree.
   config.transforms = []  # Ordered list of dicts, each with an 'op' (see README).
   config.partition_rules = []  # Ordered (regex, spec) pairs for leaves whose spec is not carried over.
@@ -51,6 +55,9 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
     raise SurgeryError('config: missing field input.path')
   if not config.output.path and not config.dry_run:
     raise SurgeryError('config: missing field output.path')
+  budget = config.memory.host_budget_gb
+  if budget is not None and budget <= 0:
+    raise SurgeryError(f'config: memory.host_budget_gb must be positive, got {budget}')
   step = config.input.step
   if not (step is None or step == 'latest' or (isinstance(step, int) and step >= 0)):
     raise SurgeryError(f"config: input.step must be a step number, None or 'latest', got {step!r}")

@@ -10,9 +10,10 @@ import ml_collections
 from absl import logging
 
 from surgery_job import (checkpoint, config as config_lib, distributed, faults, output,
-                         plan as plan_lib, report as report_lib, sharding, transforms, tree)
+                         plan as plan_lib, report as report_lib, sharding, transforms, tree,
+                         validate)
 from surgery_job.errors import SurgeryError
-from surgery_job.validate import mismatches
+from surgery_job.progress import Progress
 
 
 class Phases:
@@ -22,13 +23,20 @@ class Phases:
     self.seconds: dict[str, float] = {}
 
   @contextlib.contextmanager
-  def __call__(self, name: str):
+  def __call__(self, name: str, log: bool = True):
+    """Times one phase, or (with `log=False`) one group's share of a streamed phase."""
     start = time.perf_counter()
     faults.at(name)
     yield
-    self.seconds[name] = round(time.perf_counter() - start, 3)
+    seconds = time.perf_counter() - start
+    self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 3)
+    if log:
+      self.log(name)
+
+  def log(self, name: str, groups: int = 1) -> None:
     if jax.process_index() == 0:
-      logging.info('Phase %-9s done in %.2f s', name, self.seconds[name])
+      logging.info('Phase %-9s done in %.2f s%s', name, self.seconds[name],
+                   f' over {groups} groups' if groups > 1 else '')
 
 
 def abandon(user_config: ml_collections.ConfigDict | None) -> None:
@@ -83,9 +91,12 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
 
+  budget = config.memory.host_budget_gb
+  budget_bytes = None if budget is None else int(budget * 1e9)
+  groups = plan.groups(budget_bytes)
   if config.dry_run:
     if jax.process_index() == 0:
-      print(describe(plan, source, out_root, out_step))
+      print(describe(plan, groups, source, out_root, out_step))
     return None
 
   staging = output.Staging(out_root)
@@ -94,24 +105,40 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   barrier('staged')
   committed = False
   try:
-    with phases('restore'):
-      try:
-        restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in plan.needed})
-      except Exception as e:  # pylint: disable=broad-except
-        raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
-    with phases('transform'):
-      computed = plan_lib.transform_fn(plan)(restored)
-      jax.block_until_ready(computed)
-    outputs = {k: restored[leaf.passthrough] if leaf.passthrough else computed[k]
-               for k, leaf in plan.outputs.items()}
-    out_skeleton = tree.unflatten(outputs, skeleton)
-    with phases('write'):
-      item_dir = checkpoint.save(out_skeleton, staging.checkpoint, source, out_step)
+    streamed = len(groups) > 1
+    writer = checkpoint.Writer(staging.checkpoint, source, out_step, barrier)
+    progress = Progress(sum(group.host_bytes for group in groups), len(groups))
+    expected = {}
+    for index, group in enumerate(groups):
+      if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
+        logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
+                        'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
+                        budget_bytes / 1e9)
+      with phases('restore', log=not streamed):
+        try:
+          restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in group.inputs})
+        except Exception as e:  # pylint: disable=broad-except
+          raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
+      with phases('transform', log=not streamed):
+        transform = plan_lib.transform_fn(plan, group)
+        computed = jax.block_until_ready(transform(restored)) if transform else {}
+      outputs = {k: computed[k] if plan.outputs[k].passthrough is None
+                 else restored[plan.outputs[k].passthrough] for k in group.outputs}
+      with phases('write', log=not streamed):
+        expected.update(validate.digests(outputs))
+        writer.write(tree.unflatten(outputs, skeleton))
+      del restored, computed, outputs  # The next group's arrays take their place.
+      progress.advance(index, group.host_bytes)
+    if streamed:
+      for name in ('restore', 'transform', 'write'):
+        phases.log(name, len(groups))
+    with phases('finalize'):
+      item_dir = writer.finish()
       faults.corrupt_output(item_dir)
       barrier('written')
     with phases('validate'):
-      _validate(item_dir, out_skeleton, outputs, plan)
-    report = report_lib.build(config, plan, source, out_root, out_step, phases.seconds,
+      _validate(item_dir, skeleton, plan, groups, expected)
+    report = report_lib.build(config, plan, groups, source, out_root, out_step, phases.seconds,
                               run_fingerprint)
     with phases('commit'):
       if jax.process_index() == 0:
@@ -128,15 +155,19 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
         staging.clean()
 
 
-def _validate(item_dir: Path, out_skeleton, outputs: dict, plan: plan_lib.Plan) -> None:
-  """Reads the written checkpoint back with the planned shardings; every bit must match."""
-  targets = {k: sharding.abstract(v.shape, v.dtype, plan.mesh, plan.outputs[k].spec)
-             for k, v in outputs.items()}
-  try:
-    written = checkpoint.restore(item_dir, out_skeleton, targets)
-  except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f'validation failed: {checkpoint.read_error(e, item_dir)}') from None
-  bad = mismatches(outputs, written)
+def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: dict) -> None:
+  """Reads the written checkpoint back, group by group, with the planned shardings; the digest of
+  every leaf must equal the one taken of the computed array."""
+  out_skeleton = tree.unflatten({k: plan.abstract_output(k) for k in plan.outputs}, skeleton)
+  bad = []
+  for group in groups:
+    try:
+      written = checkpoint.restore(item_dir, out_skeleton,
+                                   {k: plan.abstract_output(k) for k in group.outputs})
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(f'validation failed: {checkpoint.read_error(e, item_dir)}') from None
+    bad += validate.mismatches({k: expected[k] for k in group.outputs}, validate.digests(written))
+    del written
   if bad:
     raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
 
@@ -154,7 +185,7 @@ def _output(config, source: checkpoint.Location) -> tuple[Path, int | None]:
   return out_root, source.step if config.output.step is None else config.output.step
 
 
-def describe(plan: plan_lib.Plan, source, out_root: Path, out_step) -> str:
+def describe(plan: plan_lib.Plan, groups, source, out_root: Path, out_step) -> str:
   """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O."""
   lines = [f'Surgery plan: {source.item_dir} -> {out_root}'
            + (f' (step {out_step})' if out_step is not None else ''),
@@ -167,4 +198,10 @@ def describe(plan: plan_lib.Plan, source, out_root: Path, out_step) -> str:
     lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {tuple(leaf.spec)} {how}')
   lines.append(f'Reads {len(plan.needed)} of {len(plan.inputs)} leaves ({plan.bytes_read} bytes); '
                f'writes {len(plan.outputs)} leaves ({plan.bytes_written} bytes).')
+  lines.append(f'Groups: {len(groups)}; predicted peak of arrays per host: '
+               f'{max(g.host_bytes for g in groups) / 1e9:.3f} GB (plus the runtime).')
+  for index, group in enumerate(groups):
+    lines.append(f'  group {index}: {len(group.outputs)} outputs from {len(group.inputs)} inputs, '
+                 f'{group.host_bytes / 1e9:.3f} GB: {", ".join(group.outputs[:4])}'
+                 f'{" ..." if len(group.outputs) > 4 else ""}')
   return '\n'.join(lines)

@@ -33,6 +33,20 @@ class OutputLeaf:
 
 
 @dataclasses.dataclass(frozen=True)
+class Group:
+  """Output leaves streamed together: restored, transformed and written as one unit."""
+  outputs: tuple[str, ...]
+  inputs: tuple[str, ...]  # The input keys it restores; no other group restores them.
+  host_bytes: int  # Per host: its inputs and computed outputs, every addressable shard counted.
+
+
+def host_bytes(x: jax.ShapeDtypeStruct) -> int:
+  """Bytes of `x` held on this host: each addressable shard (on CPU devices, each one in RAM)."""
+  shards = len(x.sharding.addressable_devices_indices_map(tuple(x.shape)))
+  return shards * math.prod(x.sharding.shard_shape(tuple(x.shape))) * jnp.dtype(x.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
   mesh: Mesh
   layout: tree.Layout
@@ -61,6 +75,48 @@ class Plan:
 
   def output_sharding(self, key: str) -> NamedSharding:
     return NamedSharding(self.mesh, self.outputs[key].spec)
+
+  def abstract_output(self, key: str) -> jax.ShapeDtypeStruct:
+    leaf = self.outputs[key]
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self.output_sharding(key))
+
+  def groups(self, budget_bytes: int | None) -> list[Group]:
+    """The outputs cut into groups of at most `budget_bytes` per host (None: one group).
+
+    Outputs that read a common input always share a group (stack, concat, copy and mean-padding
+    read several leaves), so each input is restored once. A set of such outputs larger than the
+    budget is a group of its own.
+    """
+    parent = {key: key for key in self.outputs}
+
+    def root(key):
+      while parent[key] != key:
+        key = parent[key]
+      return key
+    reader = {}
+    for key, leaf in self.outputs.items():
+      for source in leaf.sources:
+        parent[root(key)] = root(reader.setdefault(source, key))
+    components: dict[str, list[str]] = {}
+    for key in self.outputs:
+      components.setdefault(root(key), []).append(key)
+
+    groups: list[list[str]] = []
+    for keys in components.values():
+      if groups and (budget_bytes is None or self._host_bytes(groups[-1] + keys) <= budget_bytes):
+        groups[-1] = groups[-1] + keys
+      else:
+        groups.append(keys)
+    return [Group(tuple(keys), tuple(self._inputs(keys)), self._host_bytes(keys)) for keys in groups]
+
+  def _inputs(self, keys) -> list[str]:
+    sources = {source for key in keys for source in self.outputs[key].sources}
+    return [k for k in self.inputs if k in sources]
+
+  def _host_bytes(self, keys) -> int:
+    computed = [k for k in keys if self.outputs[k].passthrough is None]
+    return (sum(host_bytes(self.inputs[k]) for k in self._inputs(keys))
+            + sum(host_bytes(self.abstract_output(k)) for k in computed))
 
 
 def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None) -> dict[str, Leaf]:
@@ -143,13 +199,16 @@ def _diff(layout: tree.Layout, before: State, after: State) -> list[str]:
   return sorted(changed)
 
 
-def transform_fn(plan: Plan):
-  """The jitted surgery: needed inputs in (on their restored shardings), computed outputs out."""
+def transform_fn(plan: Plan, group: Group):
+  """The jitted surgery of one group: its inputs in (on their restored shardings), its computed
+  outputs out; None when the group only passes inputs through."""
   in_specs = {k: x.sharding.spec for k, x in plan.inputs.items()}
-  needed, computed = plan.needed, plan.computed
+  computed = [k for k in group.outputs if plan.outputs[k].passthrough is None]
+  if not computed:
+    return None
 
   def compute(values):
-    # Inputs no output reads are zeros here, which XLA drops as dead code: they are never restored.
+    # Inputs of other groups are zeros here, which XLA drops as dead code: they are never read.
     leaves = {k: Leaf(values[k] if k in values else jnp.zeros(x.shape, x.dtype), in_specs[k])
               for k, x in plan.inputs.items()}
     out = run_ops(plan.ops, plan.layout, leaves)
@@ -157,5 +216,5 @@ def transform_fn(plan: Plan):
 
   # Unchanged leaves keep the sharding they were restored with; computed ones get their planned spec.
   return jax.jit(compute,
-                 in_shardings=({k: plan.inputs[k].sharding for k in needed},),
+                 in_shardings=({k: plan.inputs[k].sharding for k in group.inputs},),
                  out_shardings={k: plan.output_sharding(k) for k in computed})

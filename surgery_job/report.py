@@ -10,7 +10,7 @@ from pathlib import Path
 REPORT = 'surgery_report.json'
 
 
-def build(config, plan, source, out_root: Path, out_step, seconds: dict[str, float],
+def build(config, plan, groups, source, out_root: Path, out_step, seconds: dict[str, float],
           fingerprint: str) -> dict:
   return {
       'fingerprint': fingerprint,
@@ -21,6 +21,9 @@ def build(config, plan, source, out_root: Path, out_step, seconds: dict[str, flo
       'ops': [{'op': label, 'touched': keys} for label, keys in plan.touched],
       'leaves': {k: {'shape': list(leaf.shape), 'dtype': leaf.dtype.name, 'spec': list(leaf.spec),
                      'sources': list(leaf.sources)} for k, leaf in plan.outputs.items()},
+      'groups': [{'outputs': list(g.outputs), 'inputs': list(g.inputs), 'host_bytes': g.host_bytes}
+                 for g in groups],
+      'predicted_peak_host_bytes': max(g.host_bytes for g in groups),
       'bytes_read': plan.bytes_read,
       'bytes_written': plan.bytes_written,
       'seconds': dict(seconds),
@@ -36,7 +39,7 @@ def summary(report: dict) -> str:
   lines = [f"{report['input']['path']} (step {report['input']['step']}) -> "
            f"{report['output']['path']} (step {report['output']['step']}) on mesh {report['mesh']}"]
   lines += [f"  {op['op']}: {len(op['touched'])} keys touched" for op in report['ops']]
-  lines.append(f"  {len(report['leaves'])} leaves written, {report['bytes_read']} bytes read, "
+  lines.append(f"  {len(report['leaves'])} leaves written in {len(report['groups'])} groups, {report['bytes_read']} bytes read, "
                f"{report['bytes_written']} bytes written, validated: {report['validation']['ok']}")
   lines.append('  seconds: ' + ', '.join(f'{k} {v:.2f}' for k, v in report['seconds'].items()))
   return '\n'.join(lines)

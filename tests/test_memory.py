@@ -1,0 +1,73 @@
+"""Streaming under `memory.host_budget_gb`: several groups, the same output as one group."""
+
+import json
+
+import numpy as np
+import pytest
+
+import checkpoints
+from jobs import ok, surgery
+from test_ops import CASES, STACK, check_case
+
+TINY_BUDGET = {'memory': {'host_budget_gb': 2e-6}}  # 2 KB: about one leaf per group.
+
+
+def report(out) -> dict:
+  return json.loads((out / 'surgery_report.json').read_text())
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_every_op_streams_in_groups(name, layered, tmp_path):
+  transforms, extra, _, _ = CASES[name]
+  in_path, x = layered
+  out, result = surgery(tmp_path, in_path, transforms, **extra, **TINY_BUDGET)
+  ok(result)
+  assert len(report(out)['groups']) > 1
+  check_case(name, out / '3' / 'default', x)
+
+
+def test_groups_give_the_same_bits_as_one_group(layered, tmp_path):
+  in_path, _ = layered
+  transforms = [STACK, dict(op='pad', pattern='embed/embedding', axis=0, size=20, init='mean'),
+                dict(op='add', path='new/kernel', shape=[8, 16], init='normal'),
+                dict(op='cast', pattern='head/kernel', dtype='bfloat16')]
+  (tmp_path / 'one').mkdir()
+  (tmp_path / 'many').mkdir()
+  one, result = surgery(tmp_path / 'one', in_path, transforms)
+  ok(result)
+  many, result = surgery(tmp_path / 'many', in_path, transforms, **TINY_BUDGET)
+  ok(result)
+  assert len(report(one)['groups']) == 1 and len(report(many)['groups']) > 5
+  got_one = checkpoints.flat_numpy(checkpoints.restore_plain(one / '3' / 'default'))
+  got_many = checkpoints.flat_numpy(checkpoints.restore_plain(many / '3' / 'default'))
+  assert sorted(got_one) == sorted(got_many)
+  for key in got_one:
+    assert got_one[key].tobytes() == got_many[key].tobytes(), key
+
+
+def test_leaves_read_together_share_a_group_and_oversize_groups_are_logged(layered, tmp_path):
+  in_path, _ = layered
+  out, result = surgery(tmp_path, in_path, [STACK], **TINY_BUDGET)
+  ok(result)
+  group = next(g for g in report(out)['groups'] if 'params/layers/mlp/kernel' in g['outputs'])
+  assert set(group['inputs']) >= {f'params/layers_{i}/mlp/kernel' for i in range(3)}
+  assert 'over the budget of 0.00 GB; handled alone' in result.stderr
+  sources = [k for g in report(out)['groups'] for k in g['inputs']]
+  assert len(sources) == len(set(sources))  # Every input is restored once.
+
+
+def test_dry_run_shows_groups_and_predicted_peak(layered, tmp_path):
+  in_path, _ = layered
+  out, result = surgery(tmp_path, in_path, [STACK], dry_run=True, memory={'host_budget_gb': 1e-5})
+  ok(result)
+  assert 'predicted peak of arrays per host' in result.stdout
+  groups = [line for line in result.stdout.splitlines() if line.strip().startswith('group ')]
+  assert len(groups) > 1
+  assert not out.exists()
+
+
+def test_a_budget_must_be_positive(layered, tmp_path):
+  in_path, _ = layered
+  _, result = surgery(tmp_path, in_path, [], memory={'host_budget_gb': 0.0})
+  assert result.returncode == 2
+  assert 'memory.host_budget_gb must be positive' in result.stderr.strip().splitlines()[-1]
