@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (checkpoint, config as config_lib, distributed, faults, output,
+from surgery_job import (checkpoint, config as config_lib, distributed, faults, memory, output,
                          plan as plan_lib, report as report_lib, sharding, transforms, tree,
                          validate)
 from surgery_job.errors import SurgeryError
@@ -124,10 +124,12 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
         computed = jax.block_until_ready(transform(restored)) if transform else {}
       outputs = {k: computed[k] if plan.outputs[k].passthrough is None
                  else restored[plan.outputs[k].passthrough] for k in group.outputs}
+      del restored, computed  # Inputs that no output passes through are freed before the write.
       with phases('write', log=not streamed):
         expected.update(validate.digests(outputs))
         writer.write(tree.unflatten(outputs, skeleton))
-      del restored, computed, outputs  # The next group's arrays take their place.
+      del outputs
+      memory.release()
       progress.advance(index, group.host_bytes)
     if streamed:
       for name in ('restore', 'transform', 'write'):
@@ -168,6 +170,7 @@ def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: d
       raise RuntimeError(f'validation failed: {checkpoint.read_error(e, item_dir)}') from None
     bad += validate.mismatches({k: expected[k] for k in group.outputs}, validate.digests(written))
     del written
+    memory.release()
   if bad:
     raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
 

@@ -14,7 +14,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surgery_job import config as config_lib, distributed, job
+from surgery_job import config as config_lib, distributed, job, memory
 from surgery_job.errors import SurgeryError
 
 EXIT_FAILED = 1
@@ -80,6 +80,7 @@ def _ignore_reads_after_a_failed_restore() -> None:
 
 
 def main(argv) -> None:
+  memory.few_arenas()
   _quiet_orbax()
   _ignore_reads_after_a_failed_restore()
   if len(argv) > 1:

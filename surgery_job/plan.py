@@ -37,7 +37,7 @@ class Group:
   """Output leaves streamed together: restored, transformed and written as one unit."""
   outputs: tuple[str, ...]
   inputs: tuple[str, ...]  # The input keys it restores; no other group restores them.
-  host_bytes: int  # Per host: its inputs and computed outputs, every addressable shard counted.
+  host_bytes: int  # Per host: the inputs it reads and the outputs it writes, every shard counted.
 
 
 def host_bytes(x: jax.ShapeDtypeStruct) -> int:
@@ -62,10 +62,6 @@ class Plan:
     return [k for k in self.inputs if k in keys]
 
   @property
-  def computed(self) -> list[str]:
-    return [k for k, leaf in self.outputs.items() if leaf.passthrough is None]
-
-  @property
   def bytes_read(self) -> int:
     return sum(math.prod(self.inputs[k].shape) * self.inputs[k].dtype.itemsize for k in self.needed)
 
@@ -78,7 +74,7 @@ class Plan:
 
   def abstract_output(self, key: str) -> jax.ShapeDtypeStruct:
     leaf = self.outputs[key]
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self.output_sharding(key))
+    return sharding.abstract(leaf.shape, leaf.dtype, self.mesh, leaf.spec)
 
   def groups(self, budget_bytes: int | None) -> list[Group]:
     """The outputs cut into groups of at most `budget_bytes` per host (None: one group).
@@ -91,6 +87,7 @@ class Plan:
 
     def root(key):
       while parent[key] != key:
+        parent[key] = parent[parent[key]]
         key = parent[key]
       return key
     reader = {}
@@ -101,22 +98,25 @@ class Plan:
     for key in self.outputs:
       components.setdefault(root(key), []).append(key)
 
-    groups: list[list[str]] = []
+    # Components share no input, so a group's bytes are the sum of its components' bytes.
+    order = {key: index for index, key in enumerate(self.inputs)}
+
+    def inputs_of(keys):
+      return sorted({source for key in keys for source in self.outputs[key].sources}, key=order.get)
+
+    def bytes_of(keys):
+      # An output passed through is written from its input's arrays, but writing copies it to host.
+      return (sum(host_bytes(self.inputs[k]) for k in inputs_of(keys))
+              + sum(host_bytes(self.abstract_output(k)) for k in keys))
+
+    packed: list[tuple[list[str], int]] = []
     for keys in components.values():
-      if groups and (budget_bytes is None or self._host_bytes(groups[-1] + keys) <= budget_bytes):
-        groups[-1] = groups[-1] + keys
+      size = bytes_of(keys)
+      if packed and (budget_bytes is None or packed[-1][1] + size <= budget_bytes):
+        packed[-1] = (packed[-1][0] + keys, packed[-1][1] + size)
       else:
-        groups.append(keys)
-    return [Group(tuple(keys), tuple(self._inputs(keys)), self._host_bytes(keys)) for keys in groups]
-
-  def _inputs(self, keys) -> list[str]:
-    sources = {source for key in keys for source in self.outputs[key].sources}
-    return [k for k in self.inputs if k in sources]
-
-  def _host_bytes(self, keys) -> int:
-    computed = [k for k in keys if self.outputs[k].passthrough is None]
-    return (sum(host_bytes(self.inputs[k]) for k in self._inputs(keys))
-            + sum(host_bytes(self.abstract_output(k)) for k in computed))
+        packed.append((keys, size))
+    return [Group(tuple(keys), tuple(inputs_of(keys)), size) for keys, size in packed]
 
 
 def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None) -> dict[str, Leaf]:

@@ -116,9 +116,5 @@ def _check_rule(index, pattern, spec, key, shape, mesh) -> None:
                          f'over mesh axes {names}')
 
 
-def named(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
-  return NamedSharding(mesh, spec)
-
-
 def abstract(shape, dtype, mesh: Mesh, spec: PartitionSpec) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, spec))

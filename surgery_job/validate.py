@@ -13,14 +13,24 @@ from jax import lax
 
 
 def _words(x: jax.Array) -> jax.Array:
-  """The raw bits of `x` as a flat uint32 vector."""
+  """The raw bits of `x` as uint32, in its own shape (8-byte items: a trailing axis of 2)."""
   if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    x = jnp.stack([x.real, x.imag])
+    x = jnp.stack([x.real, x.imag], axis=-1)
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
   if x.dtype.itemsize == 8:
-    return lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-  return lax.bitcast_convert_type(x, jnp.dtype(f'uint{x.dtype.itemsize * 8}')).astype(jnp.uint32).reshape(-1)
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  return lax.bitcast_convert_type(x, jnp.dtype(f'uint{x.dtype.itemsize * 8}')).astype(jnp.uint32)
+
+
+def _odd_position_weights(shape) -> jax.Array:
+  """2 * (row-major index) + 1, built per element so that no axis is gathered across devices."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return 2 * index + 1
 
 
 @jax.jit
@@ -28,8 +38,8 @@ def _digests(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
   out = {}
   for key, x in arrays.items():
     words = _words(x)
-    weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
-    out[key] = jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+    weighted = words * _odd_position_weights(words.shape)
+    out[key] = jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
   return out
 
 

@@ -9,7 +9,7 @@ import checkpoints
 from jobs import ok, surgery
 from test_ops import CASES, STACK, check_case
 
-TINY_BUDGET = {'memory': {'host_budget_gb': 2e-6}}  # 2 KB: about one leaf per group.
+TINY_BUDGET = {'memory': {'host_budget_gb': 4e-6}}  # 4 KB of a 15 KB checkpoint.
 
 
 def report(out) -> dict:
@@ -37,7 +37,7 @@ def test_groups_give_the_same_bits_as_one_group(layered, tmp_path):
   ok(result)
   many, result = surgery(tmp_path / 'many', in_path, transforms, **TINY_BUDGET)
   ok(result)
-  assert len(report(one)['groups']) == 1 and len(report(many)['groups']) > 5
+  assert len(report(one)['groups']) == 1 and len(report(many)['groups']) > 2
   got_one = checkpoints.flat_numpy(checkpoints.restore_plain(one / '3' / 'default'))
   got_many = checkpoints.flat_numpy(checkpoints.restore_plain(many / '3' / 'default'))
   assert sorted(got_one) == sorted(got_many)
