@@ -86,7 +86,6 @@ def read_error(error: Exception, item_dir: Path) -> str:
   return f'cannot read the checkpoint in {item_dir}: {text.splitlines()[0] if text else type(error).__name__}'
 
 
-
 def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   """Reads only the `targets` leaves, each onto its sharding; the others stay on disk."""
   flat_skeleton = tree.flatten(skeleton)

@@ -5,6 +5,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -92,7 +93,7 @@ def test_sigkill_of_one_of_two_processes(point, layered, baseline, tmp_path):
           '--heartbeat_timeout_seconds=10')
   launcher = subprocess.Popen(
       ['bash', str(REPO / 'launch' / 'local.sh'), '2', '--', *args], cwd=REPO,
-      env={**job_env(), 'SURGERY_JOB': f'{job_command(config)[0]} -m surgery_job',
+      env={**job_env(), 'SURGERY_JOB': f'{sys.executable} -m surgery_job',
            'LOG_DIR': str(tmp_path / 'logs'), 'GRACE_SECONDS': '300',
            'SURGERY_JOB_PAUSE': point, 'SURGERY_JOB_PAUSE_FILE': str(pause_file)},
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
