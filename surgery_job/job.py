@@ -66,13 +66,13 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
       raise SurgeryError(f'config: {e}') from None
     run_fingerprint = output.fingerprint(config, source)
     out_root, out_step = _output(config, source)
-    if out_root.exists() and output.existing_fingerprint(out_root) == run_fingerprint:
+    found = output.existing_fingerprint(out_root) if out_root.exists() else None
+    if found == run_fingerprint:
       if jax.process_index() == 0:
         logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', out_root,
                      source.item_dir, run_fingerprint[:12])
       return json.loads((out_root / report_lib.REPORT).read_text())
     if out_root.exists() and not config.output.overwrite:
-      found = output.existing_fingerprint(out_root)
       raise SurgeryError(f'output.path {out_root} exists' + (
           f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
           if found else '') + '; set output.overwrite=True to replace it')
