@@ -18,6 +18,7 @@ from surgery_job.errors import SurgeryError
 
 PARTIAL_ITEM = 'state'
 CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'
+V1_MARKER = 'orbax.checkpoint'
 STANDARD_HANDLER = (f'{ocp.StandardCheckpointHandler.__module__}.'
                     f'{ocp.StandardCheckpointHandler.__qualname__}')
 
@@ -124,6 +125,8 @@ class Writer:
         shutil.rmtree(self.partial)
       else:
         (self.partial / PARTIAL_ITEM).rename(self.partial / self.location.item)
+        # The v1 API's marker makes a plain CheckpointManager.restore(step) refuse the step.
+        (self.partial / V1_MARKER).unlink(missing_ok=True)
         self._name_item_handler()
     self.barrier('laid_out')
     return self.directory if self.step is None else self.partial / self.location.item

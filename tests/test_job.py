@@ -135,6 +135,8 @@ def test_overwrite_replaces_an_existing_output(layered, tmp_path):
     assert manager.all_steps() == [9]
     restored = manager.restore(9, args=ocp.args.Composite(default=ocp.args.StandardRestore()))
   assert int(restored['default']['step']) == 9
+  with ocp.CheckpointManager(out) as manager:  # The plainest read: no item names, no args.
+    assert int(manager.restore(manager.latest_step())['step']) == 9
   np.testing.assert_array_equal(np.asarray(restored['default']['params']['head']['kernel']), x['params/head/kernel'])
 
 
