@@ -131,7 +131,7 @@ def test_same_config_again_is_already_done(layered, baseline, tmp_path):
   overrides = (f'--config.input.path={layered[0]}', f'--config.output.path={out}')
   ok(run_job(config, *overrides))
   report = (out / 'surgery_report.json').read_text()
-  again = run_job(config, *overrides, '--config.input.step=latest')
+  again = run_job(config, *overrides, '--config.input.step=latest', '--config.memory.host_budget_gb=1.0')
   ok(again)
   assert 'Already done' in again.stderr
   assert (out / 'surgery_report.json').read_text() == report
