@@ -72,11 +72,11 @@ def flat_numpy(tree) -> dict[str, np.ndarray]:
   return {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(x) for p, x in leaves}
 
 
-def restore_plain(item_dir) -> dict:
-  """The output restored with plain Orbax, each leaf on its saved spec over this process's 2x4 mesh."""
+def restore_plain(item_dir, mesh: Mesh | None = None) -> dict:
+  """The output restored with plain Orbax, each leaf on its saved spec over `mesh` (default: 2x4)."""
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(item_dir).item_metadata.tree
-  mesh = mesh_2x4()
+  mesh = mesh or mesh_2x4()
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=NamedSharding(
       mesh, P(*getattr(m.sharding, 'partition_spec', ())))), metadata)
   return checkpointer.restore(item_dir, target)

@@ -8,20 +8,16 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh
+
+import checkpoints
 
 
 def main(item_dir: str, out: str, rows: int, cols: int) -> None:
   mesh = Mesh(np.asarray(jax.devices()).reshape(rows, cols), ('data', 'model'),
               axis_types=(AxisType.Auto,) * 2)
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(item_dir).item_metadata.tree
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=NamedSharding(
-      mesh, P(*getattr(m.sharding, 'partition_spec', ())))), metadata)
-  restored = checkpointer.restore(item_dir, target)
-  leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
-  np.savez(out, **{jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(x) for p, x in leaves})
+  leaves = checkpoints.flat_numpy(checkpoints.restore_plain(item_dir, mesh))
+  np.savez(out, **leaves)
   print(f'restored {len(leaves)} leaves on {dict(mesh.shape)}')
 
 
