@@ -19,6 +19,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from surgery_job import report
+
 MIB = 1024 ** 2
 GIB = 1024 ** 3
 ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
@@ -91,7 +93,7 @@ def main() -> None:
   for name, extra in (('budget', [f'--config.memory.host_budget_gb={args.budget_gb}']),
                       ('unbounded', [])):
     wall, rss = measure(job + [f'--config.output.path={root / name}'] + extra)
-    groups = len(json.loads((root / name / 'surgery_report.json').read_text())['groups'])
+    groups = len(json.loads(report.find(root / name).read_text())['groups'])
     results[name] = (wall, rss)
     print(f'{name:>9}: peak RSS {rss:.2f} GiB, wall {wall:.1f} s, {groups} groups')
     shutil.rmtree(root / name)

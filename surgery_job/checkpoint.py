@@ -101,15 +101,13 @@ def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStru
 
 
 class Writer:
-  """Writes the output group by group with Orbax partial saves, then finalizes it into one
-  ordinary checkpoint in the input's layout at `directory`."""
+  """Writes the output group by group with Orbax partial saves into `unit_dir`, then finalizes it
+  into one ordinary checkpoint: a step folder holding `item`, or (item None) a PyTree checkpoint."""
 
-  def __init__(self, directory: Path, location: Location, step: int | None,
-               barrier: Callable[[str], None]):
-    self.directory, self.location, self.step, self.barrier = directory, location, step, barrier
+  def __init__(self, unit_dir: Path, item: str | None, barrier: Callable[[str], None]):
+    self.unit_dir, self.item, self.barrier = unit_dir, item, barrier
     # Partial saves write an item folder named `state` under the path they are given.
-    self.partial = (directory.with_name(directory.name + '.partial') if step is None
-                    else directory / str(step))
+    self.partial = unit_dir if item is not None else unit_dir.with_name(unit_dir.name + '.partial')
 
   def write(self, nested: Any) -> None:
     partial.save(self.partial, nested)
@@ -120,22 +118,22 @@ class Writer:
     partial.finalize(self.partial)
     self.barrier('finalized')
     if jax.process_index() == 0:
-      if self.step is None:
-        (self.partial / PARTIAL_ITEM).rename(self.directory)
+      if self.item is None:
+        (self.partial / PARTIAL_ITEM).rename(self.unit_dir)
         shutil.rmtree(self.partial)
       else:
-        (self.partial / PARTIAL_ITEM).rename(self.partial / self.location.item)
+        (self.partial / PARTIAL_ITEM).rename(self.partial / self.item)
         # The v1 API's marker makes a plain CheckpointManager.restore(step) refuse the step.
         (self.partial / V1_MARKER).unlink(missing_ok=True)
         self._name_item_handler()
     self.barrier('laid_out')
-    return self.directory if self.step is None else self.partial / self.location.item
+    return self.unit_dir if self.item is None else self.unit_dir / self.item
 
   def _name_item_handler(self) -> None:
     """Records the item under its own name and Orbax's standard handler, as CheckpointManager does."""
     path = self.partial / CHECKPOINT_METADATA
     metadata = json.loads(path.read_text())
-    metadata['item_handlers'] = {self.location.item: STANDARD_HANDLER}
+    metadata['item_handlers'] = {self.item: STANDARD_HANDLER}
     path.write_text(json.dumps(metadata))
 
 

@@ -21,7 +21,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.output = ml_collections.ConfigDict()
   config.output.path = config_dict.placeholder(str)  # Same layout as the input.
   config.output.step = config_dict.placeholder(int)  # None: the input's step.
-  config.output.overwrite = False  # False: refuse an existing output.path.
+  config.output.overwrite = False  # False: refuse an existing output (step).
+  config.output.wait_seconds = 0.0  # How long to wait for another run that holds the output's lock.
+  config.output.lock_timeout_seconds = 60.0  # A lock silent this long is taken over.
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.shape = config_dict.placeholder(tuple)  # None: the saved mesh; -1 fills the rest.

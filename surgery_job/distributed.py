@@ -3,39 +3,60 @@
 A process that fails publishes its exit code and message in the JAX coordination service's
 key-value store and exits at once. Every other process runs a watchdog thread that polls that key:
 it logs which process failed and exits with the same code, even while its main thread is blocked in
-a collective that will never complete. A process that dies without a word (SIGKILL, lost host) is
-caught by the coordination service's heartbeat timeout instead.
+a collective that will never complete. Each process also bumps a counter of its own there; one whose
+counter stops changing (SIGKILL, SIGSTOP, a lost host) for `heartbeat_timeout_seconds` is taken for
+dead, and the others exit 1. JAX's own heartbeat and start-up timeouts are set longer than the
+job's: JAX ends a process with a C++ abort, the job with its exit code and one line.
 """
 
 import atexit
+import json
 import os
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from surgery_job.errors import SurgeryError
+
 FAILURE_KEY = 'surgery_job/failure'
+ALIVE_DIR = 'surgery_job/alive/'
 POLL_SECONDS = 0.5
+EXIT_FAILED = 1
+_before_exit: list[Callable[[], None]] = []
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-               heartbeat_timeout_seconds: int) -> bool:
+               heartbeat_timeout_seconds: int, init_timeout_seconds: int) -> bool:
   """Joins the cluster JAX detects (Slurm, Open MPI, TPU VMs, Kubernetes) or the flags name.
 
-  Returns False, and stays a single process, when there is no cluster and no flag.
+  Returns False, and stays a single process, when there is no cluster and no flag. A cluster not
+  joined within `init_timeout_seconds` (a process that never started) ends this one with exit 1.
   """
   explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+  # JAX's preemption service would take SIGTERM for itself; the job handles it (exit 75).
+  jax.config.update('jax_enable_preemption_service', False)
+  def give_up_joining():
+    logging.error('Could not join the cluster in %d s: a process did not start, or cannot reach '
+                  'the coordinator.', init_timeout_seconds)
+    _exit(EXIT_FAILED)
+  give_up = threading.Timer(init_timeout_seconds, give_up_joining)
+  give_up.daemon = True
+  give_up.start()
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+                               initialization_timeout=init_timeout_seconds + 60,
+                               heartbeat_timeout_seconds=2 * heartbeat_timeout_seconds + 30)
   except ValueError as e:
     if explicit or 'coordinator_address should be defined' not in str(e):
       raise
     return False
+  finally:
+    give_up.cancel()
   return True
 
 
@@ -45,9 +66,33 @@ def barrier(name: str, timeout_seconds: int) -> None:
     ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_seconds * 1000)
 
 
+def agree(name: str, decide: Callable[[], Any], timeout_seconds: int) -> Any:
+  """`decide()` run on process 0 only; its JSON result, or its SurgeryError, on every process."""
+  if jax.process_count() == 1:
+    return decide()
+  client = ocp.multihost.get_jax_distributed_client()
+  key = f'surgery_job/agree/{name}'
+  if jax.process_index() == 0:
+    try:
+      outcome = {'value': decide()}
+    except SurgeryError as e:
+      outcome = {'error': str(e)}
+    client.key_value_set(key, json.dumps(outcome))
+  else:
+    outcome = json.loads(client.blocking_key_value_get(key, timeout_seconds * 1000))
+  if 'error' in outcome:
+    raise SurgeryError(outcome['error'])
+  return outcome['value']
+
+
+def before_exit(hook: Callable[[], None]) -> None:
+  """Runs `hook` when this process exits through `fail` or the watchdog."""
+  _before_exit.append(hook)
+
+
 def fail(code: int, message: str) -> None:
   """Ends this process with `code`; with several processes, tells the others first."""
-  if jax.process_count() > 1:
+  if jax.distributed.is_initialized():
     try:
       ocp.multihost.get_jax_distributed_client().key_value_set(
           FAILURE_KEY, f'{code}|{jax.process_index()}|{message}')
@@ -55,29 +100,55 @@ def fail(code: int, message: str) -> None:
       pass  # Another process failed first; its code stands.
     if jax.process_index() == 0:
       time.sleep(3 * POLL_SECONDS)  # The coordination service dies with process 0: let others read.
+  if code == EXIT_FAILED and message:
+    logging.error('Stopping process %d: %s', jax.process_index(), message)
   _exit(code)
 
 
-def watch_for_failures(on_failure: Callable[[], None]) -> None:
-  """Starts the watchdog that ends this process when another one reports a failure."""
+def watch_for_failures(heartbeat_timeout_seconds: int) -> None:
+  """Starts the watchdog that ends this process when another one fails or falls silent."""
   client = ocp.multihost.get_jax_distributed_client()
   stop = threading.Event()
+  me = jax.process_index()
+  last_contact = time.monotonic()
 
   def watch():
+    nonlocal last_contact
+    beats, seen = 0, {}  # seen: key -> (a process's last counter, when it changed here)
     while not stop.wait(POLL_SECONDS):
+      beats += 1
       try:
-        value = client.key_value_try_get(FAILURE_KEY)
+        client.key_value_set(f'{ALIVE_DIR}{me}', str(beats), allow_overwrite=True)
+        counters = dict(client.key_value_dir_get(ALIVE_DIR))
       except Exception:  # pylint: disable=broad-except
-        value = None  # Not set yet.
-      if value:
-        code, process, message = value.split('|', 2)
-        logging.error('Process %s failed (%s); stopping process %d.', process, message,
-                      jax.process_index())
-        on_failure()
+        continue  # The coordinator did not answer; `watch_contact` bounds how long that lasts.
+      now = last_contact = time.monotonic()
+      try:
+        failure = client.key_value_try_get(FAILURE_KEY)
+      except Exception:  # pylint: disable=broad-except
+        failure = None  # Not set.
+      if failure:
+        code, process, message = failure.split('|', 2)
+        logging.error('Process %s failed (%s); stopping process %d.', process, message, me)
         _exit(int(code))
+      for key, counter in counters.items():
+        if seen.get(key, (None,))[0] != counter:
+          seen[key] = (counter, now)
+      for key, (_, changed) in seen.items():
+        if now - changed > heartbeat_timeout_seconds:
+          fail(EXIT_FAILED, f'process {key[len(ALIVE_DIR):]} stopped responding (no heartbeat '
+               f'for {heartbeat_timeout_seconds} s)')
+
+  def watch_contact():
+    while not stop.wait(POLL_SECONDS):
+      if time.monotonic() - last_contact > heartbeat_timeout_seconds:
+        logging.error('No answer from the coordinator (process 0) for %d s; stopping process %d.',
+                      heartbeat_timeout_seconds, me)
+        _exit(EXIT_FAILED)
 
   watchdog = threading.Thread(target=watch, name='surgery_job_watchdog', daemon=True)
   watchdog.start()
+  threading.Thread(target=watch_contact, name='surgery_job_contact', daemon=True).start()
 
   # Registered after JAX's own exit handler, so it runs first: the watchdog must not be inside a
   # call to the distributed client while JAX shuts that client down.
@@ -90,6 +161,11 @@ def watch_for_failures(on_failure: Callable[[], None]) -> None:
 def _exit(code: int) -> None:
   """Exits at once: no JAX shutdown barrier (other processes may be stuck) and no teardown of
   Orbax's background threads, whose complaints would follow the one-line error."""
+  for hook in _before_exit:
+    try:
+      hook()
+    except Exception:  # pylint: disable=broad-except
+      logging.exception('While exiting')
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()

@@ -10,8 +10,8 @@ import ml_collections
 from absl import logging
 
 from surgery_job import (checkpoint, config as config_lib, distributed, faults, memory, output,
-                         plan as plan_lib, report as report_lib, sharding, transforms, tree,
-                         validate)
+                         plan as plan_lib, report as report_lib, sharding, stopping, transforms,
+                         tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
 
@@ -39,14 +39,6 @@ class Phases:
                    f' over {groups} groups' if groups > 1 else '')
 
 
-def abandon(user_config: ml_collections.ConfigDict | None) -> None:
-  """Removes the staging folder of a run that another process failed (process 0 only)."""
-  path = user_config.get('output', {}).get('path') if user_config is not None else None
-  if path and jax.process_index() == 0:
-    with contextlib.suppress(Exception):
-      output.Staging(Path(path).absolute()).clean()
-
-
 def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> dict | None:
   """Runs the surgery `user_config` describes; returns its report (None for a dry run)."""
   config = config_lib.resolve(user_config)
@@ -65,17 +57,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
     except ValueError as e:
       raise SurgeryError(f'config: {e}') from None
     run_fingerprint = output.fingerprint(config, source)
-    out_root, out_step = _output(config, source)
-    found = output.existing_fingerprint(out_root) if out_root.exists() else None
-    if found == run_fingerprint:
-      if jax.process_index() == 0:
-        logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', out_root,
-                     source.item_dir, run_fingerprint[:12])
-      return json.loads((out_root / report_lib.REPORT).read_text())
-    if out_root.exists() and not config.output.overwrite:
-      raise SurgeryError(f'output.path {out_root} exists' + (
-          f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
-          if found else '') + '; set output.overwrite=True to replace it')
+    target = _output(config, source)
 
   with phases('mesh'):
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes,
@@ -96,65 +78,80 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   groups = plan.groups(budget_bytes)
   if config.dry_run:
     if jax.process_index() == 0:
-      print(describe(plan, groups, source, out_root, out_step))
+      print(describe(plan, groups, source, target))
     return None
 
-  staging = output.Staging(out_root)
+  claim = output.Claim(target, config.output.lock_timeout_seconds)
   if jax.process_index() == 0:
-    staging.create(run_fingerprint)
-  barrier('staged')
-  committed = False
+    distributed.before_exit(claim.release)
   try:
-    streamed = len(groups) > 1
-    writer = checkpoint.Writer(staging.checkpoint, source, out_step, barrier)
-    progress = Progress(sum(group.host_bytes for group in groups), len(groups))
-    expected = {}
-    for index, group in enumerate(groups):
-      if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
-        logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
-                        'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
-                        budget_bytes / 1e9)
-      with phases('restore', log=not streamed):
-        try:
-          restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in group.inputs})
-        except Exception as e:  # pylint: disable=broad-except
-          raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
-      with phases('transform', log=not streamed):
-        transform = plan_lib.transform_fn(plan, group)
-        computed = jax.block_until_ready(transform(restored)) if transform else {}
-      outputs = {k: computed[k] if plan.outputs[k].passthrough is None
-                 else restored[plan.outputs[k].passthrough] for k in group.outputs}
-      del restored, computed  # Inputs that no output passes through are freed before the write.
-      with phases('write', log=not streamed):
-        expected.update(validate.digests(outputs))
-        writer.write(tree.unflatten(outputs, skeleton))
-      del outputs
-      memory.release()
-      progress.advance(index, group.host_bytes)
-    if streamed:
-      for name in ('restore', 'transform', 'write'):
-        phases.log(name, len(groups))
-    with phases('finalize'):
-      item_dir = writer.finish()
-      faults.corrupt_output(item_dir)
-      barrier('written')
-    with phases('validate'):
-      _validate(item_dir, skeleton, plan, groups, expected)
-    report = report_lib.build(config, plan, groups, source, out_root, out_step, phases.seconds,
+    done = distributed.agree('claim', lambda: claim.acquire(
+        run_fingerprint, config.output.overwrite, config.output.wait_seconds),
+        barrier_timeout_seconds)
+    if done:
+      if jax.process_index() == 0:
+        logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
+                     source.item_dir, run_fingerprint[:12])
+      return json.loads((target.unit / report_lib.REPORT).read_text())
+    staging = claim.staging
+    if jax.process_index() == 0:
+      staging.create(run_fingerprint)
+    barrier('staged')
+    _write_and_validate(source, skeleton, inputs, plan, groups, staging.checkpoint, phases,
+                        barrier, budget_bytes)
+    report = report_lib.build(config, plan, groups, source, target, phases.seconds,
                               run_fingerprint)
-    with phases('commit'):
+    with phases('commit'), stopping.committing():
       if jax.process_index() == 0:
         report_lib.write(report, staging.checkpoint)
-        staging.commit()
+        claim.commit()
         faults.at('renamed')
       barrier('committed')
-      committed = True
     report['seconds'] = phases.seconds
     return report
   finally:
-    if not committed and jax.process_index() == 0:
-      with contextlib.suppress(Exception):
-        staging.clean()
+    if jax.process_index() == 0:
+      claim.release()
+
+
+def _write_and_validate(source, skeleton, inputs, plan, groups, unit_dir: Path, phases, barrier,
+                        budget_bytes) -> None:
+  """Restores, transforms and writes each group into `unit_dir`, then reads it all back."""
+  streamed = len(groups) > 1
+  writer = checkpoint.Writer(unit_dir, source.item, barrier)
+  progress = Progress(sum(group.host_bytes for group in groups), len(groups))
+  expected = {}
+  for index, group in enumerate(groups):
+    if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
+      logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
+                      'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
+                      budget_bytes / 1e9)
+    with phases('restore', log=not streamed):
+      try:
+        restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in group.inputs})
+      except Exception as e:  # pylint: disable=broad-except
+        raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
+    with phases('transform', log=not streamed):
+      transform = plan_lib.transform_fn(plan, group)
+      computed = jax.block_until_ready(transform(restored)) if transform else {}
+    outputs = {k: computed[k] if plan.outputs[k].passthrough is None
+               else restored[plan.outputs[k].passthrough] for k in group.outputs}
+    del restored, computed  # Inputs that no output passes through are freed before the write.
+    with phases('write', log=not streamed):
+      expected.update(validate.digests(outputs))
+      writer.write(tree.unflatten(outputs, skeleton))
+    del outputs
+    memory.release()
+    progress.advance(index, group.host_bytes)
+  if streamed:
+    for name in ('restore', 'transform', 'write'):
+      phases.log(name, len(groups))
+  with phases('finalize'):
+    item_dir = writer.finish()
+    faults.corrupt_output(item_dir)
+    barrier('written')
+  with phases('validate'):
+    _validate(item_dir, skeleton, plan, groups, expected)
 
 
 def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: dict) -> None:
@@ -175,7 +172,7 @@ def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: d
     raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
 
 
-def _output(config, source: checkpoint.Location) -> tuple[Path, int | None]:
+def _output(config, source: checkpoint.Location) -> output.Target:
   out_root = Path(config.output.path).absolute()
   if checkpoint.inside(out_root, source.root):
     raise SurgeryError(f'output.path {out_root} is inside input.path {source.root}')
@@ -184,14 +181,14 @@ def _output(config, source: checkpoint.Location) -> tuple[Path, int | None]:
   if source.step is None:
     if config.output.step is not None:
       raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
-    return out_root, None
-  return out_root, source.step if config.output.step is None else config.output.step
+    return output.Target(out_root, None)
+  return output.Target(out_root, source.step if config.output.step is None else config.output.step)
 
 
-def describe(plan: plan_lib.Plan, groups, source, out_root: Path, out_step) -> str:
+def describe(plan: plan_lib.Plan, groups, source, target: output.Target) -> str:
   """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O."""
-  lines = [f'Surgery plan: {source.item_dir} -> {out_root}'
-           + (f' (step {out_step})' if out_step is not None else ''),
+  lines = [f'Surgery plan: {source.item_dir} -> {target.root}'
+           + (f' (step {target.step})' if target.step is not None else ''),
            f'Mesh: {dict(plan.mesh.shape)}']
   for label, keys in plan.touched:
     lines.append(f'{label}: {len(keys)} keys: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}')

@@ -1,25 +1,36 @@
 """Entrypoint: `surgery-job --config=configs/NAME.py --config.input.path=IN --config.output.path=OUT`.
 
 Every process of a multi-host job runs this same command. Exit codes: 0 done, 2 bad config or
-input (one line on stderr), 1 failed at run time.
+input (one line on stderr), 1 failed at run time, 75 stopped by SIGTERM.
 """
 
-import logging as py_logging
+import os
 import signal
 import sys
-import threading
+
+
+def _stopped_while_starting(signum, frame) -> None:
+  del signum, frame
+  sys.stderr.write('surgery-job: stopped by SIGTERM while starting; nothing was written\n')
+  os._exit(75)  # pylint: disable=protected-access
+
+
+# Importing JAX takes a second or more: a SIGTERM then must not end the process with 143.
+signal.signal(signal.SIGTERM, _stopped_while_starting)
+
+# pylint: disable=wrong-import-position
+import logging as py_logging
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surgery_job import config as config_lib, distributed, job, memory
+from surgery_job import config as config_lib, distributed, job, memory, stopping
 from surgery_job.errors import SurgeryError
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM, nothing committed; run it again.
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file.', lock_config=False, accept_new_attributes=True)
@@ -29,23 +40,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0-based.')
 _HEARTBEAT = flags.DEFINE_integer(
     'heartbeat_timeout_seconds', 60, 'A process silent this long is taken for dead; all stop.')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'init_timeout_seconds', 300, 'Longest wait for every process to join the cluster.')
 _BARRIER_TIMEOUT = flags.DEFINE_integer(
     'barrier_timeout_seconds', 600, 'Longest wait at a barrier for the other processes.')
 _STOP_TIMEOUT = flags.DEFINE_integer(
     'stop_timeout_seconds', 30, 'After SIGTERM, the longest a clean stop may take before exiting.')
-
-
-class Preempted(BaseException):
-  """Raised in the main thread by SIGTERM; a BaseException so no `except Exception` swallows it."""
-
-
-def _on_sigterm(signum, frame) -> None:
-  del signum, frame
-  logging.warning('SIGTERM received (preemption?): stopping; nothing will be committed.')
-  # The main thread may be inside a long XLA or Orbax call: bound the clean stop.
-  threading.Timer(_STOP_TIMEOUT.value, distributed.fail,
-                  (EXIT_PREEMPTED, 'stopped by SIGTERM')).start()
-  raise Preempted()
 
 
 def _lay_over_defaults(load_file):
@@ -85,12 +85,12 @@ def main(argv) -> None:
   _ignore_reads_after_a_failed_restore()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  signal.signal(signal.SIGTERM, _on_sigterm)
+  stopping.install(_STOP_TIMEOUT.value, distributed.fail)
   try:
     joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                    _HEARTBEAT.value)
+                                    _HEARTBEAT.value, _INIT_TIMEOUT.value)
     if joined:
-      distributed.watch_for_failures(lambda: job.abandon(_CONFIG.value))
+      distributed.watch_for_failures(_HEARTBEAT.value)
     if jax.process_index() == 0:
       logging.info('surgery_job: %s; %d processes, %d local / %d global %s devices.',
                    'jax.distributed initialised' if joined else 'single process, no cluster',
@@ -99,15 +99,20 @@ def main(argv) -> None:
     if _CONFIG.value is None:
       raise SurgeryError('--config is required')
     job.run(_CONFIG.value, barrier_timeout_seconds=_BARRIER_TIMEOUT.value)
-  except SurgeryError as e:
-    print(f'surgery-job: error: {e}', file=sys.stderr)
-    distributed.fail(EXIT_BAD_INPUT, str(e))
-  except Preempted:
-    logging.warning('Stopped by SIGTERM on process %d; output.path untouched.', jax.process_index())
-    distributed.fail(EXIT_PREEMPTED, 'stopped by SIGTERM')
-  except Exception as e:  # pylint: disable=broad-except
-    logging.exception('surgery_job failed on process %d', jax.process_index())
-    distributed.fail(EXIT_FAILED, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+    stopping.finished.set()
+  except (stopping.Preempted, Exception) as e:  # pylint: disable=broad-except
+    if stopping.requested.is_set():
+      # Whatever the stop interrupted failed because of it: the input is not at fault.
+      logging.warning('Stopped by SIGTERM on process %d; %s.', jax.process_index(),
+                      'the output was committed' if stopping.finished.is_set()
+                      else 'nothing was committed')
+      distributed.fail(stopping.exit_code(), 'stopped by SIGTERM')
+    elif isinstance(e, SurgeryError):
+      print(f'surgery-job: error: {e}', file=sys.stderr)
+      distributed.fail(EXIT_BAD_INPUT, str(e))
+    else:
+      logging.exception('surgery_job failed on process %d', jax.process_index())
+      distributed.fail(EXIT_FAILED, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
 
 
 def _parse_flags(argv):

@@ -1,24 +1,42 @@
-"""How the output becomes visible: complete and validated, or not at all.
+"""The output protocol: how a surgery's result becomes visible, complete and validated, or not at all.
 
-The job writes into `OUT.surgery-tmp/checkpoint`, beside `output.path`. The staging folder holds a
-marker file, so that a later run removes only what a run of this job made. After validation, one
-atomic rename moves `checkpoint` to `output.path`. An older output being replaced waits inside the
-staging folder until that rename, and is put back if the run dies between the two renames.
+The unit of output is one step folder `OUT/<step>` of a CheckpointManager output (a run touches
+its own step only, never the others), or `OUT` itself for a single PyTree checkpoint. Process 0
+does every step below for a unit U; the other processes wait at barriers and write array shards.
+
+1. Lock: `U.surgery-lock` beside U, one live run per unit (`lock.py`).
+2. Recover, under the lock: a staging folder that an earlier run left is removed, after an older
+   output it had moved aside is put back where U is absent.
+3. Decide: U holding this surgery's fingerprint is already done; U holding anything else is
+   replaced only with `output.overwrite`.
+4. Stage: `U.orbax-checkpoint-tmp-surgery/` beside U, holding a marker with the run's fingerprint
+   and `checkpoint/`, the future U. Orbax takes a name holding `.orbax-checkpoint-tmp` for a save
+   in progress, so no reader lists it as a step or restores it.
+5. Write into `checkpoint/`, read it back and compare every leaf, add the report.
+6. Commit (POSIX): an older U is renamed into the staging folder (overwrite only), `checkpoint/`
+   is renamed to U, and the staging folder is removed, its marker last.
+7. Release the lock.
+
+A run that fails or is stopped leaves its staging folder for the next run on U and releases its
+lock; a run killed outright leaves its lock as well, which the next run takes over once it sees
+the owner gone. A staging folder is the job's own when its name has the suffix and it holds the
+marker (or nothing at all: a run killed between creating it and writing the marker).
 """
 
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
-from surgery_job import faults
+from surgery_job import faults, lock as lock_lib
 from surgery_job.errors import SurgeryError
 from surgery_job.report import REPORT
 
 MARKER = 'SURGERY_JOB_STAGING'
-SUFFIX = '.surgery-tmp'
+SUFFIX = '.orbax-checkpoint-tmp-surgery'
 
 
 def fingerprint(config, input_location) -> str:
@@ -28,56 +46,130 @@ def fingerprint(config, input_location) -> str:
   fields.pop('memory', None)
   fields['input'] = {'path': str(input_location.root), 'step': input_location.step,
                      'item': input_location.item}
-  fields['output'] = {k: v for k, v in fields['output'].items() if k not in ('path', 'overwrite')}
+  fields['output'] = {k: v for k, v in fields['output'].items()
+                      if k not in ('path', 'overwrite', 'wait_seconds', 'lock_timeout_seconds')}
   fields.pop('dry_run', None)
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def existing_fingerprint(out_root: Path) -> str | None:
-  """The fingerprint in the report of the output already at `out_root`, if it has one."""
+def existing_fingerprint(unit: Path) -> str | None:
+  """The fingerprint in the report of the output already at `unit`, if it has one."""
   try:
-    return json.loads((out_root / REPORT).read_text()).get('fingerprint')
+    return json.loads((unit / REPORT).read_text()).get('fingerprint')
   except (OSError, ValueError, AttributeError):
     return None
 
 
 @dataclasses.dataclass(frozen=True)
+class Target:
+  """Where a run's output goes: step `step` of the CheckpointManager directory `root`, or the
+  single PyTree checkpoint `root` (step None)."""
+  root: Path
+  step: int | None
+
+  @property
+  def unit(self) -> Path:
+    """What one run commits: the step folder, or the whole checkpoint."""
+    return self.root if self.step is None else self.root / str(self.step)
+
+  def __str__(self) -> str:
+    return (f'output.path {self.root}' if self.step is None
+            else f'step {self.step} of output.path {self.root}')
+
+
+@dataclasses.dataclass(frozen=True)
 class Staging:
-  out_root: Path
+  unit: Path
 
   @property
   def root(self) -> Path:
-    return self.out_root.with_name(self.out_root.name + SUFFIX)
+    return self.unit.with_name(self.unit.name + SUFFIX)
 
   @property
   def checkpoint(self) -> Path:
-    """Where Orbax writes the output."""
+    """What Orbax writes and the commit renames to the unit."""
     return self.root / 'checkpoint'
 
   @property
   def displaced(self) -> Path:
     return self.root / 'replaced'
 
-  def clean(self) -> None:
-    """Removes what an interrupted run left, putting back an output it had moved aside."""
+  def recover(self) -> None:
+    """Removes what an earlier run left, first putting back an output it had moved aside."""
     if not self.root.exists():
       return
-    if not (self.root / MARKER).is_file():
+    if not (self.root / MARKER).is_file() and any(self.root.iterdir()):
       raise SurgeryError(f'{self.root} exists but was not made by surgery_job; remove it or '
                          'choose another output.path')
-    if self.displaced.exists() and not self.out_root.exists():
-      self.displaced.rename(self.out_root)
-    shutil.rmtree(self.root)
+    if self.displaced.exists() and not self.unit.exists():
+      self.displaced.rename(self.unit)
+    self.remove()
+
+  def remove(self) -> None:
+    """Deletes the staging folder, its marker last: a folder interrupted midway stays ours."""
+    for child in self.root.iterdir():
+      if child.name != MARKER:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    (self.root / MARKER).unlink(missing_ok=True)
+    self.root.rmdir()
 
   def create(self, run_fingerprint: str) -> None:
-    self.clean()
     self.root.mkdir(parents=True)
-    (self.root / MARKER).write_text(json.dumps({'fingerprint': run_fingerprint, 'created': time.time()}))
+    (self.root / MARKER).write_text(json.dumps(
+        {'fingerprint': run_fingerprint, 'created': time.time(), 'pid': os.getpid()}))
 
   def commit(self) -> None:
-    """Renames the validated checkpoint to `output.path`; an older output goes only now."""
-    if self.out_root.exists():
-      self.out_root.rename(self.displaced)
+    """Renames the validated checkpoint to the unit; an older output goes only now."""
+    if self.unit.exists():
+      self.unit.rename(self.displaced)
     faults.at('rename')
-    self.checkpoint.rename(self.out_root)
-    shutil.rmtree(self.root)
+    self.checkpoint.rename(self.unit)
+    self.remove()
+
+
+class Claim:
+  """This run's hold on its output unit (process 0): the lock, taken with the steps that must
+  happen under it before any data moves."""
+
+  def __init__(self, target: Target, timeout_seconds: float):
+    self.target = target
+    self.staging = Staging(target.unit)
+    self.lock = lock_lib.Lock(target.unit, timeout_seconds)
+    self.made_root = False
+
+  def acquire(self, run_fingerprint: str, overwrite: bool, wait_seconds: float) -> bool:
+    """Locks, recovers and decides; True when the unit already holds this surgery."""
+    root = self.target.root
+    if root.exists() and not root.is_dir():
+      raise SurgeryError(f'output.path {root} is a file')
+    if self.target.step is not None and (root / '_METADATA').exists():
+      raise SurgeryError(f'output.path {root} is a single PyTree checkpoint, not a '
+                         'CheckpointManager directory for step folders')
+    self.made_root = self.target.step is not None and not root.exists()
+    self.lock.acquire(wait_seconds)
+    self.staging.recover()
+    unit = self.target.unit
+    if not unit.exists():
+      return False
+    found = existing_fingerprint(unit)
+    if found == run_fingerprint:
+      return True
+    if not overwrite:
+      raise SurgeryError(f'{self.target} exists' + (
+          f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
+          if found else '') + '; set output.overwrite=True to replace it')
+    return False
+
+  def commit(self) -> None:
+    if not self.lock.held():
+      raise RuntimeError(f'lost the lock of {self.target.unit} before the commit; not committed')
+    self.staging.commit()
+
+  def release(self) -> None:
+    """Gives the unit up; an output directory this run made and left empty goes too."""
+    self.lock.release()
+    if self.made_root:
+      try:
+        self.target.root.rmdir()
+      except OSError:
+        pass

@@ -1,6 +1,7 @@
 """`surgery_report.json`: what a run read, did and wrote, kept beside the checkpoint it describes.
 
-`python -m surgery_job.report OUTPUT_PATH` prints a short summary of one.
+`python -m surgery_job.report PATH` prints a short summary of one: PATH is a single PyTree output,
+an output step folder, or a CheckpointManager output (its latest step with a report).
 """
 
 import json
@@ -10,12 +11,11 @@ from pathlib import Path
 REPORT = 'surgery_report.json'
 
 
-def build(config, plan, groups, source, out_root: Path, out_step, seconds: dict[str, float],
-          fingerprint: str) -> dict:
+def build(config, plan, groups, source, target, seconds: dict[str, float], fingerprint: str) -> dict:
   return {
       'fingerprint': fingerprint,
       'input': {'path': str(source.root), 'step': source.step, 'item': source.item},
-      'output': {'path': str(out_root), 'step': out_step},
+      'output': {'path': str(target.root), 'step': target.step},
       'config': config.to_dict(),
       'mesh': dict(plan.mesh.shape),
       'ops': [{'op': label, 'touched': keys} for label, keys in plan.touched],
@@ -45,5 +45,15 @@ def summary(report: dict) -> str:
   return '\n'.join(lines)
 
 
+def find(path: Path) -> Path:
+  """The report of `path`, or of the latest step under it that has one."""
+  if (path / REPORT).is_file():
+    return path / REPORT
+  steps = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / REPORT).is_file())
+  if not steps:
+    raise SystemExit(f'no {REPORT} in {path} or its step folders')
+  return steps[-1][1] / REPORT
+
+
 if __name__ == '__main__':
-  print(summary(json.loads((Path(sys.argv[1]) / REPORT).read_text())))
+  print(summary(json.loads(find(Path(sys.argv[1])).read_text())))

@@ -96,3 +96,11 @@ def saved_specs(item_dir) -> dict[str, P]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(p, simple=True, separator='/'):
           normalized(getattr(m.sharding, 'partition_spec', ())) for p, m in leaves}
+
+
+def visible_steps(root) -> list[int]:
+  """The steps a plain CheckpointManager lists in `root` (none when the folder is not there)."""
+  if not root.exists():
+    return []
+  with ocp.CheckpointManager(root) as manager:
+    return list(manager.all_steps())

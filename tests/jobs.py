@@ -41,3 +41,8 @@ def surgery(tmp_path: Path, input_path, transforms: list, **fields) -> tuple[Pat
 
 def ok(result: subprocess.CompletedProcess) -> None:
   assert result.returncode == 0, result.stderr[-4000:]
+
+
+def assert_unlocked(out: Path) -> None:
+  """No run holds a lock in the output folder `out`."""
+  assert not list(out.glob('*.surgery-lock*')), list(out.iterdir())

@@ -95,14 +95,30 @@ def test_folder_that_is_not_a_checkpoint(tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
-def test_existing_output_without_overwrite(layered, tmp_path):
+def test_existing_output_step_without_overwrite(layered, tmp_path):
   in_path, _ = layered
   out = tmp_path / 'out'
-  out.mkdir()
-  (out / 'precious.txt').write_text('keep me')
+  (out / '3').mkdir(parents=True)
+  (out / '3' / 'precious.txt').write_text('keep me')
   result = _run_paths(tmp_path, in_path, out)
-  assert_bad_input(result, f'output.path {out} exists; set output.overwrite=True to replace it')
-  assert [p.name for p in out.iterdir()] == ['precious.txt']
+  assert_bad_input(result, f'step 3 of output.path {out} exists; set output.overwrite=True to replace it')
+  assert [p.name for p in out.iterdir()] == ['3']
+  assert [p.name for p in (out / '3').iterdir()] == ['precious.txt']
+
+
+def test_output_that_is_a_file(layered, tmp_path):
+  out = tmp_path / 'out'
+  out.write_text('a file')
+  result = _run_paths(tmp_path, layered[0], out)
+  assert_bad_input(result, f'output.path {out} is a file')
+  assert out.read_text() == 'a file'
+
+
+def test_output_where_nothing_can_be_written(layered, tmp_path):
+  out = Path('/sys/surgery_job_out')  # Refused even to root, as a read-only mount would be.
+  result = _run_paths(tmp_path, layered[0], out)
+  assert_bad_input(result, f'cannot write beside {out / "3"}: Operation not permitted')
+  assert not out.exists()
 
 
 def test_output_inside_input(layered, tmp_path):

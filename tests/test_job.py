@@ -123,14 +123,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(layered, tmp_path):
   assert not out.exists() and not list(tmp_path.glob('out*'))
 
 
-def test_overwrite_replaces_an_existing_output(layered, tmp_path):
+def test_overwrite_replaces_its_own_step_only(layered, tmp_path):
   in_path, x = layered
   out = tmp_path / 'out'
-  out.mkdir()
-  (out / 'old.txt').write_text('old')
+  (out / '9').mkdir(parents=True)
+  (out / '9' / 'old.txt').write_text('old')
+  (out / 'notes.txt').write_text('not a step')
   config = write_config(tmp_path, {'transforms': [dict(op='set_step', value=9)], 'output': {'overwrite': True, 'step': 9}})
   ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}'))
-  assert sorted(p.name for p in out.iterdir()) == ['9', 'surgery_report.json']
+  assert sorted(p.name for p in out.iterdir()) == ['9', 'notes.txt']
+  assert sorted(p.name for p in (out / '9').iterdir()) == ['_CHECKPOINT_METADATA', 'commit_success.txt', 'default',
+                                                           'surgery_report.json']
   with ocp.CheckpointManager(out, item_names=('default',)) as manager:
     assert manager.all_steps() == [9]
     restored = manager.restore(9, args=ocp.args.Composite(default=ocp.args.StandardRestore()))

@@ -13,7 +13,7 @@ TINY_BUDGET = {'memory': {'host_budget_gb': 4e-6}}  # 4 KB of a 15 KB checkpoint
 
 
 def report(out) -> dict:
-  return json.loads((out / 'surgery_report.json').read_text())
+  return json.loads((out / '3' / 'surgery_report.json').read_text())
 
 
 @pytest.mark.parametrize('name', list(CASES))

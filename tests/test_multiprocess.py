@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import checkpoints
-from jobs import REPO, ok, run_job, write_config
+from jobs import REPO, assert_unlocked, ok, run_job, write_config
 from test_ops import CASES, check_case
 
 JOB = f'{sys.executable} -m surgery_job'
@@ -93,4 +93,5 @@ def test_a_failing_process_stops_every_process(fault, two_process_checkpoint, tm
   failed = fault.split('@')[1]
   assert f'injected fault at {fault.split("@")[0]} on process {failed}' in (
       tmp_path / 'logs' / f'process_{failed}.log').read_text()
-  assert not out.exists() and not (tmp_path / 'out.surgery-tmp').exists()
+  assert checkpoints.visible_steps(out) == []
+  assert_unlocked(out)

@@ -224,7 +224,7 @@ def test_report_describes_the_surgery(layered, tmp_path):
   out, result = surgery(tmp_path, in_path, [STACK, dict(op='drop', pattern='head/bias')])
   ok(result)
   import json
-  report = json.loads((out / 'surgery_report.json').read_text())
+  report = json.loads((out / '3' / 'surgery_report.json').read_text())
   assert report['input']['step'] == 3 and report['output']['step'] == 3
   assert report['validation']['ok'] is True
   leaf = report['leaves']['params/layers/mlp/kernel']

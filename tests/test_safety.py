@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import checkpoints
-from jobs import REPO, job_command, job_env, ok, run_job, write_config
+from checkpoints import visible_steps
+from jobs import REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
 from test_bad_input import assert_bad_input, digest
 from test_multiprocess import launch
 
@@ -24,7 +25,9 @@ KILL_POINTS = ['read', 'plan', 'restore', 'transform', 'write', 'writing', 'vali
 
 
 def paths(tmp_path):
-  return tmp_path / 'out', tmp_path / 'out.surgery-tmp'
+  """The output path, its step 3 (what a run commits) and that step's staging folder."""
+  out = tmp_path / 'out'
+  return out, out / '3', out / '3.orbax-checkpoint-tmp-surgery'
 
 
 def values(out) -> dict:
@@ -66,19 +69,21 @@ def test_sigkill_at_any_moment_loses_nothing(point, layered, baseline, tmp_path)
   config, want = baseline
   in_path, _ = layered
   before = digest(in_path)
-  out, staging = paths(tmp_path)
+  out, unit, staging = paths(tmp_path)
   process = start_paused(config, in_path, out, point, tmp_path / 'paused')
   process.kill()
   process.wait(timeout=60)
   assert digest(in_path) == before
-  if out.exists():  # Only once the rename happened: then it is complete and validated.
+  if unit.exists():  # Only once the rename happened: then it is complete and validated.
     assert point == 'renamed'
     assert_same(values(out), want)
+  assert visible_steps(out) == ([3] if point == 'renamed' else [])
   rerun = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}')
   ok(rerun)
   assert ('Already done' in rerun.stderr) == (point == 'renamed')
   assert_same(values(out), want)
   assert not staging.exists()
+  assert_unlocked(out)
   assert digest(in_path) == before
 
 
@@ -87,7 +92,7 @@ def test_sigkill_of_one_of_two_processes(point, layered, baseline, tmp_path):
   config, want = baseline
   in_path, _ = layered
   before = digest(in_path)
-  out, staging = paths(tmp_path)
+  out, _, staging = paths(tmp_path)
   pause_file = tmp_path / 'paused'
   args = (f'--config={config}', f'--config.input.path={in_path}', f'--config.output.path={out}',
           '--heartbeat_timeout_seconds=10')
@@ -106,15 +111,16 @@ def test_sigkill_of_one_of_two_processes(point, layered, baseline, tmp_path):
   launcher.wait(timeout=180)
   assert launcher.returncode != 0
   assert time.monotonic() - start < 120
-  assert not out.exists() and digest(in_path) == before
+  assert visible_steps(out) == [] and digest(in_path) == before
   ok(launch(2, *args, log_dir=tmp_path / 'logs_rerun'))
   assert_same(values(out), want)
   assert not staging.exists()
+  assert_unlocked(out)
 
 
 def test_sigterm_stops_cleanly_with_its_own_exit_code(layered, baseline, tmp_path):
   config, _ = baseline
-  out, staging = paths(tmp_path)
+  out, unit, staging = paths(tmp_path)
   process = start_paused(config, layered[0], out, 'transform', tmp_path / 'paused')
   start = time.monotonic()
   process.send_signal(signal.SIGTERM)
@@ -122,26 +128,28 @@ def test_sigterm_stops_cleanly_with_its_own_exit_code(layered, baseline, tmp_pat
   assert process.returncode == 75
   assert time.monotonic() - start < 30
   assert 'SIGTERM received' in stderr and 'Stopped by SIGTERM' in stderr
-  assert not out.exists() and not staging.exists()
+  # The staging folder stays for the next run, hidden from readers; the lock is released.
+  assert not unit.exists() and visible_steps(out) == [] and staging.exists()
+  assert_unlocked(out)
 
 
 def test_same_config_again_is_already_done(layered, baseline, tmp_path):
   config, _ = baseline
-  out, _ = paths(tmp_path)
+  out, unit, _ = paths(tmp_path)
   overrides = (f'--config.input.path={layered[0]}', f'--config.output.path={out}')
   ok(run_job(config, *overrides))
-  report = (out / 'surgery_report.json').read_text()
+  report = (unit / 'surgery_report.json').read_text()
   again = run_job(config, *overrides, '--config.input.step=latest', '--config.memory.host_budget_gb=1.0')
   ok(again)
   assert 'Already done' in again.stderr
-  assert (out / 'surgery_report.json').read_text() == report
+  assert (unit / 'surgery_report.json').read_text() == report
   assert json.loads(report)['fingerprint']
 
 
 @pytest.fixture
 def existing_output(layered, baseline, tmp_path):
   """An output made by the baseline config, the overrides that name it, and another config."""
-  out, _ = paths(tmp_path)
+  out, _, _ = paths(tmp_path)
   overrides = (f'--config.input.path={layered[0]}', f'--config.output.path={out}')
   ok(run_job(baseline[0], *overrides))
   return out, overrides, write_config(tmp_path, {'transforms': OTHER_TRANSFORMS}, name='other.py')
@@ -151,7 +159,7 @@ def test_another_config_without_overwrite_is_refused(baseline, existing_output):
   _, want = baseline
   out, overrides, other = existing_output
   result = run_job(other, *overrides)
-  assert_bad_input(result, f'output.path {out} exists and holds another surgery (fingerprint ')
+  assert_bad_input(result, f'step 3 of output.path {out} exists and holds another surgery (fingerprint ')
   assert_same(values(out), want)
 
 
@@ -159,7 +167,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_validates(layered, bas
                                                                      tmp_path):
   _, want = baseline
   out, overrides, other = existing_output
-  staging = paths(tmp_path)[1]
+  _, unit, staging = paths(tmp_path)
   failed = run_job(other, *overrides, '--config.output.overwrite=True',
                    env={'SURGERY_JOB_CORRUPT_OUTPUT': '1'})
   assert failed.returncode == 1 and 'validation failed' in failed.stderr
@@ -170,20 +178,26 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_validates(layered, bas
                          '--config.output.overwrite=True')
   process.kill()
   process.wait(timeout=60)
-  assert not out.exists() and (staging / 'replaced').exists()
+  assert not unit.exists() and (staging / 'replaced').exists()
+  # Without overwrite, the next run puts the old output back and then refuses to replace it.
+  refused = run_job(other, *overrides)
+  assert_bad_input(refused, f'step 3 of output.path {out} exists and holds another surgery')
+  assert_same(values(out), want)
   ok(run_job(other, *overrides, '--config.output.overwrite=True'))
   assert not any(k.startswith('params/head/') for k in values(out))
   assert not staging.exists()
+  assert_unlocked(out)
 
 
 def test_validation_catches_a_flipped_byte(layered, baseline, tmp_path):
   config, _ = baseline
-  out, staging = paths(tmp_path)
+  out, unit, _ = paths(tmp_path)
   result = run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={out}',
                    env={'SURGERY_JOB_CORRUPT_OUTPUT': '1'})
   assert result.returncode == 1
   assert 'validation failed' in result.stderr
-  assert not out.exists() and not staging.exists()
+  assert not unit.exists() and visible_steps(out) == []
+  assert_unlocked(out)
 
 
 def test_a_missing_data_file_is_named(layered, tmp_path):
@@ -208,8 +222,8 @@ def test_a_damaged_metadata_file_is_named(layered, tmp_path):
 
 def test_a_staging_folder_it_did_not_make_is_left_alone(layered, baseline, tmp_path):
   config, _ = baseline
-  out, staging = paths(tmp_path)
-  staging.mkdir()
+  out, _, staging = paths(tmp_path)
+  staging.mkdir(parents=True)
   (staging / 'mine.txt').write_text('not yours')
   result = run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={out}')
   assert_bad_input(result, f'{staging} exists but was not made by surgery_job')

@@ -1,0 +1,86 @@
+"""SIGTERM at any moment: exit 75 with nothing half-committed, within a bounded time.
+
+Python runs a signal handler only once the main thread is back in Python code, which a long XLA
+call or a barrier can put off for minutes. So the C-level handler also writes the signal into a
+pipe (`signal.set_wakeup_fd`), and a thread that reads it at once bounds the stop: after
+`stop_timeout_seconds` it ends the process itself. A SIGTERM during the commit lets the commit
+finish; one after the commit, or after a run that had nothing to do, ends the run as done (0).
+"""
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Callable
+
+from absl import logging
+
+EXIT_DONE = 0
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped, nothing committed; run it again.
+
+requested = threading.Event()
+finished = threading.Event()  # The output is committed, or there was nothing to do.
+_commit = threading.Lock()  # Held for the whole commit, so that a forced stop waits for it.
+_in_commit = False
+
+
+class Preempted(BaseException):
+  """Raised in the main thread by SIGTERM; a BaseException so no `except Exception` swallows it."""
+
+
+def exit_code() -> int:
+  """The code a run ends with once SIGTERM arrived."""
+  return EXIT_DONE if finished.is_set() else EXIT_PREEMPTED
+
+
+def install(stop_timeout_seconds: int, stop: Callable[[int, str], None]) -> None:
+  """Handles SIGTERM from now on (main thread only); `stop(code, message)` ends the process."""
+  read_end, write_end = os.pipe()
+  os.set_blocking(write_end, False)
+  signal.set_wakeup_fd(write_end)
+  signal.signal(signal.SIGTERM, _raise)
+
+  def force_stop():
+    with _commit:
+      stop(exit_code(), 'stopped by SIGTERM')
+
+  def watch():
+    while True:
+      if signal.SIGTERM in os.read(read_end, 64):
+        _note()
+        threading.Timer(stop_timeout_seconds, force_stop).start()
+        return
+
+  threading.Thread(target=watch, name='surgery_job_sigterm', daemon=True).start()
+
+
+_noted = threading.RLock()  # A second SIGTERM may come while the first is noted.
+
+
+def _note() -> None:
+  """Records the stop once, from the handler or the pipe's reader, whichever runs first."""
+  with _noted:
+    if not requested.is_set():
+      requested.set()
+      logging.warning('SIGTERM received (preemption?): stopping%s.',
+                      '' if finished.is_set() else '; nothing will be committed')
+
+
+def _raise(signum, frame) -> None:
+  del signum, frame
+  _note()
+  if not (_in_commit or finished.is_set()):
+    raise Preempted()
+
+
+@contextlib.contextmanager
+def committing():
+  """The commit: SIGTERM waits for it to end, and the run counts as done once it has."""
+  global _in_commit  # pylint: disable=global-statement
+  with _commit:
+    _in_commit = True
+    try:
+      yield
+      finished.set()
+    finally:
+      _in_commit = False

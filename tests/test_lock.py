@@ -1,0 +1,97 @@
+"""The output lock on its own: one owner, owners named, gone owners taken over, nothing stolen."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from surgery_job import lock as lock_lib
+from surgery_job.errors import SurgeryError
+
+
+def write_lock(unit, **record):
+  path = unit.with_name(unit.name + lock_lib.SUFFIX)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time(),
+                              'heartbeat': time.time(), 'token': 'theirs', **record}))
+  return path
+
+
+def test_one_owner_at_a_time_and_release(tmp_path):
+  unit = tmp_path / 'out' / '3'
+  first = lock_lib.Lock(unit, timeout_seconds=60)
+  first.acquire(wait_seconds=0)
+  assert first.held() and first.owner()['pid'] == os.getpid()
+  second = lock_lib.Lock(unit, timeout_seconds=60)
+  with pytest.raises(SurgeryError, match=rf'{unit} is being written by another run \(host '
+                     rf'{socket.gethostname()} pid {os.getpid()}, started .* UTC, last heartbeat \d+ s ago\)'):
+    second.acquire(wait_seconds=0)
+  first.release()
+  assert not list(unit.parent.iterdir())
+  second.acquire(wait_seconds=0)
+  assert second.held()
+  second.release()
+
+
+def test_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+  unit = tmp_path / '3'
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                        text=True, check=True)
+  write_lock(unit, pid=int(dead.stdout))
+  lock = lock_lib.Lock(unit, timeout_seconds=3600)
+  lock.acquire(wait_seconds=0)
+  assert lock.held()
+  lock.release()
+
+
+def test_another_host_is_taken_over_only_after_the_timeout(tmp_path):
+  unit = tmp_path / '3'
+  write_lock(unit, host='elsewhere', pid=1, heartbeat=time.time() - 30)
+  with pytest.raises(SurgeryError, match='host elsewhere pid 1'):
+    lock_lib.Lock(unit, timeout_seconds=60).acquire(wait_seconds=0)
+  write_lock(unit, host='elsewhere', pid=1, heartbeat=time.time() - 90)
+  lock = lock_lib.Lock(unit, timeout_seconds=60)
+  lock.acquire(wait_seconds=0)
+  assert lock.held()
+  lock.release()
+
+
+def test_waits_for_the_owner(tmp_path):
+  unit = tmp_path / '3'
+  owner = lock_lib.Lock(unit, timeout_seconds=60)
+  owner.acquire(wait_seconds=0)
+  waiter = lock_lib.Lock(unit, timeout_seconds=60)
+  threading.Timer(1.5, owner.release).start()
+  start = time.monotonic()
+  waiter.acquire(wait_seconds=30)
+  assert waiter.held() and 1.0 < time.monotonic() - start < 30
+  waiter.release()
+
+
+def test_a_fresh_lock_put_down_during_a_take_over_is_not_stolen(tmp_path):
+  unit = tmp_path / '3'
+  write_lock(unit, host='elsewhere', token='fresh')
+  taker = lock_lib.Lock(unit, timeout_seconds=60)
+  taker._take_over({'token': 'stale'})  # It read a stale lock that another run replaced since.
+  assert taker.owner()['token'] == 'fresh'
+  assert [p.name for p in tmp_path.iterdir()] == ['3' + lock_lib.SUFFIX]
+
+
+def test_the_heartbeat_refreshes_the_lock(tmp_path):
+  unit = tmp_path / '3'
+  lock = lock_lib.Lock(unit, timeout_seconds=6)  # Beats every second.
+  lock.acquire(wait_seconds=0)
+  first = lock.owner()['heartbeat']
+  time.sleep(2.5)
+  assert lock.owner()['heartbeat'] > first and lock.held()
+  lock.release()
+
+
+def test_unwritable_place_is_a_clear_error(tmp_path):
+  with pytest.raises(SurgeryError, match='cannot write beside /sys/surgery_job/3: Operation not permitted'):
+    lock_lib.Lock(lock_lib.Path('/sys/surgery_job/3'), timeout_seconds=60).acquire(wait_seconds=0)
