@@ -48,10 +48,10 @@ def with_defaults(user_config: Any) -> ml_collections.ConfigDict:
 
 
 def resolve(user_config: Any) -> ml_collections.ConfigDict:
-  """Lays `user_config` over the defaults; an unknown or mistyped field is a SurgeryError."""
+  """Lays `user_config` over the defaults; an unknown, mistyped or bad field is a SurgeryError."""
   config = get_default_config()
   _merge(config, _as_dict(user_config), prefix='', strict=True)
-  config.transforms = [_as_dict(t) for t in config.transforms]
+  config.transforms = [_op_fields(i, t) for i, t in enumerate(config.transforms)]
   config.partition_rules = [_rule(i, r) for i, r in enumerate(config.partition_rules)]
   if not config.input.path:
     raise SurgeryError('config: missing field input.path')
@@ -61,9 +61,39 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   if budget is not None and budget <= 0:
     raise SurgeryError(f'config: memory.host_budget_gb must be positive, got {budget}')
   step = config.input.step
-  if not (step is None or step == 'latest' or (isinstance(step, int) and step >= 0)):
+  if not (step is None or step == 'latest' or _is_step(step)):
     raise SurgeryError(f"config: input.step must be a step number, None or 'latest', got {step!r}")
+  if config.output.step is not None and not _is_step(config.output.step):
+    raise SurgeryError(f'config: output.step must be a step number (0 or more) or None, '
+                       f'got {config.output.step!r}')
+  if config.output.wait_seconds < 0 or config.output.lock_timeout_seconds <= 0:
+    raise SurgeryError('config: output.wait_seconds must be 0 or more and '
+                       f'output.lock_timeout_seconds more than 0, got {config.output.wait_seconds} '
+                       f'and {config.output.lock_timeout_seconds}')
+  _check_mesh(config.mesh.shape, config.mesh.axes)
   return config
+
+
+def _is_step(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_mesh(shape: tuple | None, axes: tuple | None) -> None:
+  """Types and names only; `sharding.make_mesh` fits the shape to the devices."""
+  if shape is not None and not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+    raise SurgeryError(f'config: mesh.shape must hold integers, got {shape!r}')
+  if axes is not None:
+    if not all(isinstance(a, str) and a for a in axes):
+      raise SurgeryError(f'config: mesh.axes must hold axis names (strings), got {axes!r}')
+    repeated = sorted({a for a in axes if axes.count(a) > 1})
+    if repeated:
+      raise SurgeryError(f'config: mesh.axes {axes!r} names axis {repeated[0]!r} twice')
+
+
+def _op_fields(index: int, op: Any) -> dict:
+  if not isinstance(op, (dict, ml_collections.ConfigDict)):
+    raise SurgeryError(f"op {index}: expected a dict with an 'op' field, got {op!r}")
+  return _as_dict(op)
 
 
 def _rule(index: int, rule: Any) -> tuple[str, tuple]:
@@ -100,10 +130,12 @@ def _merge(defaults: ml_collections.ConfigDict, user: dict, prefix: str, strict:
         raise SurgeryError(f'config: field {path!r} is a group of fields, got {value!r}')
       _merge(defaults[key], _as_dict(value), prefix=path + '.', strict=strict)
       continue
-    if isinstance(value, list) and defaults.get_type(key) is tuple:
+    expected = defaults.get_type(key)
+    if isinstance(value, list) and expected is tuple:
       value = tuple(value)
     try:
+      if isinstance(value, bool) and expected in (int, float):
+        raise TypeError('ConfigDict would take a bool for a number')
       defaults[key] = value
     except TypeError:
-      expected = defaults.get_type(key).__name__
-      raise SurgeryError(f'config: field {path!r} expects {expected}, got {value!r}') from None
+      raise SurgeryError(f'config: field {path!r} expects {expected.__name__}, got {value!r}') from None

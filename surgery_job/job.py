@@ -76,6 +76,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   budget = config.memory.host_budget_gb
   budget_bytes = None if budget is None else int(budget * 1e9)
   groups = plan.groups(budget_bytes)
+  memory.check_fits(groups, plan.outputs, budget)
   if config.dry_run:
     if jax.process_index() == 0:
       print(describe(plan, groups, source, target))
@@ -172,23 +173,25 @@ def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: d
     raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
 
 
-def _output(config, source: checkpoint.Location) -> output.Target:
+def _output(config, source: checkpoint.Location) -> output.Target | None:
+  """Where the output goes; None for a dry run without output.path."""
+  if source.step is None and config.output.step is not None:
+    raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
+  if not config.output.path:
+    return None
   out_root = Path(config.output.path).absolute()
   if checkpoint.inside(out_root, source.root):
     raise SurgeryError(f'output.path {out_root} is inside input.path {source.root}')
   if checkpoint.inside(source.root, out_root):
     raise SurgeryError(f'input.path {source.root} is inside output.path {out_root}')
-  if source.step is None:
-    if config.output.step is not None:
-      raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
-    return output.Target(out_root, None)
   return output.Target(out_root, source.step if config.output.step is None else config.output.step)
 
 
-def describe(plan: plan_lib.Plan, groups, source, target: output.Target) -> str:
+def describe(plan: plan_lib.Plan, groups, source, target: output.Target | None) -> str:
   """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O."""
-  lines = [f'Surgery plan: {source.item_dir} -> {target.root}'
-           + (f' (step {target.step})' if target.step is not None else ''),
+  lines = [f'Surgery plan: {source.item_dir} -> ' + (
+               'no output.path' if target is None else f'{target.root}'
+               + (f' (step {target.step})' if target.step is not None else '')),
            f'Mesh: {dict(plan.mesh.shape)}']
   for label, keys in plan.touched:
     lines.append(f'{label}: {len(keys)} keys: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}')

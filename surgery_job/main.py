@@ -51,7 +51,12 @@ _STOP_TIMEOUT = flags.DEFINE_integer(
 def _lay_over_defaults(load_file):
   """Wraps the file loader so overrides (--config.FIELD=...) apply to the file merged with defaults."""
   def parse(path):
-    config = load_file(path)
+    try:
+      config = load_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # The config file is Python: it may fail to import or its get_config may raise anything.
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
+      raise SurgeryError(f'cannot load config file {path}: {type(e).__name__}: {first_line}') from None
     if not isinstance(config, ml_collections.ConfigDict):
       raise ValueError(f'cannot load a ConfigDict from {path}')
     return config_lib.with_defaults(config)
@@ -116,9 +121,10 @@ def main(argv) -> None:
 
 
 def _parse_flags(argv):
+  """Bad flags or a bad config file end here, before main: one line and exit 2."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  except (flags.Error, SurgeryError) as e:
     print(f'surgery-job: error: {str(e).splitlines()[0]}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 

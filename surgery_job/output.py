@@ -40,11 +40,12 @@ SUFFIX = '.orbax-checkpoint-tmp-surgery'
 
 
 def fingerprint(config, input_location) -> str:
-  """What makes two runs the same surgery: the resolved input and the config, less where the output
-  goes and the memory budget (the output is the same bits whatever the budget)."""
+  """What makes two runs the same surgery: the resolved input (its real path: a symlink to it is the
+  same input) and the config, less where the output goes and the memory budget (the output is the
+  same bits whatever the budget)."""
   fields = config.to_dict()
   fields.pop('memory', None)
-  fields['input'] = {'path': str(input_location.root), 'step': input_location.step,
+  fields['input'] = {'path': os.path.realpath(input_location.root), 'step': input_location.step,
                      'item': input_location.item}
   fields['output'] = {k: v for k, v in fields['output'].items()
                       if k not in ('path', 'overwrite', 'wait_seconds', 'lock_timeout_seconds')}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from surgery_job import sharding, transforms, tree
+from surgery_job import sharding, storage, transforms, tree
 from surgery_job.errors import SurgeryError
 from surgery_job.transforms import Leaf, State
 
@@ -158,12 +158,15 @@ def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct],
     if source is not None and in_specs[source] != spec:
       source = None
     outputs[key] = OutputLeaf(tuple(shape), jnp.dtype(dtype), spec, tuple(sorted(sources[key])), source)
+  _check_writable(outputs)
   return Plan(mesh, layout, ops, inputs, outputs, [(label, _diff(layout, a, b)) for label, a, b in steps])
 
 
 def _check_keys(keys: list[str]) -> None:
-  """Every output key must nest: no empty parts, and no key both a leaf and a parent."""
+  """Every output key must nest (no empty parts, no key both a leaf and a parent) and have a
+  storage name of its own (Orbax joins the parts with '.': `a.b/c` and `a/b.c` would collide)."""
   key_set = set(keys)
+  owners = {}
   for key in keys:
     parts = key.split(tree.SEP)
     if not all(parts):
@@ -172,6 +175,22 @@ def _check_keys(keys: list[str]) -> None:
       parent = tree.SEP.join(parts[:depth])
       if parent in key_set:
         raise SurgeryError(f'output key {parent!r} is both a leaf and the parent of {key!r}')
+    other = owners.setdefault(storage.name(key), key)
+    if other != key:
+      raise SurgeryError(f'output keys {other!r} and {key!r} would both be stored by Orbax as '
+                         f'{storage.name(key)!r}; rename one')
+
+
+def _check_writable(outputs: dict[str, OutputLeaf]) -> None:
+  """Leaves the job cannot write or check: Orbax refuses zero-size arrays, and the digest that
+  validates the output reads whole bytes."""
+  for key, leaf in outputs.items():
+    if 0 in leaf.shape:
+      raise SurgeryError(f'output {key!r} has shape {leaf.shape}, with no elements; Orbax cannot '
+                         'save zero-size arrays')
+    if jax.dtypes.itemsize_bits(leaf.dtype) < 8:
+      raise SurgeryError(f'output {key!r} has dtype {leaf.dtype.name}; the job cannot yet validate '
+                         'sub-byte dtypes: cast it (op cast) or drop it')
 
 
 def _dataflow(jaxpr, in_keys: list[str], out_keys: list[str]):

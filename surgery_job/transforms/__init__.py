@@ -1,7 +1,12 @@
 """The ops a config's `transforms` list may name, and their construction from config dicts."""
 
+import collections.abc
 import inspect
+import numbers
+import typing
 from typing import Any, Mapping, Sequence
+
+from absl import logging
 
 from surgery_job.errors import SurgeryError
 from surgery_job.transforms import layers, optimizer, shape, structure, values
@@ -30,6 +35,33 @@ OPS = {
 }
 
 
+def _conforms(value: Any, annotation: Any) -> bool:
+  """Whether `value` fits an op factory's annotation; annotations it does not know pass."""
+  if typing.get_origin(annotation) is collections.abc.Sequence:
+    item, = typing.get_args(annotation)
+    return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+  if annotation is bool:
+    return isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if annotation is float:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if annotation is str:
+    return isinstance(value, str)
+  return True
+
+
+def _describe(annotation: Any) -> str:
+  if typing.get_origin(annotation) is collections.abc.Sequence:
+    return f'a list of {_describe(typing.get_args(annotation)[0])}'
+  return getattr(annotation, '__name__', str(annotation))
+
+
+def _one_line(error: Exception) -> str:
+  text = str(error).strip()
+  return f'{type(error).__name__}: {text.splitlines()[0]}' if text else type(error).__name__
+
+
 def build(transforms: Sequence[Mapping[str, Any]]) -> list[tuple[str, Op]]:
   """(label, op) for each config dict; a bad op, field or value fails naming the op's index."""
   ops = []
@@ -39,12 +71,16 @@ def build(transforms: Sequence[Mapping[str, Any]]) -> list[tuple[str, Op]]:
     label = f'op {index} ({name})'
     if name is None:
       raise SurgeryError(f"op {index}: missing field 'op'")
-    if name not in OPS:
+    if not isinstance(name, str) or name not in OPS:
       raise SurgeryError(f'{label}: unknown op (known: {", ".join(OPS)})')
     parameters = inspect.signature(OPS[name]).parameters
-    for field in fields:
+    hints = typing.get_type_hints(OPS[name])
+    for field, value in fields.items():
       if field not in parameters:
         raise SurgeryError(f'{label}: unknown field {field!r} (fields: {", ".join(parameters)})')
+      if field in hints and not _conforms(value, hints[field]):
+        raise SurgeryError(f'{label}: field {field!r} expects {_describe(hints[field])}, '
+                           f'got {value!r}')
     for parameter in parameters.values():
       if parameter.default is parameter.empty and parameter.name not in fields:
         raise SurgeryError(f'{label}: missing field {parameter.name!r}')
@@ -52,18 +88,27 @@ def build(transforms: Sequence[Mapping[str, Any]]) -> list[tuple[str, Op]]:
       ops.append((label, OPS[name](**fields)))
     except SurgeryError as e:
       raise e.within(label) from None
+    except Exception as e:  # pylint: disable=broad-except
+      # A user's `map` module runs arbitrary code at import.
+      logging.debug('%s failed', label, exc_info=True)
+      raise SurgeryError(f'{label}: {_one_line(e)}') from None
   return ops
 
 
 def apply(ops: Sequence[tuple[str, Op]], state: State, touched: list | None = None) -> State:
-  """Runs the ops in order; with `touched`, records (label, state before, state after) of each."""
+  """Runs the ops in order; with `touched`, records (label, state before, state after) of each.
+
+  Any failure names the op: the ops run first while the plan is traced, where a bad value or a
+  user's `map` function may raise anything. `--verbosity=1` logs the traceback.
+  """
   for label, op in ops:
     try:
       after = op(state)
     except SurgeryError as e:
       raise e.within(label) from None
-    except (TypeError, ValueError) as e:
-      raise SurgeryError(f'{label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    except Exception as e:  # pylint: disable=broad-except
+      logging.debug('%s failed', label, exc_info=True)
+      raise SurgeryError(f'{label}: {_one_line(e)}') from None
     if touched is not None:
       touched.append((label, state, after))
     state = after
