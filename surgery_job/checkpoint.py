@@ -123,8 +123,11 @@ def read_metadata(location: Location) -> Any:
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(location.item_dir).tree
     stored = storage.array_names(location.item_dir)
+    damage = storage.damaged_file(location.item_dir)
   except Exception as e:  # Orbax and tensorstore raise many kinds for a damaged checkpoint.
     raise SurgeryError(read_error(e, location.item_dir)) from None
+  if damage:
+    raise SurgeryError(damage)
   _check_leaves(tree.flatten(metadata), stored, location.item_dir)
   return metadata
 
@@ -185,17 +188,18 @@ def read_error(error: Exception, item_dir: Path) -> str:
 
 
 def _value_error(key: str, database: Path, detail: str) -> str:
-  """Names the data file that holds the stored value `key` tensorstore could not read."""
+  """Names the data file holding the value `key` that tensorstore could not read (corrupt bytes:
+  a missing or short file is found before any data moves)."""
   array = key.rsplit('/', 1)[0]
   try:
-    path = storage.value_file(database, key)
+    path = next((p for k, p, _ in storage.stored_values(database) if k == key), None)
   except Exception:  # pylint: disable=broad-except
     path = None  # The database itself is damaged: name what is known.
   if path is None:
     return f'cannot read array {array!r} of the checkpoint in {database}: {detail}'
   if not path.exists():
     return f'checkpoint file {path} is missing (it holds array {array!r})'
-  return f'checkpoint file {path} is damaged or truncated (it holds array {array!r}: {detail})'
+  return f'checkpoint file {path} is damaged (it holds array {array!r}: {detail})'
 
 
 def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:

@@ -1,8 +1,9 @@
 """What an Orbax checkpoint item holds on disk, read with tensorstore: the names of its arrays, and
-the data file that holds one stored value. `_METADATA` is checked against the first; a read error
-names the second."""
+the data files that hold their values. `_METADATA` is checked against the first, the files'
+presence and sizes against the second, before any data moves; a read error names the file."""
 
 from pathlib import Path
+from typing import Iterator
 
 import tensorstore as ts
 
@@ -18,36 +19,54 @@ def _file_store(directory: Path) -> dict:
   return {'driver': 'file', 'path': f'{directory}/'}
 
 
+def is_ocdbt(item_dir: Path) -> bool:
+  return (item_dir / 'manifest.ocdbt').exists()
+
+
 def array_names(item_dir: Path) -> set[str]:
   """The storage names of every array the item holds (in its OCDBT database, or as folders)."""
   spec = _file_store(item_dir)
-  if (item_dir / 'manifest.ocdbt').exists():
+  if is_ocdbt(item_dir):
     spec = {'driver': 'ocdbt', 'base': spec}
   keys = ts.KvStore.open(spec).result().list().result()
   return {key.decode()[:-len(suffix)] for key in keys for suffix in _ARRAY_KEYS
           if key.decode().endswith(suffix)}
 
 
-def value_file(database: Path, key: str) -> Path | None:
-  """The data file of the OCDBT database in `database` that holds `key`'s value, found through its
-  B+tree; None when the value is stored inline or the key is absent."""
+def stored_values(database: Path) -> Iterator[tuple[str, Path, int]]:
+  """(key, data file, end offset) of each value the OCDBT database in `database` keeps outside its
+  B+tree, walking the tree of its latest version."""
   base = ts.KvStore.open(_file_store(database)).result()
-  location = ts.ocdbt.dump(base).result()['versions'][-1]['root'].get('location')
-  target, prefix = key.encode(), b''
-  while location:
+  root = ts.ocdbt.dump(base).result()['versions'][-1]['root']
+  pending = [(root['location'], b'')] if 'location' in root else []
+  while pending:
+    location, prefix = pending.pop()
     node = ts.ocdbt.dump(base, location).result()
-    if node['height'] == 0:
-      reference = next((e.get('indirect_value') for e in node['entries']
-                        if prefix + e['key'] == target), None)
-      if reference is None:
-        return None
-      # `value:<base path>:<relative path>:<offset>:<length>`
-      _, base_path, relative_path = reference.rsplit(':', 2)[0].split(':', 2)
-      return database / base_path / relative_path
-    # Interior entries hold each child's first key; a child's keys omit its common prefix.
-    below = [e for e in node['entries'] if prefix + e['key'] <= target]
-    if not below:
-      return None
-    prefix += below[-1].get('subtree_common_prefix', b'')
-    location = below[-1]['location']
+    for entry in node['entries']:
+      if node['height'] > 0:  # A child's keys omit the prefix common to its subtree.
+        pending.append((entry['location'], prefix + entry.get('subtree_common_prefix', b'')))
+      elif 'indirect_value' in entry:
+        # `value:<base path>:<relative path>:<offset>:<length>`
+        reference, offset, length = entry['indirect_value'].rsplit(':', 2)
+        _, base_path, relative_path = reference.split(':', 2)
+        yield ((prefix + entry['key']).decode(), database / base_path / relative_path,
+               int(offset) + int(length))
+
+
+def damaged_file(item_dir: Path) -> str | None:
+  """A data file of the item that is missing or shorter than the values it holds, said in words;
+  None when every file is there and long enough."""
+  if not is_ocdbt(item_dir):
+    return None
+  ends = {}
+  for key, path, end in stored_values(item_dir):
+    if end > ends.get(path, (0, ''))[0]:
+      ends[path] = (end, key)
+  for path, (end, key) in sorted(ends.items()):
+    array = key.rsplit('/', 1)[0]
+    if not path.is_file():
+      return f'checkpoint file {path} is missing (it holds array {array!r})'
+    if path.stat().st_size < end:
+      return (f'checkpoint file {path} is truncated: {path.stat().st_size} bytes, array {array!r} '
+              f'needs {end}')
   return None

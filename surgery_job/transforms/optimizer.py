@@ -35,6 +35,9 @@ def set_step(value: int) -> Op:
       raise SurgeryError(f'{STEP_KEY!r} lies under params_root; use add or map on it instead')
     dtype = old.value.dtype if old is not None else jnp.int32
     shape = old.value.shape if old is not None else ()
+    if jnp.issubdtype(dtype, jnp.integer) and not jnp.iinfo(dtype).min <= value <= jnp.iinfo(dtype).max:
+      # JAX would wrap it around without a word.
+      raise SurgeryError(f'value {value} does not fit the {jnp.dtype(dtype).name} {STEP_KEY!r}')
     step = Leaf(jnp.full(shape, value, dtype), old.spec if old is not None else PartitionSpec())
     return state.replace(others={**state.others, STEP_KEY: step})
   return apply

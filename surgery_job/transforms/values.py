@@ -56,8 +56,9 @@ def _import(path: str):
     raise SurgeryError(f"fn {path!r} must be 'module:function'")
   try:
     function = getattr(importlib.import_module(module_name), attr)
-  except (ImportError, AttributeError) as e:
-    raise SurgeryError(f'cannot import fn {path!r}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Importing runs the module's code, which may raise anything.
+    raise SurgeryError(f'cannot import fn {path!r}: {type(e).__name__}: {e}') from None
   if not callable(function):
     raise SurgeryError(f'fn {path!r} is not callable')
   return function
