@@ -62,10 +62,10 @@ def _uncommitted(step_dir: Path, commit_files: bool) -> str | None:
   saves mark themselves finished with commit_success.txt, as Orbax's do."""
   if not ocp.path.step.is_path_finalized(step_dir):
     return 'is an unfinished Orbax save (a temporary folder)'
-  if commit_files and not (step_dir / COMMIT_FILE).is_file():
-    return f'has no {COMMIT_FILE} (an unfinished save)'
   if not _items(step_dir):
     return 'holds no checkpoint item (no folder with a _METADATA file)'
+  if commit_files and not (step_dir / COMMIT_FILE).is_file():
+    return f'has no {COMMIT_FILE} (an unfinished save)'
   return None
 
 

@@ -1,0 +1,202 @@
+"""Inputs the job must read right or refuse by name: which step is the latest committed one,
+zero-padded step folders, leaves it cannot carry (strings, int4), a symlinked input, damaged data
+files and a `_METADATA` that lost an entry. Each runs in process through `job.run` (a SurgeryError
+is exit 2 on the command line), except the command-line check of a damaged input."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+import checkpoints
+from jobs import run_job, write_config
+from surgery_job import checkpoint, config as config_lib, job, validate
+from surgery_job.errors import SurgeryError
+from test_bad_input import assert_bad_input
+
+SMALL = {'params': {'w': np.arange(32, dtype=np.float32).reshape(4, 8), 'b': np.ones(8, np.float32)}}
+
+
+def run(in_path, out_path=None, **fields) -> dict | None:
+  config = {'input': {'path': str(in_path)}, 'output': {'path': str(out_path) if out_path else None},
+            **fields}
+  return job.run(config_lib.with_defaults(ml_collections.ConfigDict(config)))
+
+
+def save(path, state, step=3, **options) -> None:
+  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(**options)) as manager:
+    manager.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+
+
+# Item 8: input.step='latest' is the latest committed step; an uncommitted one is refused by name.
+
+@pytest.fixture
+def steps(layered, tmp_path):
+  """Step 3 committed; newer step folders that are not: empty, an item without _METADATA, an Orbax
+  temporary folder, and a full copy without commit_success.txt."""
+  root = tmp_path / 'ckpt'
+  shutil.copytree(layered[0], root)
+  (root / '4').mkdir()
+  (root / '5' / 'default').mkdir(parents=True)
+  shutil.copytree(root / '3', root / '6.orbax-checkpoint-tmp-1234')
+  shutil.copytree(root / '3', root / '7')
+  (root / '7' / 'commit_success.txt').unlink()
+  return root
+
+
+def test_latest_is_the_latest_committed_step(steps):
+  assert checkpoint.locate(str(steps), 'latest', None).step == 3
+  assert checkpoint.locate(str(steps), None, None).item_dir == steps / '3' / 'default'
+
+
+@pytest.mark.parametrize('step, why', [(4, 'holds no checkpoint item'),
+                                       (5, 'holds no checkpoint item'),
+                                       (6, 'is an unfinished Orbax save'),
+                                       (7, 'has no commit_success.txt')])
+def test_an_uncommitted_step_is_refused(steps, step, why):
+  with pytest.raises(SurgeryError, match=f'input.step {step} is not a committed checkpoint: .* {why}'):
+    checkpoint.locate(str(steps), step, None)
+
+
+def test_no_committed_step_at_all(tmp_path):
+  (tmp_path / 'ckpt' / '4').mkdir(parents=True)
+  with pytest.raises(SurgeryError, match='holds no committed step'):
+    checkpoint.locate(str(tmp_path / 'ckpt'), 'latest', None)
+
+
+def test_negative_output_step_is_refused(layered, tmp_path):
+  with pytest.raises(SurgeryError, match='output.step must be a step number'):
+    run(layered[0], tmp_path / 'out', output={'path': str(tmp_path / 'out'), 'step': -5})
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_symlinked_input_is_the_same_surgery(layered, tmp_path):
+  link = tmp_path / 'link'
+  link.symlink_to(layered[0])
+  transforms = [dict(op='scale', pattern='head/bias', factor=2.0)]
+  first = run(layered[0], tmp_path / 'out', transforms=transforms)
+  report_file = tmp_path / 'out' / '3' / 'surgery_report.json'
+  written = report_file.read_text()
+  again = run(link, tmp_path / 'out', transforms=transforms)  # Already done: nothing rewritten.
+  assert again['fingerprint'] == first['fingerprint']
+  assert report_file.read_text() == written
+
+
+# Item 7: zero-padded step folders, leaves Orbax stores that the job cannot carry, dry run alone.
+
+def test_zero_padded_step_folders_are_read(tmp_path):
+  save(tmp_path / 'ckpt', SMALL, step_format_fixed_length=4)
+  assert [p.name for p in (tmp_path / 'ckpt').iterdir()] == ['0003']
+  run(tmp_path / 'ckpt', tmp_path / 'out', input={'path': str(tmp_path / 'ckpt'), 'step': 3})
+  restored = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'out' / '3' / 'default'))
+  np.testing.assert_array_equal(restored['params/w'], SMALL['params']['w'])
+
+
+def test_int4_leaves_are_refused_by_name_or_cast(tmp_path):
+  state = {'params': {'w': jnp.ones((4, 8)), 'q': jnp.ones((4, 8), jnp.int4)}}
+  save(tmp_path / 'ckpt', state)
+  with pytest.raises(SurgeryError, match="output 'params/q' has dtype int4"):
+    run(tmp_path / 'ckpt', tmp_path / 'out')
+  assert not list(tmp_path.glob('out*'))
+  run(tmp_path / 'ckpt', tmp_path / 'out', transforms=[dict(op='cast', pattern='q', dtype='int8')])
+  restored = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'out' / '3' / 'default'))
+  assert restored['params/q'].dtype == np.int8 and (restored['params/q'] == 1).all()
+
+
+def test_string_leaves_are_refused_by_name(tmp_path):
+  (tmp_path / 'ckpt' / '3').mkdir(parents=True)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(epath.Path(tmp_path / 'ckpt' / '3' / 'default'), {**SMALL, 'name': 'run-7'})
+  with pytest.raises(SurgeryError, match="leaf 'name' of .* is a StringMetadata, not an array"):
+    run(tmp_path / 'ckpt', tmp_path / 'out')
+  assert not list(tmp_path.glob('out*'))
+
+
+def test_dry_run_needs_no_output_path(layered, capsys):
+  assert run(layered[0], dry_run=True) is None
+  assert f'Surgery plan: {layered[0] / "3" / "default"} -> no output.path' in capsys.readouterr().out
+
+
+# Item 9: damage named before any data moves, or when read.
+
+@pytest.fixture(scope='module')
+def spilled(tmp_path_factory):
+  """A checkpoint whose large array is kept in a data file under ocdbt.process_0/d/ (small values
+  live inside the B+tree), and that file."""
+  root = tmp_path_factory.mktemp('spilled') / 'ckpt'
+  save(root, {'params': {'big': np.arange(1 << 16, dtype=np.float32), **SMALL['params']}})
+  data_file = max((root / '3' / 'default').glob('ocdbt.process_*/d/*'), key=lambda p: p.stat().st_size)
+  return root, data_file
+
+
+def damaged(spilled, tmp_path, damage):
+  """A copy of `spilled` with `damage(data file)` done to it; returns the copy and the file."""
+  root, data_file = spilled
+  copy = tmp_path / 'damaged'
+  shutil.copytree(root, copy)
+  copied_file = copy / data_file.relative_to(root)
+  damage(copied_file)
+  return copy, copied_file
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:1000])
+
+
+def _flip_bytes(path):
+  data = bytearray(path.read_bytes())
+  data[100:2000] = bytes(b ^ 0xFF for b in data[100:2000])
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('damage, text', [
+    (lambda p: p.unlink(), '{} is missing (it holds array \'params.big\')'),
+    (_truncate, '{} is truncated: 1000 bytes, array \'params.big\' needs'),
+    (_flip_bytes, '{} is damaged (it holds array \'params.big\': '),
+])
+def test_a_damaged_data_file_is_named(spilled, tmp_path, damage, text):
+  copy, data_file = damaged(spilled, tmp_path, damage)
+  with pytest.raises(SurgeryError) as error:
+    run(copy, tmp_path / 'out')
+  assert f'checkpoint file {text.format(data_file)}' in str(error.value)
+  assert '<bound method' not in str(error.value) and 'TensorStore details' not in str(error.value)
+
+
+def test_a_missing_data_file_on_the_command_line(spilled, tmp_path):
+  copy, data_file = damaged(spilled, tmp_path, lambda p: p.unlink())
+  result = run_job(write_config(tmp_path, {}), f'--config.input.path={copy}',
+                   f'--config.output.path={tmp_path / "out"}')
+  assert_bad_input(result, f'checkpoint file {data_file} is missing')
+  assert not list(tmp_path.glob('out*'))
+
+
+def test_a_metadata_entry_removed_is_refused(layered, tmp_path):
+  copy = tmp_path / 'ckpt'
+  shutil.copytree(layered[0], copy)
+  metadata_file = copy / '3' / 'default' / '_METADATA'
+  metadata = json.loads(metadata_file.read_text())
+  del metadata['tree_metadata']["('params', 'head', 'bias')"]
+  metadata_file.write_text(json.dumps(metadata))
+  with pytest.raises(SurgeryError, match="_METADATA: it does not list the stored array 'params.head.bias'"):
+    run(copy, tmp_path / 'out')
+  assert not list(tmp_path.glob('out*'))
+
+
+# Item 10: a wide tree costs one small program per kind of leaf, not one per tree.
+
+def test_digests_compile_once_per_kind_of_leaf():
+  arrays = {f'w{i}': jnp.full((4,), i, jnp.float32) for i in range(300)}
+  arrays['m'] = jnp.ones((3, 5), jnp.bfloat16)
+  before = validate._digest._cache_size()  # pylint: disable=protected-access
+  sums = validate.digests(arrays)
+  assert validate._digest._cache_size() - before <= 2  # pylint: disable=protected-access
+  assert sums.keys() == arrays.keys()
+  assert sums['w7'][:2] == ((4,), 'float32') and sums['m'][:2] == ((3, 5), 'bfloat16')
+  assert sums['w7'] != sums['w8']
+
