@@ -182,15 +182,11 @@ def _check_keys(keys: list[str]) -> None:
 
 
 def _check_writable(outputs: dict[str, OutputLeaf]) -> None:
-  """Leaves the job cannot write or check: Orbax refuses zero-size arrays, and the digest that
-  validates the output reads whole bytes."""
+  """Orbax refuses to save zero-size arrays: say so before any data moves."""
   for key, leaf in outputs.items():
     if 0 in leaf.shape:
       raise SurgeryError(f'output {key!r} has shape {leaf.shape}, with no elements; Orbax cannot '
                          'save zero-size arrays')
-    if jax.dtypes.itemsize_bits(leaf.dtype) < 8:
-      raise SurgeryError(f'output {key!r} has dtype {leaf.dtype.name}; the job cannot yet validate '
-                         'sub-byte dtypes: cast it (op cast) or drop it')
 
 
 def _dataflow(jaxpr, in_keys: list[str], out_keys: list[str]):

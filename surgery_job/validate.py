@@ -20,7 +20,7 @@ def _words(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.uint8)
   if x.dtype.itemsize == 8:
     return lax.bitcast_convert_type(x, jnp.uint32)
-  return lax.bitcast_convert_type(x, jnp.dtype(f'uint{x.dtype.itemsize * 8}')).astype(jnp.uint32)
+  return lax.bitcast_convert_type(x, jnp.dtype(f'uint{jax.dtypes.itemsize_bits(x.dtype)}')).astype(jnp.uint32)
 
 
 def _odd_position_weights(shape) -> jax.Array:

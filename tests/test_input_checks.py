@@ -98,15 +98,16 @@ def test_zero_padded_step_folders_are_read(tmp_path):
   np.testing.assert_array_equal(restored['params/w'], SMALL['params']['w'])
 
 
-def test_int4_leaves_are_refused_by_name_or_cast(tmp_path):
-  state = {'params': {'w': jnp.ones((4, 8)), 'q': jnp.ones((4, 8), jnp.int4)}}
-  save(tmp_path / 'ckpt', state)
-  with pytest.raises(SurgeryError, match="output 'params/q' has dtype int4"):
-    run(tmp_path / 'ckpt', tmp_path / 'out')
-  assert not list(tmp_path.glob('out*'))
-  run(tmp_path / 'ckpt', tmp_path / 'out', transforms=[dict(op='cast', pattern='q', dtype='int8')])
-  restored = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'out' / '3' / 'default'))
-  assert restored['params/q'].dtype == np.int8 and (restored['params/q'] == 1).all()
+def test_int4_leaves_pass_through_and_cast(tmp_path):
+  q = np.arange(32).reshape(4, 8) % 8 - 4
+  save(tmp_path / 'ckpt', {'params': {'w': jnp.ones((4, 8)), 'q': jnp.asarray(q, jnp.int4)}})
+  run(tmp_path / 'ckpt', tmp_path / 'same')
+  run(tmp_path / 'ckpt', tmp_path / 'cast', transforms=[dict(op='cast', pattern='q', dtype='int8')])
+  same = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'same' / '3' / 'default'))
+  cast = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'cast' / '3' / 'default'))
+  assert same['params/q'].dtype == jnp.int4 and cast['params/q'].dtype == np.int8
+  np.testing.assert_array_equal(same['params/q'].astype(np.int8), q)
+  np.testing.assert_array_equal(cast['params/q'], q)
 
 
 def test_string_leaves_are_refused_by_name(tmp_path):
