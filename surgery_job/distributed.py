@@ -85,6 +85,15 @@ def agree(name: str, decide: Callable[[], Any], timeout_seconds: int) -> Any:
   return outcome['value']
 
 
+def wait_ready(tree: Any) -> Any:
+  """`jax.block_until_ready`, but polling: that one holds the GIL while it waits, so a watchdog
+  thread could not run while a computation waits for a process that died or hangs."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  while not all(x.is_ready() for x in leaves):
+    time.sleep(0.005)
+  return tree
+
+
 def before_exit(hook: Callable[[], None]) -> None:
   """Runs `hook` when this process exits through `fail` or the watchdog."""
   _before_exit.append(hook)
@@ -114,7 +123,10 @@ def watch_for_failures(heartbeat_timeout_seconds: int) -> None:
 
   def watch():
     nonlocal last_contact
-    beats, seen = 0, {}  # seen: key -> (a process's last counter, when it changed here)
+    # key -> (a process's last counter, when it changed here); a process that never counts is
+    # taken for dead too.
+    seen = {f'{ALIVE_DIR}{i}': (None, last_contact) for i in range(jax.process_count())}
+    beats = 0
     while not stop.wait(POLL_SECONDS):
       beats += 1
       try:

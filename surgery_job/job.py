@@ -133,7 +133,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, unit_dir: Path, 
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
       transform = plan_lib.transform_fn(plan, group)
-      computed = jax.block_until_ready(transform(restored)) if transform else {}
+      computed = distributed.wait_ready(transform(restored)) if transform else {}
     outputs = {k: computed[k] if plan.outputs[k].passthrough is None
                else restored[plan.outputs[k].passthrough] for k in group.outputs}
     del restored, computed  # Inputs that no output passes through are freed before the write.

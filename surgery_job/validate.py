@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from surgery_job import distributed
+
 
 def _words(x: jax.Array) -> jax.Array:
   """The raw bits of `x` as uint32, in its own shape (8-byte items: a trailing axis of 2)."""
@@ -45,7 +47,8 @@ def _digests(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 def digests(arrays: dict[str, jax.Array]) -> dict[str, tuple]:
   """{key: (shape, dtype, checksums)} of each array; every process gets the same values."""
-  sums = _digests(arrays)
+  # Converting to numpy would hold the GIL for as long as the cross-process sum takes.
+  sums = distributed.wait_ready(_digests(arrays))
   # Each result is replicated: every process holds a full copy.
   return {k: (arrays[k].shape, arrays[k].dtype.name, tuple(np.asarray(sums[k].addressable_data(0)).tolist()))
           for k in arrays}
