@@ -1,5 +1,6 @@
 """The job under a real Slurm and a real Open MPI, started the way users start it
-(`sbatch launch/slurm.sbatch`, `launch/mpirun.sh`): JAX's own cluster detection joins the 2
+(`sbatch launch/slurm.sbatch`, `launch/mpirun.sh`; and `launch/local.sh` exactly as the README has
+it): JAX's own cluster detection joins the 2
 processes (no coordinator flags), on the checkpoint written by 2 processes; the output is read back
 leaf by leaf with plain Orbax and compared with numpy.
 
@@ -15,8 +16,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
+import checkpoints
 from jobs import REPO, ok, write_config
 from test_multiprocess import two_process_checkpoint  # pylint: disable=unused-import
 from test_ops import CASES, check_case
@@ -33,10 +36,13 @@ def _need(commands: list[str], packages: str) -> None:
   missing = [c for c in commands if not shutil.which(c)]
   if not missing and os.geteuid() == 0:
     return
-  why = (f'{", ".join(missing)} not found: apt-get install -y {packages} (as .ci/run does)' if missing
-         else 'needs root to start slurmd (as .ci/run runs)')
+  _fail_or_skip(f'{", ".join(missing)} not found: apt-get install -y {packages} (as .ci/run does)'
+                if missing else 'needs root to start slurmd (as .ci/run runs)')
+
+
+def _fail_or_skip(why: str) -> None:
   if os.environ.get('CI'):
-    pytest.fail(f'{why}; CI must run the cluster tests, not skip them')
+    pytest.fail(f'{why}; CI must run these tests, not skip them')
   pytest.skip(why)
 
 
@@ -108,8 +114,33 @@ def test_slurm_one_failing_task_stops_every_task(slurm, two_process_checkpoint, 
   _no_process_left(tmp_path / 'out')
 
 
-def mpirun(tmp_path, in_path, **extra) -> subprocess.CompletedProcess:
+@pytest.fixture(scope='session')
+def open_mpi():
   _need(['mpirun'], 'openmpi-bin')
+
+
+def test_local_sh_runs_the_installed_job_as_the_readme_says(two_process_checkpoint, tmp_path):
+  """The README's command as written: no SURGERY_JOB, no XLA_FLAGS; local.sh finds REPO/.venv."""
+  if not (REPO / '.venv' / 'bin' / 'surgery-job').exists():
+    _fail_or_skip(f'no {REPO}/.venv/bin/surgery-job: run make setup')
+  in_path, x = two_process_checkpoint
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('SURGERY_JOB', 'XLA_', 'JAX_'))}
+  result = subprocess.run(
+      ['launch/local.sh', '2', '--', '--config=configs/identity.py', f'--config.input.path={in_path}',
+       f'--config.output.path={tmp_path / "out"}'],
+      cwd=REPO, env={**env, 'LOG_DIR': str(tmp_path / 'logs')}, capture_output=True, text=True,
+      timeout=300, check=False)
+  ok(result)
+  assert str(REPO / '.venv' / 'bin' / 'surgery-job') in subprocess.run(
+      ['launch/local.sh', '2', '--'], cwd=REPO, env={**env, 'DRY_RUN': '1'}, capture_output=True,
+      text=True, timeout=30, check=True).stdout
+  got = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'out' / '3' / 'default'))
+  assert sorted(got) == sorted(x)
+  for key, value in x.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def mpirun(tmp_path, in_path, **extra) -> subprocess.CompletedProcess:
   return subprocess.run(
       ['bash', str(REPO / 'launch' / 'mpirun.sh'), '2', '--', f'--config={_config(tmp_path)}',
        f'--config.input.path={in_path}', f'--config.output.path={tmp_path / "out"}'],
@@ -117,7 +148,7 @@ def mpirun(tmp_path, in_path, **extra) -> subprocess.CompletedProcess:
       timeout=300, check=False)
 
 
-def test_mpirun_runs_the_job(two_process_checkpoint, tmp_path):
+def test_mpirun_runs_the_job(open_mpi, two_process_checkpoint, tmp_path):
   in_path, x = two_process_checkpoint
   result = mpirun(tmp_path, in_path)
   ok(result)
@@ -125,7 +156,7 @@ def test_mpirun_runs_the_job(two_process_checkpoint, tmp_path):
   check_case('rename', tmp_path / 'out' / '3' / 'default', x)
 
 
-def test_mpirun_one_failing_process_stops_every_process(two_process_checkpoint, tmp_path):
+def test_mpirun_one_failing_process_stops_every_process(open_mpi, two_process_checkpoint, tmp_path):
   in_path, _ = two_process_checkpoint
   start = time.monotonic()
   result = mpirun(tmp_path, in_path, SURGERY_JOB_FAULT=FAULT)
