@@ -93,6 +93,19 @@ def test_finds_the_installed_job(script, venv, on_path, want, tmp_path):
   assert all('/my/python -m surgery_job --x=1' in line for line in explicit.stdout.splitlines())
 
 
+def test_slurm_finds_the_job_installed_in_the_submit_directory(tmp_path):
+  # sbatch runs a copy of the script from its spool directory: the submit directory is the repo.
+  repo, env = _copy_of_launch(tmp_path, venv=True, on_path=True)
+  copy = tmp_path / 'spool' / 'slurm_script'
+  copy.parent.mkdir()
+  shutil.copy(repo / 'launch' / 'slurm.sbatch', copy)
+  result = subprocess.run(['bash', str(copy), '--x=1'], capture_output=True, text=True, timeout=30,
+                          cwd=repo, env={k: v for k, v in os.environ.items() if k != 'SURGERY_JOB'}
+                          | env | {'SLURM_SUBMIT_DIR': str(repo)})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.rstrip().endswith(f'{repo}/.venv/bin/surgery-job --x=1'), result.stdout
+
+
 @pytest.mark.parametrize('script', ['local.sh', 'mpirun.sh'])
 def test_says_how_to_install_when_no_job_is_found(script, tmp_path):
   repo, env = _copy_of_launch(tmp_path, venv=False, on_path=False)
