@@ -3,6 +3,8 @@
 dtype. Outputs are compared leaf by leaf with plain Orbax (PRNG keys by key data and key dtype), and
 the NNX trainer restores each into its own abstract state and trains one more step."""
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -59,11 +61,12 @@ def test_identity_keeps_every_leaf_and_the_rng_keys(scanned, tmp_path):
   assert_same(resumes(item_dir), x, x)
 
 
-def test_reset_optimizer(scanned, tmp_path):
+def test_reset_optimizer_streamed_in_groups(scanned, tmp_path):
   in_path, x = scanned
   out, result = surgery(tmp_path, in_path, [dict(op='reset_optimizer', pattern='head/.*')],
-                        params_root='model')
+                        params_root='model', memory={'host_budget_gb': 4e-6})
   ok(result)
+  assert int(re.search(r'Group 1/(\d+) done', result.stderr).group(1)) > 1
   item_dir, got, _ = written(out)
   moments = [k for k in x if '/mu/head/' in k or '/nu/head/' in k]
   assert len(moments) == 4 and not any(np.any(got[k]) for k in moments)
