@@ -174,7 +174,7 @@ def test_every_dtype_passes_through_bit_for_bit(tmp_path):
       'bfloat16': jax.numpy.asarray([np.inf, -0.0], jax.numpy.bfloat16),
       'complex64': jax.numpy.asarray([1 + 2j], np.complex64),
       'int64': np.asarray([2**40 + 1, -3], np.int64), 'float64': np.asarray([1 / 3], np.float64),
-      'python_int': 2**40 + 1, 'python_float': 1 / 3,
+      'python_int': 2**40 + 1, 'python_float': 1 / 3, 'numpy_scalar': np.int32(-3),
       'threefry': jax.random.key(1), 'rbg': jax.random.key(2, impl='rbg'),
       'unsafe_rbg': jax.random.split(jax.random.key(3, impl='unsafe_rbg'), 4),
       'raw_key': jax.random.PRNGKey(4),

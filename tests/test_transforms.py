@@ -213,3 +213,14 @@ def test_typed_keys_are_planned_as_keys():
   keys_ = jax.random.split(jax.random.key(1, impl='rbg'), 3)
   assert validate.digests({'k': keys_})['k'][2] == validate.digests({'k': jax.random.key_data(keys_)})['k'][2]
   assert validate.digests({'k': keys_})['k'][1] == 'key<rbg>'
+
+
+def test_stack_with_moments_of_only_some_params():
+  leaf = Leaf(jnp.ones(2), P())
+  s = State({'l_0/w': leaf, 'l_1/w': leaf, 'l_0/rng': leaf, 'l_1/rng': leaf},
+            {'mu': {'l_0/w': leaf, 'l_1/w': leaf}}, {})
+  out = run([dict(op='stack', pattern=r'l_(\d+)/(.*)', replacement=r'l/\2')], s)
+  assert list(out.params) == ['l/w', 'l/rng'] and list(out.mirrors['mu']) == ['l/w']
+  s.mirrors['mu'].pop('l_1/w')
+  with pytest.raises(SurgeryError, match="optimizer state holds 'l_0/w' but not all the parts of 'l/w'"):
+    run([dict(op='stack', pattern=r'l_(\d+)/(.*)', replacement=r'l/\2')], s)
