@@ -58,7 +58,8 @@ class Model(nnx.Module):
 
 
 def create(vocab: int = VOCAB, scanned: bool = True, seed: int = 0):
-  model = Model(nnx.Rngs(params=seed, dropout=seed + 1), vocab, scanned)
+  # Dropout draws from unsafe_rbg keys, as MaxText's do; the params from the default threefry.
+  model = Model(nnx.Rngs(params=seed, dropout=jax.random.key(seed + 1, impl='unsafe_rbg')), vocab, scanned)
   return model, nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
 
 

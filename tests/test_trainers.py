@@ -57,7 +57,7 @@ def test_identity_keeps_every_leaf_and_the_rng_keys(scanned, tmp_path):
   item_dir, got, key_dtypes = written(out)
   assert sorted(got) == sorted(x)
   assert_same(got, x, x)
-  assert key_dtypes == {RNG_KEY: 'key<fry>'}
+  assert key_dtypes == {RNG_KEY: 'key<urbg>'}
   assert_same(resumes(item_dir), x, x)
 
 
@@ -102,7 +102,7 @@ def test_unscan_into_the_unscanned_trainer(scanned, tmp_path):
       params_root='model')
   ok(result)
   item_dir, got, key_dtypes = written(out)
-  assert key_dtypes == {RNG_KEY.replace('blocks/', f'blocks/{i}/'): 'key<fry>' for i in range(3)}
+  assert key_dtypes == {RNG_KEY.replace('blocks/', f'blocks/{i}/'): 'key<urbg>' for i in range(3)}
   stacked = [k for k in x if '/blocks/' in k]
   assert len(stacked) == 8
   for key in stacked:
