@@ -224,3 +224,14 @@ def test_stack_with_moments_of_only_some_params():
   s.mirrors['mu'].pop('l_1/w')
   with pytest.raises(SurgeryError, match="optimizer state holds 'l_0/w' but not all the parts of 'l/w'"):
     run([dict(op='stack', pattern=r'l_(\d+)/(.*)', replacement=r'l/\2')], s)
+
+
+def test_map_may_reshape_a_leaf_without_moments():
+  s = whole({'params/w': [1., 2.]}, {'stats': [1., 2., 3.]})
+  out = run([dict(op='map', pattern='/stats', fn='jax.numpy:cumsum')], s)
+  np.testing.assert_array_equal(values(out.others)['stats'], [1., 3., 6.])
+  out = run([dict(op='map', pattern='/stats', fn='jax.numpy:ravel')], s.replace(
+      others={'stats': Leaf(jnp.ones((2, 2)), P())}))
+  assert out.others['stats'].value.shape == (4,)
+  with pytest.raises(SurgeryError, match="changed the shape of '/params/params/w'"):
+    run([dict(op='map', pattern='/params/params/w', fn='jax.numpy:atleast_2d')], s)

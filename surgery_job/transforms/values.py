@@ -49,7 +49,7 @@ def map(pattern: str, fn: str, allow_empty: bool = False) -> Op:  # pylint: disa
     value = function(leaf.value)
     if not hasattr(value, 'shape'):
       raise SurgeryError(f'{fn} returned {type(value).__name__} for {key!r}, not an array')
-    if value.shape != leaf.value.shape and state.mirrors:
+    if value.shape != leaf.value.shape and any(key in mirror for mirror in state.mirrors.values()):
       raise SurgeryError(f'{fn} changed the shape of {key!r} from {leaf.value.shape} to '
                          f'{value.shape}, which its optimizer state cannot follow; add '
                          'reset_optimizer or drop_optimizer, or use a structural op')
