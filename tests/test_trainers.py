@@ -15,6 +15,7 @@ from flax import traverse_util
 import checkpoints
 import nnx_trainer
 from jobs import REPO, ok, run_job, surgery
+from test_bad_input import assert_bad_input
 
 STEP = 2
 RNG_KEY = 'model/blocks/dropout/rngs/key/value'
@@ -111,6 +112,15 @@ def test_unscan_into_the_unscanned_trainer(scanned, tmp_path):
   assert_same(got, x, [k for k in x if k not in stacked])
   restored = resumes(item_dir, scanned=False)
   np.testing.assert_array_equal(restored['model/blocks/1/dropout/rngs/key/value'], x[RNG_KEY][1])
+
+
+def test_cast_of_an_rng_key_is_a_one_line_error(scanned, tmp_path):
+  in_path, _ = scanned
+  out, result = surgery(tmp_path, in_path, [dict(op='cast', pattern='.*', dtype='bfloat16')],
+                        params_root='model')
+  assert_bad_input(result, f"op 0 (cast): cast of '{RNG_KEY.removeprefix('model/')}': it is a PRNG "
+                           'key (key<urbg>)')
+  assert not out.exists()
 
 
 def maxtext_like_state() -> dict:
