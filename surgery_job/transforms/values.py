@@ -21,7 +21,7 @@ def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = 
   dtype = parse_dtype(dtype)
 
   def apply(state: State) -> State:
-    keys = [key for key, _ in matches(state.params, pattern, allow_empty)]
+    keys = dict.fromkeys(key for key, _ in matches(state.params, pattern, allow_empty))
     for key in keys:
       check_numeric(key, state.params[key], 'cast')
 
