@@ -9,9 +9,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (checkpoint, config as config_lib, distributed, faults, memory, output,
-                         plan as plan_lib, report as report_lib, sharding, stopping, transforms,
-                         tree, validate)
+from surgery_job import (checkpoint, config as config_lib, distributed, faults, keys, memory,
+                         output, plan as plan_lib, report as report_lib, sharding, stopping,
+                         transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
 
@@ -42,6 +42,9 @@ class Phases:
 def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> dict | None:
   """Runs the surgery `user_config` describes; returns its report (None for a dry run)."""
   config = config_lib.resolve(user_config)
+  # 64-bit leaves (int64 counters, float64 numpy arrays) pass through bit for bit only with x64 on;
+  # every op names the dtypes it creates, so nothing else changes.
+  jax.config.update('jax_enable_x64', True)
 
   def barrier(name):
     distributed.barrier(f'surgery_job:{name}', barrier_timeout_seconds)
@@ -68,8 +71,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
 
   with phases('plan'):
     # Each leaf is restored with the spec it was saved with, fitted to this job's mesh.
-    inputs = {k: sharding.abstract(m.shape, m.dtype, mesh, sharding.fit_spec(
-        sharding.saved_spec(m), m.shape, mesh, k)) for k, m in metadata.items()}
+    inputs = plan_lib.abstract_inputs(metadata, keys.implementations(source.item_dir, metadata), mesh)
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
 

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from surgery_job import distributed
+from surgery_job import distributed, keys
 
 
 def _words(x: jax.Array) -> jax.Array:
-  """The raw bits of `x` as uint32, in its own shape (8-byte items: a trailing axis of 2)."""
+  """The raw bits of `x` as uint32, in its own shape (8-byte items: a trailing axis of 2; typed
+  PRNG keys: their key data)."""
+  x = keys.data(x)
   if jnp.issubdtype(x.dtype, jnp.complexfloating):
     x = jnp.stack([x.real, x.imag], axis=-1)
   if x.dtype == jnp.bool_:
