@@ -88,7 +88,8 @@ def agree(name: str, decide: Callable[[], Any], timeout_seconds: int) -> Any:
 def wait_ready(tree: Any) -> Any:
   """`jax.block_until_ready`, but polling: that one holds the GIL while it waits, so a watchdog
   thread could not run while a computation waits for a process that died or hangs."""
-  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  leaves = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+            for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
   while not all(x.is_ready() for x in leaves):
     time.sleep(0.005)
   return tree
