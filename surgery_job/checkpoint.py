@@ -48,7 +48,7 @@ def locate(path: str, step: Any, item: str | None) -> Location:
     if isinstance(step, int):
       raise SurgeryError(f'input.step is {step} but {root} is a single PyTree checkpoint')
     return Location(root, None, None)
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+  steps = committed_steps(root)
   if not steps:
     raise SurgeryError(f'input.path {root} is not an Orbax checkpoint: no _METADATA file and '
                        'no numbered step folders')
@@ -64,6 +64,32 @@ def locate(path: str, step: Any, item: str | None) -> Location:
   elif item not in items:
     raise SurgeryError(f'input.item {item!r} not found in step {step} of {root} (items: {items})')
   return Location(root, step, item)
+
+
+def committed_steps(root: Path) -> list[int]:
+  """The steps of a CheckpointManager directory that a reader may take: numbered step folders
+  holding a PyTree item, never Orbax's temporary folders of a save in progress."""
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and p.is_dir() and any(_is_pytree(i) for i in p.iterdir()))
+
+
+def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[int | None]:
+  """The steps `input.step` names, oldest first: one spec for `locate` for each step to convert.
+  `exported(step)`: whether the output already has that step ('new' leaves those out)."""
+  if not isinstance(step, (list, tuple)) and step not in ('all', 'new'):
+    return [step]
+  root = Path(path).absolute()
+  if not root.exists() or _is_pytree(root):
+    raise SurgeryError(f'input.step={step!r} needs a CheckpointManager directory at input.path {root}')
+  committed = committed_steps(root)
+  if step == 'all':
+    return committed
+  if step == 'new':
+    return [s for s in committed if not exported(s)]
+  missing = sorted(set(step) - set(committed))
+  if missing:
+    raise SurgeryError(f'input.step {missing[0]} not found in {root} (committed steps: {committed})')
+  return sorted(set(step))
 
 
 def read_metadata(location: Location) -> Any:

@@ -10,6 +10,7 @@ job's: JAX ends a process with a C++ abort, the job with its exit code and one l
 """
 
 import atexit
+import itertools
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ ALIVE_DIR = 'surgery_job/alive/'
 POLL_SECONDS = 0.5
 EXIT_FAILED = 1
 _before_exit: list[Callable[[], None]] = []
+_agreements = itertools.count()
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
@@ -71,7 +73,7 @@ def agree(name: str, decide: Callable[[], Any], timeout_seconds: int) -> Any:
   if jax.process_count() == 1:
     return decide()
   client = ocp.multihost.get_jax_distributed_client()
-  key = f'surgery_job/agree/{name}'
+  key = f'surgery_job/agree/{next(_agreements)}/{name}'  # Every process agrees in the same order.
   if jax.process_index() == 0:
     try:
       outcome = {'value': decide()}

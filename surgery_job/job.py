@@ -39,12 +39,73 @@ class Phases:
                    f' over {groups} groups' if groups > 1 else '')
 
 
-def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> dict | None:
-  """Runs the surgery `user_config` describes; returns its report (None for a dry run)."""
+def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> list[dict]:
+  """Runs the surgery `user_config` describes on each input step it names, one after another,
+  each committed on its own; returns their reports (none for a dry run)."""
   config = config_lib.resolve(user_config)
   # 64-bit leaves (int64 counters, float64 numpy arrays) pass through bit for bit only with x64 on;
   # every op names the dtypes it creates, so nothing else changes.
   jax.config.update('jax_enable_x64', True)
+  out_root = Path(config.output.path).absolute() if config.output.path else None
+
+  def exported(step: int) -> bool:
+    """Whether the output has `step`, or had it and let it go (older than every step it keeps)."""
+    if out_root is None or not out_root.is_dir():
+      return False
+    kept = [int(p.name) for p in out_root.iterdir() if p.name.isdigit()]
+    keep = config.output.max_to_keep
+    return step in kept or (keep is not None and len(kept) >= keep and step < min(kept))
+
+  def agree_on_steps(step_spec):
+    return distributed.agree('steps', lambda: checkpoint.select_steps(
+        config.input.path, step_spec, exported), barrier_timeout_seconds)
+
+  if config.watch.enabled:
+    return _watch(config, barrier_timeout_seconds, agree_on_steps)
+  steps = agree_on_steps(config.input.step)
+  if len(steps) > 1 and config.output.step is not None:
+    raise SurgeryError(f'config: output.step is set but input.step names {len(steps)} steps')
+  if not steps and jax.process_index() == 0:
+    logging.info('Nothing to convert: every committed step of %s is in %s.', config.input.path,
+                 out_root)
+  return [report for step in steps
+          if (report := convert(config, step, barrier_timeout_seconds, len(steps) > 1))]
+
+
+def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
+  """Converts each new committed input step as it appears, until none has for the idle timeout."""
+  if config.input.step not in (None, 'new'):
+    raise SurgeryError(f"config: watch.enabled converts input.step='new', not {config.input.step!r}")
+  reports, idle_since = [], time.monotonic()
+  if jax.process_index() == 0:
+    logging.info('Watching %s for new committed steps every %.0f s.', config.input.path,
+                 config.watch.poll_seconds)
+  while True:
+    steps = agree_on_steps('new') if Path(config.input.path).exists() else []
+    for step in steps:
+      reports.append(convert(config, step, barrier_timeout_seconds, named=True))
+    if steps:
+      idle_since = time.monotonic()
+    elif time.monotonic() - idle_since >= config.watch.idle_timeout_seconds:
+      if jax.process_index() == 0:
+        logging.info('No new step for %.0f s: the watch ends.', config.watch.idle_timeout_seconds)
+      return reports
+    time.sleep(config.watch.poll_seconds)
+
+
+def convert(config, step, barrier_timeout_seconds: int, named: bool) -> dict | None:
+  """One input step converted and committed; `named`: errors say which step."""
+  stopping.check()
+  if named and jax.process_index() == 0:
+    logging.info('Converting input step %s.', step)
+  try:
+    return _convert(config, step, barrier_timeout_seconds)
+  except SurgeryError as e:
+    raise e.within(f'input step {step}') if named else e
+
+
+def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
+  """Runs the surgery on one input step: its report, or None for a dry run."""
 
   def barrier(name):
     distributed.barrier(f'surgery_job:{name}', barrier_timeout_seconds)
@@ -52,7 +113,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   phases = Phases()
 
   with phases('read'):
-    source = checkpoint.locate(config.input.path, config.input.step, config.input.item)
+    source = checkpoint.locate(config.input.path, step, config.input.item)
     skeleton = checkpoint.read_metadata(source)
     metadata = tree.flatten(skeleton)
     try:
@@ -109,6 +170,8 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
         claim.commit()
         faults.at('renamed')
       barrier('committed')
+    if jax.process_index() == 0 and config.output.max_to_keep and target.step is not None:
+      output.prune(target.root, config.output.max_to_keep, config.output.lock_timeout_seconds)
     report['seconds'] = phases.seconds
     return report
   finally:

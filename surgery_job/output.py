@@ -31,24 +31,29 @@ import shutil
 import time
 from pathlib import Path
 
+from absl import logging
+
 from surgery_job import faults, lock as lock_lib
 from surgery_job.errors import SurgeryError
 from surgery_job.report import REPORT
 
 MARKER = 'SURGERY_JOB_STAGING'
 SUFFIX = '.orbax-checkpoint-tmp-surgery'
+DELETING = '.orbax-checkpoint-tmp-surgery-deleting'
+
+
+# Fields that change how a run goes, not the bits it writes.
+_NOT_THE_SURGERY = ('memory', 'dry_run', 'watch')
+_NOT_THE_OUTPUT = ('path', 'overwrite', 'wait_seconds', 'lock_timeout_seconds', 'max_to_keep')
 
 
 def fingerprint(config, input_location) -> str:
-  """What makes two runs the same surgery: the resolved input and the config, less where the output
-  goes and the memory budget (the output is the same bits whatever the budget)."""
-  fields = config.to_dict()
-  fields.pop('memory', None)
+  """What makes two runs the same surgery: the resolved input step and the config, less where the
+  output goes and how the run goes (the memory budget, the lock, the watch: same bits)."""
+  fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_THE_SURGERY}
   fields['input'] = {'path': str(input_location.root), 'step': input_location.step,
                      'item': input_location.item}
-  fields['output'] = {k: v for k, v in fields['output'].items()
-                      if k not in ('path', 'overwrite', 'wait_seconds', 'lock_timeout_seconds')}
-  fields.pop('dry_run', None)
+  fields['output'] = {k: v for k, v in fields['output'].items() if k not in _NOT_THE_OUTPUT}
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -173,3 +178,23 @@ class Claim:
         self.target.root.rmdir()
       except OSError:
         pass
+
+
+def prune(root: Path, keep: int, lock_timeout_seconds: float) -> None:
+  """Deletes all but the newest `keep` step folders of the output directory `root`. A step goes in
+  one rename out of readers' sight, then is deleted; a step another run holds is left alone."""
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+  for step in steps[:-keep]:
+    unit = root / str(step)
+    step_lock = lock_lib.Lock(unit, lock_timeout_seconds)
+    try:
+      step_lock.acquire(wait_seconds=0)
+    except SurgeryError:
+      continue
+    try:
+      unit.rename(unit.with_name(unit.name + DELETING))
+    finally:
+      step_lock.release()
+    logging.info('Deleted output step %d (output.max_to_keep=%d).', step, keep)
+  for deleting in root.glob('*' + DELETING):  # Those of this run, and of runs killed midway.
+    shutil.rmtree(deleting, ignore_errors=True)
