@@ -23,12 +23,14 @@ def expected(step: int) -> dict:
           if not k.startswith('opt_state/')}
 
 
-def assert_exported(out, steps) -> None:
-  """The output lists exactly `steps` to a plain CheckpointManager, each the serving export."""
+def assert_exported(out, steps, read_on_these_devices: bool = True) -> None:
+  """The output lists exactly `steps` to a plain CheckpointManager, each the serving export, read
+  by that manager (or, for an output written on other device ids, with explicit shardings)."""
   assert checkpoints.visible_steps(out) == sorted(steps)
   with ocp.CheckpointManager(out) as manager:
     for step in steps:
-      got = checkpoints.flat_numpy(manager.restore(step))
+      got = checkpoints.flat_numpy(manager.restore(step) if read_on_these_devices
+                                   else checkpoints.restore_plain(out / str(step) / 'default'))
       want = expected(step)
       assert sorted(got) == sorted(want)
       for key in want:
@@ -149,4 +151,4 @@ def test_two_processes_agree_on_the_steps(trained, tmp_path):
   out = tmp_path / 'out'
   ok(launch(2, f'--config={write_config(tmp_path, SERVING)}', f'--config.input.path={trained}',
             f'--config.output.path={out}', '--config.input.step=all', log_dir=tmp_path / 'logs'))
-  assert_exported(out, [1, 2, 4])
+  assert_exported(out, [1, 2, 4], read_on_these_devices=False)
