@@ -19,6 +19,7 @@ from surgery_job.errors import SurgeryError
 PARTIAL_ITEM = 'state'
 CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'
 V1_MARKER = 'orbax.checkpoint'
+COMMIT_FILE = 'commit_success.txt'
 STANDARD_HANDLER = (f'{ocp.StandardCheckpointHandler.__module__}.'
                     f'{ocp.StandardCheckpointHandler.__qualname__}')
 
@@ -134,6 +135,24 @@ class Writer:
     self.unit_dir, self.item, self.barrier = unit_dir, item, barrier
     # Partial saves write an item folder named `state` under the path they are given.
     self.partial = unit_dir if item is not None else unit_dir.with_name(unit_dir.name + '.partial')
+
+  @property
+  def _saves_dir(self) -> Path:
+    """Where Orbax keeps each partial save, one folder per save, until `finish` merges them."""
+    return self.partial.with_name(self.partial.name + '.partial_save')
+
+  def saves(self) -> set[str]:
+    """The partial saves that finished (Orbax wrote their commit file)."""
+    if not self._saves_dir.is_dir():
+      return set()
+    return {p.name for p in self._saves_dir.iterdir() if (p / COMMIT_FILE).is_file()}
+
+  def keep_only(self, names: set[str]) -> None:
+    """Deletes every partial save not in `names` (process 0): those of groups written again."""
+    if self._saves_dir.is_dir():
+      for save in self._saves_dir.iterdir():
+        if save.name not in names:
+          shutil.rmtree(save)
 
   def write(self, nested: Any) -> None:
     partial.save(self.partial, nested)

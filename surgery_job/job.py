@@ -148,22 +148,25 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   if jax.process_index() == 0:
     distributed.before_exit(claim.release)
   try:
-    done = distributed.agree('claim', lambda: claim.acquire(
+    state = distributed.agree('claim', lambda: claim.acquire(
         run_fingerprint, config.output.overwrite, config.output.wait_seconds),
         barrier_timeout_seconds)
-    if done:
+    if state == 'done':
       if jax.process_index() == 0:
         logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
                      source.item_dir, run_fingerprint[:12])
       return json.loads((target.unit / report_lib.REPORT).read_text())
     staging = claim.staging
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and state == 'start':
       staging.create(run_fingerprint)
     barrier('staged')
-    _write_and_validate(source, skeleton, inputs, plan, groups, staging.checkpoint, phases,
-                        barrier, budget_bytes)
+    reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
+                                 budget_bytes, staging.written_groups() if state == 'resume' else None)
     report = report_lib.build(config, plan, groups, source, target, phases.seconds,
                               run_fingerprint)
+    report['groups_reused'] = reused
+    report['bytes_read_this_run'] = sum(
+        plan.inputs_bytes(g.inputs) for i, g in enumerate(groups) if i not in reused)
     with phases('commit'), stopping.committing():
       if jax.process_index() == 0:
         report_lib.write(report, staging.checkpoint)
@@ -179,14 +182,28 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
       claim.release()
 
 
-def _write_and_validate(source, skeleton, inputs, plan, groups, unit_dir: Path, phases, barrier,
-                        budget_bytes) -> None:
-  """Restores, transforms and writes each group into `unit_dir`, then reads it all back."""
+def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
+                        barrier, budget_bytes, written: dict | None) -> list[int]:
+  """Restores, transforms and writes each group into the staging folder, then reads it all back.
+  Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
+  are; returns their indices."""
   streamed = len(groups) > 1
-  writer = checkpoint.Writer(unit_dir, source.item, barrier)
+  writer = checkpoint.Writer(staging.checkpoint, source.item, barrier)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
-  expected = {}
+  resumed, written = written is not None, written or {}
+  expected, reused = {}, [i for i, g in enumerate(groups) if g.outputs in written]
+  if resumed:
+    if jax.process_index() == 0:
+      # A group saved but not on record (stopped in between) is written again: drop its save.
+      writer.keep_only({written[groups[i].outputs]['save'] for i in reused})
+      logging.info('Resuming: %d of %d groups were written by an earlier run (groups %s).',
+                   len(reused), len(groups), ', '.join(map(str, reused)) or 'none')
+    barrier('resumed')
   for index, group in enumerate(groups):
+    if index in reused:
+      expected.update(written[group.outputs]['digests'])
+      progress.advance(index, group.host_bytes)
+      continue
     if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
       logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
                       'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
@@ -203,8 +220,14 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, unit_dir: Path, 
                else restored[plan.outputs[k].passthrough] for k in group.outputs}
     del restored, computed  # Inputs that no output passes through are freed before the write.
     with phases('write', log=not streamed):
-      expected.update(validate.digests(outputs))
+      digests = validate.digests(outputs)
+      saves = writer.saves() if jax.process_index() == 0 else set()
       writer.write(tree.unflatten(outputs, skeleton))
+      barrier(f'group_{index}_written')
+      if jax.process_index() == 0:
+        staging.add_group(group.outputs, digests, *(writer.saves() - saves))
+      faults.at('group_written')
+    expected.update(digests)
     del outputs
     memory.release()
     progress.advance(index, group.host_bytes)
@@ -217,6 +240,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, unit_dir: Path, 
     barrier('written')
   with phases('validate'):
     _validate(item_dir, skeleton, plan, groups, expected)
+  return reused
 
 
 def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: dict) -> None:

@@ -63,7 +63,12 @@ class Plan:
 
   @property
   def bytes_read(self) -> int:
-    return sum(math.prod(self.inputs[k].shape) * self.inputs[k].dtype.itemsize for k in self.needed)
+    return self.inputs_bytes(self.needed)
+
+  def inputs_bytes(self, keys) -> int:
+    """Bytes of the input leaves `keys` on disk (their global size)."""
+    return sum(math.prod(self.inputs[k].shape) * self.inputs[k].dtype.itemsize
+               for k in keys)
 
   @property
   def bytes_written(self) -> int:
