@@ -1,17 +1,23 @@
-"""Scanned to unscanned layers: split `layers/...` along axis 0 into `layers_0/...`, `layers_1/...`.
+"""Scanned to unscanned layers: split `layers/...` along the layer axis into `layers_0/...`, ...
 
   surgery-job --config=configs/unscan_layers.py:layers \
       --config.input.path=IN --config.output.path=OUT
+  surgery-job --config=configs/unscan_layers.py:decoder/layers,1 \
+      --config.input.path=IN --config.output.path=OUT
 
-The argument is the layer prefix (default `layers`). Moments are split the same way.
+The argument is `PREFIX[,AXIS]`: the layer prefix (default `layers`) and the layer axis (default 0;
+MaxText scans on axis 1, its `param_scan_axis`). Every leaf under the prefix must have the same size
+on that axis, else the job stops naming the leaves and their sizes. Moments are split the same way.
 """
 
 from surgery_job.config import get_default_config
 
 
-def get_config(prefix: str = 'layers'):
+def get_config(arg: str = 'layers'):
+  prefix, _, axis = arg.partition(',')
   config = get_default_config()
   config.transforms = [
-      dict(op='unstack', pattern=rf'{prefix}/(.*)', replacement=rf'{prefix}_{{i}}/\1', axis=0),
+      dict(op='unstack', pattern=rf'{prefix}/(.*)', replacement=rf'{prefix}_{{i}}/\1',
+           axis=int(axis or 0)),
   ]
   return config

@@ -6,12 +6,15 @@
 # ARGS (e.g. --config=configs/identity.py --config.input.path=...) go to every process.
 #
 # Environment:
-#   SURGERY_JOB          command to run, split on spaces (default: "python3 -m surgery_job")
+#   SURGERY_JOB          command to run, split on spaces (default: the job the README installed:
+#                        REPO/.venv/bin/surgery-job, else surgery-job on PATH, else
+#                        python3 -m surgery_job where python3 can import it)
 #   DEVICES_PER_PROCESS  fake CPU devices per process (default: 4)
 #   PORT                 coordinator port (default: a free port)
 #   LOG_DIR              one log per process, process_$i.log (default: logs/local)
 #   GRACE_SECONDS        after the first failure, how long the others get before
 #                        SIGTERM (then SIGKILL 5 s later) (default: 60)
+#   TAIL_LINES           lines of a failed process's log to print (default: 20)
 #   DRY_RUN=1            print the N command lines and exit
 #
 # Exit code: the first non-zero exit code of any process, else 0. Needs bash >= 4.4.
@@ -31,12 +34,25 @@ n=$1; shift
 [[ ${1:-} == -- ]] && shift
 args=("$@")
 
-read -r -a job <<<"${SURGERY_JOB:-python3 -m surgery_job}"
-((${#job[@]})) || die "SURGERY_JOB is empty"
+# The job the README installed, unless SURGERY_JOB says otherwise.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -n ${SURGERY_JOB+set} ]]; then
+  read -r -a job <<<"$SURGERY_JOB"
+  ((${#job[@]})) || die "SURGERY_JOB is empty"
+elif [[ -x $repo/.venv/bin/surgery-job ]]; then
+  job=("$repo/.venv/bin/surgery-job")
+elif command -v surgery-job >/dev/null; then
+  job=(surgery-job)
+elif python3 -c 'import importlib.util, sys; sys.exit(not importlib.util.find_spec("surgery_job"))' 2>/dev/null; then
+  job=(python3 -m surgery_job)
+else
+  die "no surgery_job found: run 'make setup' (it makes $repo/.venv), or install the package, or set SURGERY_JOB"
+fi
 port=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 envs=("XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}" "JAX_PLATFORMS=cpu")
 log_dir=${LOG_DIR:-logs/local}
 grace=${GRACE_SECONDS:-60}
+tail_lines=${TAIL_LINES:-20}
 
 cmdline() {  # the full command line of process $1
   cmd=("${job[@]}" "${args[@]}" "--coordinator_address=127.0.0.1:$port" "--num_processes=$n" "--process_id=$1")
@@ -91,7 +107,8 @@ while ((running > 0)); do
     if ((killed)); then
       echo "local.sh: process $i stopped after the grace period (exit $rc), log: $log_dir/process_$i.log" >&2
     else
-      echo "local.sh: process $i failed with exit code $rc, log: $log_dir/process_$i.log" >&2
+      echo "local.sh: process $i failed with exit code $rc, log: $log_dir/process_$i.log; its last lines:" >&2
+      tail -n "$tail_lines" "$log_dir/process_$i.log" | sed 's/^/  | /' >&2
     fi
     if ((first_rc == 0)); then
       first_rc=$rc deadline=$((SECONDS + grace + 1))  # +1: SECONDS is whole seconds

@@ -81,21 +81,10 @@ def locate(path: str, step: Any, item: str | None) -> Location:
     if isinstance(step, int):
       raise SurgeryError(f'input.step is {step} but {root} is a single PyTree checkpoint')
     return Location(root, None, None)
-  folders = _step_folders(root)
-  if not folders:
+  committed, skipped = _scan_steps(root)
+  if not committed and not skipped:
     raise SurgeryError(f'input.path {root} is not an Orbax checkpoint: no _METADATA file and '
                        'no numbered step folders')
-  commit_files = any((p / COMMIT_FILE).is_file() for paths in folders.values() for p in paths)
-  committed, skipped = {}, {}
-  for number, paths in folders.items():
-    done = [p for p in paths if _uncommitted(p, commit_files) is None]
-    if len(done) > 1:
-      raise SurgeryError(f'step {number} of {root} has several folders: '
-                         f'{", ".join(sorted(p.name for p in done))}')
-    if done:
-      committed[number] = done[0]
-    else:
-      skipped[number] = f'{paths[0]} {_uncommitted(paths[0], commit_files)}'
   if step is None or step == 'latest':
     if not committed:
       raise SurgeryError(f'input.path {root} holds no committed step: {skipped[max(skipped)]}')
@@ -115,6 +104,49 @@ def locate(path: str, step: Any, item: str | None) -> Location:
   elif item not in items:
     raise SurgeryError(f'input.item {item!r} not found in step {step} of {root} (items: {items})')
   return Location(root, step, item, step_dir.name)
+
+
+def _scan_steps(root: Path) -> tuple[dict[int, Path], dict[int, str]]:
+  """({committed step: its folder}, {other step: why it is not committed}) of a CheckpointManager
+  directory."""
+  folders = _step_folders(root)
+  commit_files = any((p / COMMIT_FILE).is_file() for paths in folders.values() for p in paths)
+  committed, skipped = {}, {}
+  for number, paths in folders.items():
+    done = [p for p in paths if _uncommitted(p, commit_files) is None]
+    if len(done) > 1:
+      raise SurgeryError(f'step {number} of {root} has several folders: '
+                         f'{", ".join(sorted(p.name for p in done))}')
+    if done:
+      committed[number] = done[0]
+    else:
+      skipped[number] = f'{paths[0]} {_uncommitted(paths[0], commit_files)}'
+  return committed, skipped
+
+
+def committed_steps(root: Path) -> list[int]:
+  """The steps of a CheckpointManager directory that a reader may take, oldest first: finished
+  saves holding a PyTree item (see `_uncommitted`)."""
+  return sorted(_scan_steps(root)[0])
+
+
+def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[int | None]:
+  """The steps `input.step` names, oldest first: one spec for `locate` for each step to convert.
+  `exported(step)`: whether the output already has that step ('new' leaves those out)."""
+  if not isinstance(step, (list, tuple)) and step not in ('all', 'new'):
+    return [step]
+  root = Path(path).absolute()
+  if not root.is_dir() or _is_pytree(root):
+    raise SurgeryError(f'input.step={step!r} needs a CheckpointManager directory at input.path {root}')
+  committed = committed_steps(root)
+  if step == 'all':
+    return committed
+  if step == 'new':
+    return [s for s in committed if not exported(s)]
+  missing = sorted(set(step) - set(committed))
+  if missing:
+    raise SurgeryError(f'input.step {missing[0]} not found in {root} (committed steps: {committed})')
+  return sorted(set(step))
 
 
 def read_metadata(location: Location) -> Any:
@@ -223,6 +255,24 @@ class Writer:
     self.unit_dir, self.item, self.barrier = unit_dir, item, barrier
     # Partial saves write an item folder named `state` under the path they are given.
     self.partial = unit_dir if item is not None else unit_dir.with_name(unit_dir.name + '.partial')
+
+  @property
+  def _saves_dir(self) -> Path:
+    """Where Orbax keeps each partial save, one folder per save, until `finish` merges them."""
+    return self.partial.with_name(self.partial.name + '.partial_save')
+
+  def saves(self) -> set[str]:
+    """The partial saves that finished (Orbax wrote their commit file)."""
+    if not self._saves_dir.is_dir():
+      return set()
+    return {p.name for p in self._saves_dir.iterdir() if (p / COMMIT_FILE).is_file()}
+
+  def keep_only(self, names: set[str]) -> None:
+    """Deletes every partial save not in `names` (process 0): those of groups written again."""
+    if self._saves_dir.is_dir():
+      for save in self._saves_dir.iterdir():
+        if save.name not in names:
+          shutil.rmtree(save)
 
   def write(self, nested: Any) -> None:
     partial.save(self.partial, nested)

@@ -15,7 +15,9 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   config.input = ml_collections.ConfigDict()
   config.input.path = config_dict.placeholder(str)  # CheckpointManager dir or one PyTree checkpoint.
-  config.input.step = config_dict.placeholder(object)  # None or 'latest': the latest committed step.
+  # A step, a list of steps, None or 'latest' (the latest committed step), 'all' (every committed
+  # step) or 'new' (every committed step the output does not have yet).
+  config.input.step = config_dict.placeholder(object)
   config.input.item = config_dict.placeholder(str)  # None: the step's only item (e.g. 'default').
 
   config.output = ml_collections.ConfigDict()
@@ -24,6 +26,13 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.output.overwrite = False  # False: refuse an existing output (step).
   config.output.wait_seconds = 0.0  # How long to wait for another run that holds the output's lock.
   config.output.lock_timeout_seconds = 60.0  # A lock silent this long is taken over.
+  config.output.max_to_keep = config_dict.placeholder(int)  # Keep the newest N output steps.
+
+  # Follow a training run: convert each new committed input step as it appears.
+  config.watch = ml_collections.ConfigDict()
+  config.watch.enabled = False
+  config.watch.poll_seconds = 30.0
+  config.watch.idle_timeout_seconds = 3600.0  # Stop after this long with no new step.
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.shape = config_dict.placeholder(tuple)  # None: the saved mesh; -1 fills the rest.
@@ -61,8 +70,12 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   if budget is not None and budget <= 0:
     raise SurgeryError(f'config: memory.host_budget_gb must be positive, got {budget}')
   step = config.input.step
-  if not (step is None or step == 'latest' or _is_step(step)):
-    raise SurgeryError(f"config: input.step must be a step number, None or 'latest', got {step!r}")
+  if not (step in (None, 'latest', 'all', 'new') or _is_step(step) or (
+      isinstance(step, (list, tuple)) and step and all(_is_step(s) for s in step))):
+    raise SurgeryError("config: input.step must be a step number, a list of them, None, 'latest', "
+                       f"'all' or 'new', got {step!r}")
+  if config.output.max_to_keep is not None and config.output.max_to_keep < 1:
+    raise SurgeryError(f'config: output.max_to_keep must be at least 1, got {config.output.max_to_keep}')
   if config.output.step is not None and not _is_step(config.output.step):
     raise SurgeryError(f'config: output.step must be a step number (0 or more) or None, '
                        f'got {config.output.step!r}')

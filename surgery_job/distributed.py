@@ -10,6 +10,7 @@ job's: JAX ends a process with a C++ abort, the job with its exit code and one l
 """
 
 import atexit
+import itertools
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ ALIVE_DIR = 'surgery_job/alive/'
 POLL_SECONDS = 0.5
 EXIT_FAILED = 1
 _before_exit: list[Callable[[], None]] = []
+_agreements = itertools.count()
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
@@ -71,7 +73,7 @@ def agree(name: str, decide: Callable[[], Any], timeout_seconds: int) -> Any:
   if jax.process_count() == 1:
     return decide()
   client = ocp.multihost.get_jax_distributed_client()
-  key = f'surgery_job/agree/{name}'
+  key = f'surgery_job/agree/{next(_agreements)}/{name}'  # Every process agrees in the same order.
   if jax.process_index() == 0:
     try:
       outcome = {'value': decide()}
@@ -83,6 +85,16 @@ def agree(name: str, decide: Callable[[], Any], timeout_seconds: int) -> Any:
   if 'error' in outcome:
     raise SurgeryError(outcome['error'])
   return outcome['value']
+
+
+def wait_ready(tree: Any) -> Any:
+  """`jax.block_until_ready`, but polling: that one holds the GIL while it waits, so a watchdog
+  thread could not run while a computation waits for a process that died or hangs."""
+  leaves = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+            for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  while not all(x.is_ready() for x in leaves):
+    time.sleep(0.005)
+  return tree
 
 
 def before_exit(hook: Callable[[], None]) -> None:
@@ -114,7 +126,10 @@ def watch_for_failures(heartbeat_timeout_seconds: int) -> None:
 
   def watch():
     nonlocal last_contact
-    beats, seen = 0, {}  # seen: key -> (a process's last counter, when it changed here)
+    # key -> (a process's last counter, when it changed here); a process that never counts is
+    # taken for dead too.
+    seen = {f'{ALIVE_DIR}{i}': (None, last_contact) for i in range(jax.process_count())}
+    beats = 0
     while not stop.wait(POLL_SECONDS):
       beats += 1
       try:

@@ -9,9 +9,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (checkpoint, config as config_lib, distributed, faults, memory, output,
-                         plan as plan_lib, report as report_lib, sharding, stopping, transforms,
-                         tree, validate)
+from surgery_job import (checkpoint, config as config_lib, distributed, faults, keys, memory,
+                         output, plan as plan_lib, report as report_lib, sharding, stopping,
+                         transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
 
@@ -39,9 +39,73 @@ class Phases:
                    f' over {groups} groups' if groups > 1 else '')
 
 
-def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> dict | None:
-  """Runs the surgery `user_config` describes; returns its report (None for a dry run)."""
+def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> list[dict]:
+  """Runs the surgery `user_config` describes on each input step it names, one after another,
+  each committed on its own; returns their reports (none for a dry run)."""
   config = config_lib.resolve(user_config)
+  # 64-bit leaves (int64 counters, float64 numpy arrays) pass through bit for bit only with x64 on;
+  # every op names the dtypes it creates, so nothing else changes.
+  jax.config.update('jax_enable_x64', True)
+  out_root = Path(config.output.path).absolute() if config.output.path else None
+
+  def exported(step: int) -> bool:
+    """Whether the output has `step`, or had it and let it go (older than every step it keeps)."""
+    if out_root is None or not out_root.is_dir():
+      return False
+    kept = [int(p.name) for p in out_root.iterdir() if p.name.isdigit()]
+    keep = config.output.max_to_keep
+    return step in kept or (keep is not None and len(kept) >= keep and step < min(kept))
+
+  def agree_on_steps(step_spec):
+    return distributed.agree('steps', lambda: checkpoint.select_steps(
+        config.input.path, step_spec, exported), barrier_timeout_seconds)
+
+  if config.watch.enabled:
+    return _watch(config, barrier_timeout_seconds, agree_on_steps)
+  steps = agree_on_steps(config.input.step)
+  if len(steps) > 1 and config.output.step is not None:
+    raise SurgeryError(f'config: output.step is set but input.step names {len(steps)} steps')
+  if not steps and jax.process_index() == 0:
+    logging.info('Nothing to convert: every committed step of %s is in %s.', config.input.path,
+                 out_root)
+  return [report for step in steps
+          if (report := convert(config, step, barrier_timeout_seconds, len(steps) > 1))]
+
+
+def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
+  """Converts each new committed input step as it appears, until none has for the idle timeout."""
+  if config.input.step not in (None, 'new'):
+    raise SurgeryError(f"config: watch.enabled converts input.step='new', not {config.input.step!r}")
+  reports, idle_since = [], time.monotonic()
+  if jax.process_index() == 0:
+    logging.info('Watching %s for new committed steps every %.0f s.', config.input.path,
+                 config.watch.poll_seconds)
+  while True:
+    steps = agree_on_steps('new') if Path(config.input.path).exists() else []
+    for step in steps:
+      reports.append(convert(config, step, barrier_timeout_seconds, named=True))
+    if steps:
+      idle_since = time.monotonic()
+    elif time.monotonic() - idle_since >= config.watch.idle_timeout_seconds:
+      if jax.process_index() == 0:
+        logging.info('No new step for %.0f s: the watch ends.', config.watch.idle_timeout_seconds)
+      return reports
+    time.sleep(config.watch.poll_seconds)
+
+
+def convert(config, step, barrier_timeout_seconds: int, named: bool) -> dict | None:
+  """One input step converted and committed; `named`: errors say which step."""
+  stopping.check()
+  if named and jax.process_index() == 0:
+    logging.info('Converting input step %s.', step)
+  try:
+    return _convert(config, step, barrier_timeout_seconds)
+  except SurgeryError as e:
+    raise e.within(f'input step {step}') if named else e
+
+
+def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
+  """Runs the surgery on one input step: its report, or None for a dry run."""
 
   def barrier(name):
     distributed.barrier(f'surgery_job:{name}', barrier_timeout_seconds)
@@ -49,7 +113,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   phases = Phases()
 
   with phases('read'):
-    source = checkpoint.locate(config.input.path, config.input.step, config.input.item)
+    source = checkpoint.locate(config.input.path, step, config.input.item)
     skeleton = checkpoint.read_metadata(source)
     metadata = tree.flatten(skeleton)
     try:
@@ -68,8 +132,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
 
   with phases('plan'):
     # Each leaf is restored with the spec it was saved with, fitted to this job's mesh.
-    inputs = {k: sharding.abstract(m.shape, m.dtype, mesh, sharding.fit_spec(
-        sharding.saved_spec(m), m.shape, mesh, k)) for k, m in metadata.items()}
+    inputs = plan_lib.abstract_inputs(metadata, keys.implementations(source.item_dir, metadata), mesh)
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
 
@@ -86,28 +149,33 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   if jax.process_index() == 0:
     distributed.before_exit(claim.release)
   try:
-    done = distributed.agree('claim', lambda: claim.acquire(
+    state = distributed.agree('claim', lambda: claim.acquire(
         run_fingerprint, config.output.overwrite, config.output.wait_seconds),
         barrier_timeout_seconds)
-    if done:
+    if state == 'done':
       if jax.process_index() == 0:
         logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
                      source.item_dir, run_fingerprint[:12])
       return json.loads((target.unit / report_lib.REPORT).read_text())
     staging = claim.staging
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and state == 'start':
       staging.create(run_fingerprint)
     barrier('staged')
-    _write_and_validate(source, skeleton, inputs, plan, groups, staging.checkpoint, phases,
-                        barrier, budget_bytes)
+    reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
+                                 budget_bytes, staging.written_groups() if state == 'resume' else None)
     report = report_lib.build(config, plan, groups, source, target, phases.seconds,
                               run_fingerprint)
+    report['groups_reused'] = reused
+    report['bytes_read_this_run'] = sum(
+        plan.inputs_bytes(g.inputs) for i, g in enumerate(groups) if i not in reused)
     with phases('commit'), stopping.committing():
       if jax.process_index() == 0:
         report_lib.write(report, staging.checkpoint)
         claim.commit()
         faults.at('renamed')
       barrier('committed')
+    if jax.process_index() == 0 and config.output.max_to_keep and target.step is not None:
+      output.prune(target.root, config.output.max_to_keep, config.output.lock_timeout_seconds)
     report['seconds'] = phases.seconds
     return report
   finally:
@@ -115,14 +183,28 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
       claim.release()
 
 
-def _write_and_validate(source, skeleton, inputs, plan, groups, unit_dir: Path, phases, barrier,
-                        budget_bytes) -> None:
-  """Restores, transforms and writes each group into `unit_dir`, then reads it all back."""
+def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
+                        barrier, budget_bytes, written: dict | None) -> list[int]:
+  """Restores, transforms and writes each group into the staging folder, then reads it all back.
+  Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
+  are; returns their indices."""
   streamed = len(groups) > 1
-  writer = checkpoint.Writer(unit_dir, source.item, barrier)
+  writer = checkpoint.Writer(staging.checkpoint, source.item, barrier)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
-  expected = {}
+  resumed, written = written is not None, written or {}
+  expected, reused = {}, [i for i, g in enumerate(groups) if g.outputs in written]
+  if resumed:
+    if jax.process_index() == 0:
+      # A group saved but not on record (stopped in between) is written again: drop its save.
+      writer.keep_only({written[groups[i].outputs]['save'] for i in reused})
+      logging.info('Resuming: %d of %d groups were written by an earlier run (groups %s).',
+                   len(reused), len(groups), ', '.join(map(str, reused)) or 'none')
+    barrier('resumed')
   for index, group in enumerate(groups):
+    if index in reused:
+      expected.update(written[group.outputs]['digests'])
+      progress.advance(index, group.host_bytes)
+      continue
     if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
       logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
                       'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
@@ -134,13 +216,19 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, unit_dir: Path, 
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
       transform = plan_lib.transform_fn(plan, group)
-      computed = jax.block_until_ready(transform(restored)) if transform else {}
+      computed = distributed.wait_ready(transform(restored)) if transform else {}
     outputs = {k: computed[k] if plan.outputs[k].passthrough is None
                else restored[plan.outputs[k].passthrough] for k in group.outputs}
     del restored, computed  # Inputs that no output passes through are freed before the write.
     with phases('write', log=not streamed):
-      expected.update(validate.digests(outputs))
+      digests = validate.digests(outputs)
+      saves = writer.saves() if jax.process_index() == 0 else set()
       writer.write(tree.unflatten(outputs, skeleton))
+      barrier(f'group_{index}_written')
+      if jax.process_index() == 0:
+        staging.add_group(group.outputs, digests, *(writer.saves() - saves))
+      faults.at('group_written')
+    expected.update(digests)
     del outputs
     memory.release()
     progress.advance(index, group.host_bytes)
@@ -153,6 +241,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, unit_dir: Path, 
     barrier('written')
   with phases('validate'):
     _validate(item_dir, skeleton, plan, groups, expected)
+  return reused
 
 
 def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: dict) -> None:

@@ -109,8 +109,8 @@ def main(argv) -> None:
     if stopping.requested.is_set():
       # Whatever the stop interrupted failed because of it: the input is not at fault.
       logging.warning('Stopped by SIGTERM on process %d; %s.', jax.process_index(),
-                      'the output was committed' if stopping.finished.is_set()
-                      else 'nothing was committed')
+                      'everything was committed' if stopping.finished.is_set()
+                      else 'no output was left half-committed; run it again to finish')
       distributed.fail(stopping.exit_code(), 'stopped by SIGTERM')
     elif isinstance(e, SurgeryError):
       print(f'surgery-job: error: {e}', file=sys.stderr)

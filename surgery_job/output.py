@@ -31,25 +31,31 @@ import shutil
 import time
 from pathlib import Path
 
+from absl import logging
+
 from surgery_job import faults, lock as lock_lib
 from surgery_job.errors import SurgeryError
 from surgery_job.report import REPORT
 
 MARKER = 'SURGERY_JOB_STAGING'
+PARTIAL_SAVES = '.partial_save'  # Where Orbax's partial saves wait to be finalized.
 SUFFIX = '.orbax-checkpoint-tmp-surgery'
+DELETING = '.orbax-checkpoint-tmp-surgery-deleting'
+
+
+# Fields that change how a run goes, not the bits it writes.
+_NOT_THE_SURGERY = ('memory', 'dry_run', 'watch')
+_NOT_THE_OUTPUT = ('path', 'overwrite', 'wait_seconds', 'lock_timeout_seconds', 'max_to_keep')
 
 
 def fingerprint(config, input_location) -> str:
-  """What makes two runs the same surgery: the resolved input (its real path: a symlink to it is the
-  same input) and the config, less where the output goes and the memory budget (the output is the
-  same bits whatever the budget)."""
-  fields = config.to_dict()
-  fields.pop('memory', None)
+  """What makes two runs the same surgery: the resolved input step (its real path: a symlink to it is
+  the same input) and the config, less where the output goes and how the run goes (the memory
+  budget, the lock, the watch: same bits)."""
+  fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_THE_SURGERY}
   fields['input'] = {'path': os.path.realpath(input_location.root), 'step': input_location.step,
                      'item': input_location.item}
-  fields['output'] = {k: v for k, v in fields['output'].items()
-                      if k not in ('path', 'overwrite', 'wait_seconds', 'lock_timeout_seconds')}
-  fields.pop('dry_run', None)
+  fields['output'] = {k: v for k, v in fields['output'].items() if k not in _NOT_THE_OUTPUT}
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -95,16 +101,51 @@ class Staging:
   def displaced(self) -> Path:
     return self.root / 'replaced'
 
-  def recover(self) -> None:
-    """Removes what an earlier run left, first putting back an output it had moved aside."""
+  @property
+  def record(self) -> Path:
+    """The groups written so far, with their digests, for a run that resumes."""
+    return self.root / 'groups.json'
+
+  def recover(self, run_fingerprint: str) -> bool:
+    """Deals with what an earlier run left: an output it had moved aside is put back; its groups
+    are kept when that run was this same surgery, stopped while writing groups (returns True);
+    anything else is removed."""
     if not self.root.exists():
-      return
+      return False
     if not (self.root / MARKER).is_file() and any(self.root.iterdir()):
       raise SurgeryError(f'{self.root} exists but was not made by surgery_job; remove it or '
                          'choose another output.path')
     if self.displaced.exists() and not self.unit.exists():
       self.displaced.rename(self.unit)
+    if self._resumable(run_fingerprint):
+      return True
     self.remove()
+    return False
+
+  def _resumable(self, run_fingerprint: str) -> bool:
+    try:
+      marker = json.loads((self.root / MARKER).read_text())
+    except (OSError, ValueError):
+      return False
+    # Only finished group saves, the record and the marker: nothing was finalized yet.
+    return (marker.get('fingerprint') == run_fingerprint and self.record.is_file() and
+            all(p.name in (MARKER, self.record.name) or p.name.endswith(PARTIAL_SAVES)
+                for p in self.root.iterdir()))
+
+  def written_groups(self) -> dict[tuple[str, ...], dict]:
+    """{group outputs: {'digests': ..., 'save': its partial save}} of the groups on record."""
+    groups = {}
+    for line in self.record.read_text().splitlines():
+      entry = json.loads(line)
+      entry['digests'] = {k: (tuple(shape), dtype, tuple(sums))
+                          for k, (shape, dtype, sums) in entry['digests'].items()}
+      groups[tuple(entry['outputs'])] = entry
+    return groups
+
+  def add_group(self, outputs: tuple[str, ...], digests: dict, save: str) -> None:
+    """Records a group whose partial save finished (one JSON line, appended)."""
+    with self.record.open('a') as record:
+      record.write(json.dumps({'outputs': list(outputs), 'digests': digests, 'save': save}) + '\n')
 
   def remove(self) -> None:
     """Deletes the staging folder, its marker last: a folder interrupted midway stays ours."""
@@ -118,6 +159,7 @@ class Staging:
     self.root.mkdir(parents=True)
     (self.root / MARKER).write_text(json.dumps(
         {'fingerprint': run_fingerprint, 'created': time.time(), 'pid': os.getpid()}))
+    self.record.touch()
 
   def commit(self) -> None:
     """Renames the validated checkpoint to the unit; an older output goes only now."""
@@ -138,8 +180,9 @@ class Claim:
     self.lock = lock_lib.Lock(target.unit, timeout_seconds)
     self.made_root = False
 
-  def acquire(self, run_fingerprint: str, overwrite: bool, wait_seconds: float) -> bool:
-    """Locks, recovers and decides; True when the unit already holds this surgery."""
+  def acquire(self, run_fingerprint: str, overwrite: bool, wait_seconds: float) -> str:
+    """Locks, recovers and decides: 'done' when the unit already holds this surgery, 'resume' when
+    an earlier run of it left groups to go on from, else 'start'."""
     root = self.target.root
     if root.exists() and not root.is_dir():
       raise SurgeryError(f'output.path {root} is a file')
@@ -148,18 +191,19 @@ class Claim:
                          'CheckpointManager directory for step folders')
     self.made_root = self.target.step is not None and not root.exists()
     self.lock.acquire(wait_seconds)
-    self.staging.recover()
+    resumable = self.staging.recover(run_fingerprint)
     unit = self.target.unit
-    if not unit.exists():
-      return False
-    found = existing_fingerprint(unit)
-    if found == run_fingerprint:
-      return True
-    if not overwrite:
-      raise SurgeryError(f'{self.target} exists' + (
-          f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
-          if found else '') + '; set output.overwrite=True to replace it')
-    return False
+    if unit.exists():
+      found = existing_fingerprint(unit)
+      if found == run_fingerprint:
+        if resumable:
+          self.staging.remove()
+        return 'done'
+      if not overwrite:
+        raise SurgeryError(f'{self.target} exists' + (
+            f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
+            if found else '') + '; set output.overwrite=True to replace it')
+    return 'resume' if resumable else 'start'
 
   def commit(self) -> None:
     if not self.lock.held():
@@ -174,3 +218,23 @@ class Claim:
         self.target.root.rmdir()
       except OSError:
         pass
+
+
+def prune(root: Path, keep: int, lock_timeout_seconds: float) -> None:
+  """Deletes all but the newest `keep` step folders of the output directory `root`. A step goes in
+  one rename out of readers' sight, then is deleted; a step another run holds is left alone."""
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+  for step in steps[:-keep]:
+    unit = root / str(step)
+    step_lock = lock_lib.Lock(unit, lock_timeout_seconds)
+    try:
+      step_lock.acquire(wait_seconds=0)
+    except SurgeryError:
+      continue
+    try:
+      unit.rename(unit.with_name(unit.name + DELETING))
+    finally:
+      step_lock.release()
+    logging.info('Deleted output step %d (output.max_to_keep=%d).', step, keep)
+  for deleting in root.glob('*' + DELETING):  # Those of this run, and of runs killed midway.
+    shutil.rmtree(deleting, ignore_errors=True)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from surgery_job import sharding, storage, transforms, tree
+from surgery_job import keys, sharding, storage, transforms, tree
 from surgery_job.errors import SurgeryError
 from surgery_job.transforms import Leaf, State
 
@@ -43,7 +43,7 @@ class Group:
 def host_bytes(x: jax.ShapeDtypeStruct) -> int:
   """Bytes of `x` held on this host: each addressable shard (on CPU devices, each one in RAM)."""
   shards = len(x.sharding.addressable_devices_indices_map(tuple(x.shape)))
-  return shards * math.prod(x.sharding.shard_shape(tuple(x.shape))) * jnp.dtype(x.dtype).itemsize
+  return shards * math.prod(x.sharding.shard_shape(tuple(x.shape))) * x.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,12 @@ class Plan:
 
   @property
   def bytes_read(self) -> int:
-    return sum(math.prod(self.inputs[k].shape) * self.inputs[k].dtype.itemsize for k in self.needed)
+    return self.inputs_bytes(self.needed)
+
+  def inputs_bytes(self, keys) -> int:
+    """Bytes of the input leaves `keys` on disk (their global size)."""
+    return sum(math.prod(self.inputs[k].shape) * self.inputs[k].dtype.itemsize
+               for k in keys)
 
   @property
   def bytes_written(self) -> int:
@@ -119,9 +124,25 @@ class Plan:
     return [Group(tuple(keys), tuple(inputs_of(keys)), size) for keys, size in packed]
 
 
+def abstract_inputs(metadata: dict[str, Any], key_impls: dict[str, str],
+                    mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """Every input leaf as it is restored: with its saved spec fitted to `mesh`, and a typed PRNG key
+  (`key_impls`) with its key dtype and logical shape, its key data's trailing axes dropped."""
+  inputs = {}
+  for key, meta in metadata.items():
+    shape, dtype = tuple(meta.shape), meta.dtype
+    spec = sharding.fit_spec(sharding.saved_spec(meta), shape, mesh, key)
+    if key in key_impls:
+      dtype = keys.key_dtype(key_impls[key])
+      shape = shape[:len(shape) - keys.data_ndim(dtype)]
+      spec = PartitionSpec(*tuple(spec)[:len(shape)])
+    inputs[key] = sharding.abstract(shape, dtype, mesh, spec)
+  return inputs
+
+
 def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None) -> dict[str, Leaf]:
   params, mirrors, others = layout.split(inputs)
-  state = transforms.apply(plan_ops, State(params, mirrors, others), touched)
+  state = transforms.apply(plan_ops, State(params, mirrors, others, layout.params_root), touched)
   return assemble(layout, state)
 
 
@@ -157,7 +178,8 @@ def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct],
     source = passthrough.get(key)
     if source is not None and in_specs[source] != spec:
       source = None
-    outputs[key] = OutputLeaf(tuple(shape), jnp.dtype(dtype), spec, tuple(sorted(sources[key])), source)
+    dtype = dtype if keys.is_key(dtype) else jnp.dtype(dtype)
+    outputs[key] = OutputLeaf(tuple(shape), dtype, spec, tuple(sorted(sources[key])), source)
   _check_writable(outputs)
   return Plan(mesh, layout, ops, inputs, outputs, [(label, _diff(layout, a, b)) for label, a, b in steps])
 

@@ -3,8 +3,8 @@
 Python runs a signal handler only once the main thread is back in Python code, which a long XLA
 call or a barrier can put off for minutes. So the C-level handler also writes the signal into a
 pipe (`signal.set_wakeup_fd`), and a thread that reads it at once bounds the stop: after
-`stop_timeout_seconds` it ends the process itself. A SIGTERM during the commit lets the commit
-finish; one after the commit, or after a run that had nothing to do, ends the run as done (0).
+`stop_timeout_seconds` it ends the process itself. A SIGTERM during a commit lets it finish, and
+the run stops before its next step; once the run has nothing left to do, it ends as done (0).
 """
 
 import contextlib
@@ -19,7 +19,7 @@ EXIT_DONE = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped, nothing committed; run it again.
 
 requested = threading.Event()
-finished = threading.Event()  # The output is committed, or there was nothing to do.
+finished = threading.Event()  # Every output is committed, or there was nothing to do.
 _commit = threading.Lock()  # Held for the whole commit, so that a forced stop waits for it.
 _in_commit = False
 
@@ -63,7 +63,7 @@ def _note() -> None:
     if not requested.is_set():
       requested.set()
       logging.warning('SIGTERM received (preemption?): stopping%s.',
-                      '' if finished.is_set() else '; nothing will be committed')
+                      '' if finished.is_set() else ' before the next commit')
 
 
 def _raise(signum, frame) -> None:
@@ -73,14 +73,19 @@ def _raise(signum, frame) -> None:
     raise Preempted()
 
 
+def check() -> None:
+  """Stops here if SIGTERM came during the last commit."""
+  if requested.is_set():
+    raise Preempted()
+
+
 @contextlib.contextmanager
 def committing():
-  """The commit: SIGTERM waits for it to end, and the run counts as done once it has."""
+  """A commit: a SIGTERM waits for it to end (`check` stops the run after it)."""
   global _in_commit  # pylint: disable=global-statement
   with _commit:
     _in_commit = True
     try:
       yield
-      finished.set()
     finally:
       _in_commit = False

@@ -1,8 +1,9 @@
 """The checkpoint tree as '/'-joined keys, and where its params and their optimizer mirrors live.
 
 Keys follow the Flax model-surgery guide: `params/Conv_0/kernel`, `opt_state/0/mu/Conv_0/kernel`, `step`.
-A mirror is any subtree outside the params whose keys equal the params' keys (optax `mu`, `nu`,
-`trace`, ...): structural ops apply to mirrors as they apply to params.
+A mirror is any outermost subtree outside the params whose keys are params' keys (optax `mu`, `nu`,
+`trace`, ...; an NNX optimizer's moments cover the `nnx.Param`s only, not rng state or batch
+stats): structural ops apply to mirrors as they apply to params.
 """
 
 import dataclasses
@@ -86,5 +87,7 @@ def find_layout(keys: list[str], params_root: str | None) -> Layout:
     parts = key.split(SEP)
     for depth in range(1, len(parts)):
       under.setdefault(SEP.join(parts[:depth]), set()).add(SEP.join(parts[depth:]))
-  mirror_roots = tuple(sorted(root for root, rels in under.items() if rels == param_keys))
+  candidates = {root for root, rels in under.items() if rels <= param_keys}
+  mirror_roots = tuple(sorted(root for root in candidates if not any(
+      relative(root, other) for other in candidates if other != root)))
   return Layout(params_root, mirror_roots)

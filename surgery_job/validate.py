@@ -11,9 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from surgery_job import distributed, keys
+
 
 def _words(x: jax.Array) -> jax.Array:
-  """The raw bits of `x` as uint32, in its own shape (8-byte items: a trailing axis of 2)."""
+  """The raw bits of `x` as uint32, in its own shape (8-byte items: a trailing axis of 2; typed
+  PRNG keys: their key data)."""
+  x = keys.data(x)
   if jnp.issubdtype(x.dtype, jnp.complexfloating):
     x = jnp.stack([x.real, x.imag], axis=-1)
   if x.dtype == jnp.bool_:
@@ -43,8 +47,9 @@ def _digest(x: jax.Array) -> jax.Array:
 def digests(arrays: dict[str, jax.Array]) -> dict[str, tuple]:
   """{key: (shape, dtype, checksums)} of each array; every process gets the same values."""
   # One small program per leaf shape, dtype and sharding, reused from jit's cache by every leaf
-  # alike: a single program over all leaves took minutes to compile for 10,000 of them.
-  sums = {k: _digest(x) for k, x in arrays.items()}
+  # alike: a single program over all leaves took minutes to compile for 10,000 of them. Converting
+  # to numpy would hold the GIL for as long as the cross-process sums take.
+  sums = distributed.wait_ready({k: _digest(x) for k, x in arrays.items()})
   # Each result is replicated: every process holds a full copy.
   return {k: (arrays[k].shape, arrays[k].dtype.name, tuple(np.asarray(sums[k].addressable_data(0)).tolist()))
           for k in arrays}

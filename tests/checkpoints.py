@@ -67,9 +67,21 @@ def save_manager(path, state: dict, step: int = 3) -> None:
 
 
 def flat_numpy(tree) -> dict[str, np.ndarray]:
-  """'/'-joined keys to host numpy arrays, the way the Flax surgery guide flattens."""
+  """'/'-joined keys to host numpy arrays, the way the Flax surgery guide flattens; a typed PRNG
+  key becomes its key data (`key_dtypes` tells which leaves were keys)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(x) for p, x in leaves}
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): np.asarray(
+      jax.random.key_data(x) if is_key(x) else x) for p, x in leaves}
+
+
+def is_key(x) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key)
+
+
+def key_dtypes(tree) -> dict[str, str]:
+  """{key: 'key<impl>'} of the typed PRNG key leaves of `tree`."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): str(x.dtype) for p, x in leaves if is_key(x)}
 
 
 def restore_plain(item_dir, mesh: Mesh | None = None) -> dict:

@@ -36,6 +36,17 @@ CASES = {
                                              target='fused')]}, [],
                         "op 0 (concat): cannot combine into 'fused': mismatched shapes or dtypes: "
                         'embed/embedding (16, 8) float32, head/kernel (8, 12) float32'),
+    'unstack_layer_counts_differ': (
+        {'transforms': [dict(op='unstack', pattern='layers_0/mlp/(.*)', replacement=r'layers_0/mlp_{i}/\1')]}, [],
+        'op 0 (unstack): unstack on axis 0: the leaves it matches do not agree on one layer count: '
+        '16 layers: layers_0/mlp/bias; 8 layers: layers_0/mlp/kernel'),
+    'stack_count': ({'transforms': [dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2', count=4)]}, [],
+                    'op 0 (stack): stack on axis 0: the leaves it matches do not agree on count=4: 3 layers: '
+                    'layers/attn/qkv/kernel, layers/mlp/bias, layers/mlp/kernel'),
+    'full_key_out_of_params_root': (
+        {'transforms': [dict(op='rename', pattern='/params/(head/.*)', replacement=r'/\1')]}, [],
+        "op 0 (rename): '/head/bias' would leave params_root 'params', but optimizer state "
+        '(opt_state/0/mu) follows it; add drop_optimizer first'),
     'unknown_dtype': ({'transforms': [dict(op='cast', pattern='.*', dtype='float13')]}, [],
                       "op 0 (cast): unknown dtype 'float13'"),
     'mesh_does_not_fit': ({'transforms': [], 'mesh': {'shape': (3, 4), 'axes': ('data', 'model')}}, [],

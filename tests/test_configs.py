@@ -80,3 +80,18 @@ def test_fuse_qkv(layered, tmp_path):
   for key in x:
     np.testing.assert_array_equal(got[key], x[key], err_msg=key)
   assert specs['params/layers_0/attn/qkv/kernel'] == P(None, 'model')
+
+
+def test_scan_and_unscan_on_axis_1(layered, tmp_path):
+  in_path, x = layered
+  scanned, _ = run_config('scan_layers', in_path, tmp_path / 'scanned', 'layers,1')
+  assert scanned['params/layers/mlp/kernel'].shape == (8, 3, 16)
+  # Unscanning on the wrong axis would give each leaf another layer count: an error naming them.
+  result = run_job(CONFIGS / 'unscan_layers.py', f'--config.input.path={tmp_path / "scanned"}',
+                   f'--config.output.path={tmp_path / "wrong"}')
+  assert result.returncode == 2 and 'do not agree on one layer count: 8 layers: layers/attn/qkv/kernel, ' \
+      'layers/mlp/kernel; 16 layers: layers/mlp/bias' in result.stderr.strip().splitlines()[-1]
+  unscanned, _ = run_config('unscan_layers', tmp_path / 'scanned', tmp_path / 'unscanned', 'layers,1')
+  assert sorted(unscanned) == sorted(x)
+  for key in x:
+    np.testing.assert_array_equal(unscanned[key], x[key], err_msg=key)

@@ -2,22 +2,23 @@
 ops, bad paths, bad meshes, map functions that raise, fail to import or return non-arrays.
 
 Each must end as the command line promises: exit 0 with an output plain Orbax restores, or exit 2
-with one `surgery-job: error:` line, no traceback and nothing at or beside output.path. Nearly all
-fail before any data moves, so they run here, in this process, through the entry points the
-command line uses: `config.with_defaults` (flag parsing) then `job.run`. There a SurgeryError is
-exit 2 and any other exception would be exit 1 with a traceback. `test_each_route_end_to_end` runs
-one config of each route as the real command.
+with one `surgery-job: error:` line, no traceback and nothing at or beside output.path. The
+refused ones fail before any data moves, so they run here, in this process, through the entry
+points the command line uses: `config.with_defaults` (flag parsing) then `job.run`. There a
+SurgeryError is exit 2 and any other exception would be exit 1 with a traceback. The valid ones,
+and one config of each route the error takes, run as the real command.
 """
 
 import inspect
 import typing
 from pathlib import Path
 
+import jax
 import ml_collections
 import pytest
 
 import checkpoints
-from jobs import run_job, write_config
+from jobs import ok, run_job, write_config
 from surgery_job import config as config_lib, job, transforms
 from surgery_job.errors import SurgeryError
 from test_bad_input import assert_bad_input, digest
@@ -168,7 +169,9 @@ FIELD_CASES = {
     'input_step_negative': ({'input': {'step': -1}}, 'input.step'),
     'input_step_float': ({'input': {'step': 2.5}}, 'input.step'),
     'input_step_word': ({'input': {'step': 'earliest'}}, 'input.step'),
-    'input_step_list': ({'input': {'step': [3]}}, 'input.step'),
+    'input_step_list': ({'input': {'step': [3, 'x']}}, 'input.step'),
+    'input_step_list_missing': ({'input': {'step': [3, 9]}}, 'input.step 9 not found'),
+    'input_step_empty_list': ({'input': {'step': []}}, 'input.step'),
     'input_step_missing': ({'input': {'step': 9}}, 'input.step 9 not found'),
     'input_item_number': ({'input': {'item': 3}}, 'input.item'),
     'input_item_missing': ({'input': {'item': 'nope'}}, "input.item 'nope' not found"),
@@ -247,6 +250,13 @@ def _path_cases(tmp_path: Path, in_path: Path) -> dict[str, tuple[dict, str]]:
   }
 
 
+@pytest.fixture(autouse=True)
+def keep_x64_off():
+  """job.run turns on 64-bit JAX for the process; other tests in this process expect it off."""
+  yield
+  jax.config.update('jax_enable_x64', False)
+
+
 def outcome(fields: dict) -> str:
   """'ok', or the error line: `fields` run as the command line runs a config file's ConfigDict."""
   try:
@@ -316,8 +326,8 @@ def test_hostile_path(name, layered, tmp_path):
 @pytest.mark.parametrize('name', list(VALID_CASES))
 def test_hostile_but_valid_config(name, layered, tmp_path):
   out = tmp_path / 'out'
-  base = {'input': {'path': str(layered[0])}, 'output': {'path': str(out)}}
-  assert outcome(_layered_over(base, VALID_CASES[name])) == 'ok'
+  ok(run_job(write_config(tmp_path, VALID_CASES[name]), f'--config.input.path={layered[0]}',
+             f'--config.output.path={out}'))
   step = VALID_CASES[name].get('output', {}).get('step', 3)
   restored = checkpoints.flat_numpy(checkpoints.restore_plain(out / str(step) / 'default'))
   assert restored.keys() == layered[1].keys()

@@ -22,7 +22,7 @@ def _run(cmd, timeout=30, **env):
 
 
 def test_scripts_found():
-  assert {p.name for p in SCRIPTS} == {'local.sh', 'slurm.sbatch', 'tpu_vm.sh'}
+  assert {p.name for p in SCRIPTS} == {'local.sh', 'mpirun.sh', 'slurm.sbatch', 'tpu_vm.sh'}
 
 
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
@@ -32,7 +32,8 @@ def test_bash_syntax(script):
 
 
 def test_local_dry_run():
-  result = _run(['bash', str(LAUNCH / 'local.sh'), '2', '--', *ARGS], DRY_RUN='1')
+  result = _run(['bash', str(LAUNCH / 'local.sh'), '2', '--', *ARGS], DRY_RUN='1',
+                SURGERY_JOB='python3 -m surgery_job')
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert len(lines) == 2, result.stdout
@@ -58,6 +59,63 @@ def test_local_dry_run_env_overrides():
   assert all('/venv/bin/python -m surgery_job --config=c.py' in line for line in lines)
 
 
+def _copy_of_launch(tmp_path, venv: bool, on_path: bool) -> tuple[pathlib.Path, dict]:
+  """launch/ copied into a fresh repo, with or without a .venv/bin/surgery-job and one on PATH."""
+  repo = tmp_path / 'repo'
+  shutil.copytree(LAUNCH, repo / 'launch')
+  bin_dirs = [repo / '.venv' / 'bin'] if venv else []
+  bin_dirs += [tmp_path / 'bin'] if on_path else []
+  for bin_dir in bin_dirs:
+    bin_dir.mkdir(parents=True)
+    (bin_dir / 'surgery-job').write_text('#!/bin/sh\n')
+    (bin_dir / 'surgery-job').chmod(0o755)
+  # A PATH whose python3 cannot import surgery_job (no venv of the project on it).
+  env = {'PATH': os.pathsep.join([str(tmp_path / 'bin'), '/usr/bin', '/bin']), 'DRY_RUN': '1'}
+  return repo, env
+
+
+@pytest.mark.parametrize('script', ['local.sh', 'mpirun.sh'])
+@pytest.mark.parametrize('venv,on_path,want', [
+    (True, True, '{repo}/.venv/bin/surgery-job --x=1'),
+    (False, True, 'surgery-job --x=1'),
+])
+def test_finds_the_installed_job(script, venv, on_path, want, tmp_path):
+  repo, env = _copy_of_launch(tmp_path, venv, on_path)
+  result = subprocess.run(['bash', str(repo / 'launch' / script), '2', '--', '--x=1'],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != 'SURGERY_JOB'} | env)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines and all(want.format(repo=repo) in line for line in lines), lines
+  explicit = subprocess.run(['bash', str(repo / 'launch' / script), '2', '--', '--x=1'],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env={**os.environ, **env, 'SURGERY_JOB': '/my/python -m surgery_job'})
+  assert all('/my/python -m surgery_job --x=1' in line for line in explicit.stdout.splitlines())
+
+
+def test_slurm_finds_the_job_installed_in_the_submit_directory(tmp_path):
+  # sbatch runs a copy of the script from its spool directory: the submit directory is the repo.
+  repo, env = _copy_of_launch(tmp_path, venv=True, on_path=True)
+  copy = tmp_path / 'spool' / 'slurm_script'
+  copy.parent.mkdir()
+  shutil.copy(repo / 'launch' / 'slurm.sbatch', copy)
+  result = subprocess.run(['bash', str(copy), '--x=1'], capture_output=True, text=True, timeout=30,
+                          cwd=repo, env={k: v for k, v in os.environ.items() if k != 'SURGERY_JOB'}
+                          | env | {'SLURM_SUBMIT_DIR': str(repo)})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.rstrip().endswith(f'{repo}/.venv/bin/surgery-job --x=1'), result.stdout
+
+
+@pytest.mark.parametrize('script', ['local.sh', 'mpirun.sh'])
+def test_says_how_to_install_when_no_job_is_found(script, tmp_path):
+  repo, env = _copy_of_launch(tmp_path, venv=False, on_path=False)
+  result = subprocess.run(['bash', str(repo / 'launch' / script), '2', '--', '--x=1'],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != 'SURGERY_JOB'} | env)
+  assert result.returncode == 2
+  assert 'make setup' in result.stderr and 'SURGERY_JOB' in result.stderr, result.stderr
+
+
 def test_local_rejects_bad_n():
   result = _run(['bash', str(LAUNCH / 'local.sh'), 'two'], DRY_RUN='1')
   assert result.returncode == 2
@@ -65,7 +123,8 @@ def test_local_rejects_bad_n():
 
 
 def test_slurm_dry_run():
-  result = _run(['bash', str(LAUNCH / 'slurm.sbatch'), '--', *ARGS], DRY_RUN='1')
+  result = _run(['bash', str(LAUNCH / 'slurm.sbatch'), '--', *ARGS], DRY_RUN='1',
+                SURGERY_JOB='python3 -m surgery_job')
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert len(lines) == 1
@@ -73,6 +132,20 @@ def test_slurm_dry_run():
   assert '%x-%j-%t.log' in lines[0]
   assert lines[0].endswith('python3 -m surgery_job --config=c.py --config.input.path=/a')
   assert '--coordinator_address' not in lines[0]
+
+
+def test_mpirun_dry_run():
+  result = _run(['bash', str(LAUNCH / 'mpirun.sh'), '2', '--', *ARGS], DRY_RUN='1',
+                SURGERY_JOB='python3 -m surgery_job', SURGERY_JOB_FAULT='transform@1')
+  assert result.returncode == 0, result.stderr
+  [line] = result.stdout.splitlines()
+  assert line.startswith('mpirun -np 2 --oversubscribe ')
+  assert '-x SURGERY_JOB_FAULT' in line
+  assert line.endswith("logs/mpirun python3 -m surgery_job --config=c.py --config.input.path=/a")
+  assert '--coordinator_address' not in line
+  hosts = _run(['bash', str(LAUNCH / 'mpirun.sh'), '8', *ARGS], DRY_RUN='1',
+               MPIRUN_ARGS='--hostfile hosts --map-by ppr:1:node')
+  assert hosts.stdout.startswith('mpirun -np 8 --hostfile hosts --map-by ppr:1:node '), hosts.stdout
 
 
 def test_tpu_vm_dry_run():
@@ -120,6 +193,7 @@ import sys, time
 process_id = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--process_id='))
 print('fake job', process_id, ' '.join(sys.argv[1:]), flush=True)
 if process_id == '1':
+  print('the reason it failed', file=sys.stderr)
   sys.exit(3)
 time.sleep(300)
 '''
@@ -143,6 +217,7 @@ def test_local_stops_all_on_first_failure(tmp_path):
   assert result.returncode == 3, output
   assert elapsed < 20, elapsed
   assert re.search(r'process 1 failed with exit code 3.*process_1\.log', output), output
+  assert '  | the reason it failed' in result.stderr  # the end of its log, not only its path
   assert 'fake job 0 --config=c.py' in result.stdout  # process 0 is echoed to the terminal
   assert sorted(p.name for p in log_dir.iterdir()) == [f'process_{i}.log' for i in range(3)]
   for i in range(3):

@@ -228,3 +228,41 @@ def test_a_staging_folder_it_did_not_make_is_left_alone(layered, baseline, tmp_p
   result = run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={out}')
   assert_bad_input(result, f'{staging} exists but was not made by surgery_job')
   assert (staging / 'mine.txt').read_text() == 'not yours'
+
+
+STREAMED = '--config.memory.host_budget_gb=4e-6'  # Many groups of the 15 KB checkpoint.
+
+
+@pytest.mark.parametrize('stop', [signal.SIGKILL, signal.SIGTERM])
+def test_a_stopped_run_resumes_from_the_groups_it_wrote(stop, layered, baseline, tmp_path):
+  config, want = baseline
+  in_path, _ = layered
+  out, unit, staging = paths(tmp_path)
+  process = start_paused(config, in_path, out, 'group_written', tmp_path / 'paused', STREAMED)
+  process.send_signal(stop)
+  process.wait(timeout=60)
+  assert process.returncode == (-signal.SIGKILL if stop == signal.SIGKILL else 75)
+  assert visible_steps(out) == [] and staging.exists()
+  rerun = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}', STREAMED)
+  ok(rerun)
+  assert 'groups were written by an earlier run (groups 0)' in rerun.stderr
+  report = json.loads((unit / 'surgery_report.json').read_text())
+  assert report['groups_reused'] == [0]
+  assert 0 < report['bytes_read_this_run'] < report['bytes_read']
+  assert_same(values(out), want)  # The same bits as the uninterrupted run's.
+  assert not staging.exists()
+
+
+def test_another_surgery_discards_the_groups_a_stopped_run_wrote(layered, tmp_path):
+  in_path, _ = layered
+  out, _, staging = paths(tmp_path)
+  process = start_paused(write_config(tmp_path, {'transforms': TRANSFORMS}), in_path, out,
+                         'group_written', tmp_path / 'paused', STREAMED)
+  process.kill()
+  process.wait(timeout=60)
+  other = run_job(write_config(tmp_path, {'transforms': OTHER_TRANSFORMS}, name='other.py'),
+                  f'--config.input.path={in_path}', f'--config.output.path={out}', STREAMED)
+  ok(other)
+  assert 'Resuming' not in other.stderr
+  assert not any(k.startswith('params/head/') for k in values(out))
+  assert not staging.exists()

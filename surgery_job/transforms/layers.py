@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 
 from surgery_job.errors import SurgeryError
 from surgery_job.transforms.core import (Leaf, Op, State, Tree, check_mirror_shapes, expand, matches,
-                                         normalize_axis, structural)
+                                         normalize_axis, structural, whole_tree)
 
 
 def _spec_entries(leaf: Leaf, ndim: int) -> list | None:
@@ -19,7 +19,16 @@ def _spec_entries(leaf: Leaf, ndim: int) -> list | None:
 
 
 def _merge(tree: Tree, groups: dict[str, list[str]], combine) -> Tree:
-  """Replaces each group's keys by `combine(leaves)` under the group's target, where its first key was."""
+  """Replaces each group's keys by `combine(leaves)` under the group's target, where its first key was.
+
+  An optimizer mirror may hold state for only some params (NNX moments of `nnx.Param`s only): a group
+  it holds none of is skipped; one it holds part of cannot be combined."""
+  held = {target: [k for k in keys if k in tree] for target, keys in groups.items()}
+  for target, keys in held.items():
+    if keys and len(keys) < len(groups[target]):
+      raise SurgeryError(f'optimizer state holds {keys[0]!r} but not all the parts of {target!r}; '
+                         'add drop_optimizer first')
+  groups = {target: keys for target, keys in groups.items() if held[target]}
   first = {keys[0]: target for target, keys in groups.items()}
   consumed = {key for keys in groups.values() for key in keys}
   out = {}
@@ -46,7 +55,23 @@ def _check_same(state: State, keys: Sequence[str], target: str, skip_axis: int |
     raise SurgeryError(f'cannot combine into {target!r}: mismatched shapes or dtypes: {found}')
 
 
-def stack(pattern: str, replacement: str, axis: int = 0, allow_empty: bool = False) -> Op:
+def _check_count(sizes: dict[str, int], count: int | None, op: str, axis: int) -> None:
+  """Every leaf one stack or unstack matches must have the same number of layers (`count` if set):
+  unstacking on the wrong axis otherwise gives each leaf a different, silent, layer count."""
+  if not sizes or set(sizes.values()) == {count if count is not None else next(iter(sizes.values()))}:
+    return
+  by_size: dict[int, list[str]] = {}
+  for key, size in sizes.items():
+    by_size.setdefault(size, []).append(key)
+  found = '; '.join(f'{size} layers: {", ".join(keys[:3])}' + (
+      f' (+{len(keys) - 3} more)' if len(keys) > 3 else '') for size, keys in by_size.items())
+  wanted = f'count={count}' if count is not None else 'one layer count'
+  raise SurgeryError(f'{op} on axis {axis}: the leaves it matches do not agree on {wanted}: {found}')
+
+
+@whole_tree
+def stack(pattern: str, replacement: str, axis: int = 0, count: int | None = None,
+          allow_empty: bool = False) -> Op:
   def apply(state: State) -> State:
     layers: dict[str, dict[int, str]] = {}
     for key, match in matches(state.params, pattern, allow_empty):
@@ -69,6 +94,7 @@ def stack(pattern: str, replacement: str, axis: int = 0, allow_empty: bool = Fal
                            f'(found {indices})')
       groups[target] = [by_index[i] for i in indices]
       _check_same(state, groups[target], target)
+    _check_count({target: len(keys) for target, keys in groups.items()}, count, 'stack', axis)
     consumed = {k for keys in groups.values() for k in keys}
     _check_free(state, groups, consumed, 'stack')
     check_mirror_shapes(state, consumed, 'stack')
@@ -103,7 +129,9 @@ def _spread(state: State, pieces: dict[str, list[str]], cut, op: str) -> State:
   return structural(state, edit)
 
 
-def unstack(pattern: str, replacement: str, axis: int = 0, allow_empty: bool = False) -> Op:
+@whole_tree
+def unstack(pattern: str, replacement: str, axis: int = 0, count: int | None = None,
+            allow_empty: bool = False) -> Op:
   if '{i}' not in replacement:
     raise SurgeryError(f'replacement {replacement!r} must hold {{i}}, the layer index')
 
@@ -114,6 +142,7 @@ def unstack(pattern: str, replacement: str, axis: int = 0, allow_empty: bool = F
       ax = normalize_axis(axis, x.ndim, key)
       template = expand(match, replacement)
       pieces[key] = [template.replace('{i}', str(i)) for i in range(x.shape[ax])]
+    _check_count({key: len(names) for key, names in pieces.items()}, count, 'unstack', axis)
 
     def cut(key, leaf):
       ax = normalize_axis(axis, leaf.value.ndim, key)
@@ -124,6 +153,7 @@ def unstack(pattern: str, replacement: str, axis: int = 0, allow_empty: bool = F
   return apply
 
 
+@whole_tree
 def split(source: str, axis: int, sizes: Sequence[int], targets: Sequence[str],
           allow_empty: bool = False) -> Op:
   sizes = [int(s) for s in sizes]
@@ -148,6 +178,7 @@ def split(source: str, axis: int, sizes: Sequence[int], targets: Sequence[str],
   return apply
 
 
+@whole_tree
 def concat(sources: Sequence[str], axis: int, target: str, allow_empty: bool = False) -> Op:
   def apply(state: State) -> State:
     groups: dict[str, list] = {}

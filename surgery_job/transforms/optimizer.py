@@ -4,11 +4,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms.core import Leaf, Op, State, matches
+from surgery_job.transforms.core import Leaf, Op, State, matches, whole_tree
 
 STEP_KEY = 'step'
 
 
+@whole_tree
 def reset_optimizer(pattern: str, allow_empty: bool = False) -> Op:
   def apply(state: State) -> State:
     if not state.mirrors:

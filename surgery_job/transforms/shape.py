@@ -8,8 +8,9 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms.core import (Leaf, Op, State, check_init, check_mirror_shapes, fill,
-                                         matches, normalize_axis, structural)
+from surgery_job.transforms.core import (Leaf, Op, State, check_init, check_mirror_shapes,
+                                         check_numeric, fill, matches, normalize_axis, structural,
+                                         whole_tree)
 
 
 def _per_leaf(name: str, pattern: str, allow_empty: bool,
@@ -23,6 +24,7 @@ def _per_leaf(name: str, pattern: str, allow_empty: bool,
   return apply
 
 
+@whole_tree
 def reshape(pattern: str, shape: Sequence[int], allow_empty: bool = False) -> Op:
   shape = tuple(int(s) for s in shape)
 
@@ -36,6 +38,7 @@ def reshape(pattern: str, shape: Sequence[int], allow_empty: bool = False) -> Op
   return _per_leaf('reshape', pattern, allow_empty, change)
 
 
+@whole_tree
 def transpose(pattern: str, axes: Sequence[int], allow_empty: bool = False) -> Op:
   axes = tuple(int(a) for a in axes)
 
@@ -51,11 +54,13 @@ def transpose(pattern: str, axes: Sequence[int], allow_empty: bool = False) -> O
   return _per_leaf('transpose', pattern, allow_empty, change)
 
 
+@whole_tree
 def pad(pattern: str, axis: int, size: int, init: str = 'zeros', stddev: float = 0.02,
         seed: int = 0, allow_empty: bool = False) -> Op:
   check_init(init, ('zeros', 'normal', 'truncated_normal', 'mean'))
 
   def change(key, leaf, is_mirror):
+    check_numeric(key, leaf, 'pad')
     x = leaf.value
     ax = normalize_axis(axis, x.ndim, key)
     if size < x.shape[ax]:
@@ -72,6 +77,7 @@ def pad(pattern: str, axis: int, size: int, init: str = 'zeros', stddev: float =
   return _per_leaf('pad', pattern, allow_empty, change)
 
 
+@whole_tree
 def slice_(pattern: str, axis: int, start: int, stop: int, allow_empty: bool = False) -> Op:
   """The `slice` op (named so as not to hide the builtin)."""
   def change(key, leaf, _):

@@ -4,7 +4,7 @@ from typing import Sequence
 
 from surgery_job.errors import SurgeryError
 from surgery_job.transforms.core import (INITS, Leaf, Op, State, check_init, expand, fill, matches,
-                                         parse_dtype, rebuilt, structural)
+                                         parse_dtype, rebuilt, structural, whole_tree)
 
 
 def _targets(state: State, pattern: str, template: str, allow_empty: bool) -> dict[str, str]:
@@ -18,6 +18,7 @@ def _targets(state: State, pattern: str, template: str, allow_empty: bool) -> di
   return targets
 
 
+@whole_tree
 def rename(pattern: str, replacement: str, allow_empty: bool = False) -> Op:
   def apply(state: State) -> State:
     targets = _targets(state, pattern, replacement, allow_empty)
@@ -25,10 +26,11 @@ def rename(pattern: str, replacement: str, allow_empty: bool = False) -> Op:
       if new in state.params and new not in targets:
         raise SurgeryError(f'renaming {key!r} to {new!r} collides with an existing parameter')
     return structural(state, lambda tree, _: rebuilt(
-        tree, {key: (new, tree[key]) for key, new in targets.items()}))
+        tree, {key: (new, tree[key]) for key, new in targets.items() if key in tree}))
   return apply
 
 
+@whole_tree
 def drop(pattern: str, allow_empty: bool = False) -> Op:
   def apply(state: State) -> State:
     dropped = {key: None for key, _ in matches(state.params, pattern, allow_empty)}
@@ -36,6 +38,7 @@ def drop(pattern: str, allow_empty: bool = False) -> Op:
   return apply
 
 
+@whole_tree
 def keep(pattern: str, allow_empty: bool = False) -> Op:
   def apply(state: State) -> State:
     kept = {key for key, _ in matches(state.params, pattern, allow_empty)}
@@ -44,17 +47,21 @@ def keep(pattern: str, allow_empty: bool = False) -> Op:
   return apply
 
 
+@whole_tree
 def copy(source: str, target: str, allow_empty: bool = False) -> Op:
   def apply(state: State) -> State:
     targets = _targets(state, source, target, allow_empty)
     for key, new in targets.items():
       if new in state.params:
         raise SurgeryError(f'copying {key!r} to {new!r} collides with an existing parameter')
-    return structural(state, lambda tree, _: {
-        **tree, **{new: tree[key] for key, new in targets.items()}})
+    # A copy outside the params (a full-key target) is a plain leaf: no optimizer state follows it.
+    return structural(state, lambda tree, is_mirror: {**tree, **{
+        new: tree[key] for key, new in targets.items()
+        if key in tree and (not is_mirror or state.is_param(new))}})
   return apply
 
 
+@whole_tree
 def add(path: str, shape: Sequence[int], dtype: str = 'float32', init: str = 'zeros',
         value: float = 0.0, stddev: float = 0.02, seed: int = 0) -> Op:
   dtype = parse_dtype(dtype)
@@ -66,6 +73,8 @@ def add(path: str, shape: Sequence[int], dtype: str = 'float32', init: str = 'ze
       raise SurgeryError(f'parameter {path!r} already exists')
 
     def edit(tree, is_mirror):
+      if is_mirror and not state.is_param(path):
+        return tree
       new = fill('zeros' if is_mirror else init, shape, dtype, key=path, value=value,
                  stddev=stddev, seed=seed)
       return {**tree, path: Leaf(new, None)}

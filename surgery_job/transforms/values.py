@@ -5,7 +5,7 @@ import importlib
 import jax.numpy as jnp
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms.core import Leaf, Op, State, matches, parse_dtype
+from surgery_job.transforms.core import Leaf, Op, State, check_numeric, matches, parse_dtype, whole_tree
 
 
 def _on_params(pattern: str, allow_empty: bool, change) -> Op:
@@ -16,11 +16,14 @@ def _on_params(pattern: str, allow_empty: bool, change) -> Op:
   return apply
 
 
+@whole_tree
 def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = False) -> Op:
   dtype = parse_dtype(dtype)
 
   def apply(state: State) -> State:
-    keys = {key for key, _ in matches(state.params, pattern, allow_empty)}
+    keys = dict.fromkeys(key for key, _ in matches(state.params, pattern, allow_empty))
+    for key in keys:
+      check_numeric(key, state.params[key], 'cast')
 
     def edit(tree):
       return {k: Leaf(leaf.value.astype(dtype), leaf.spec) if k in keys else leaf
@@ -30,11 +33,15 @@ def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = 
   return apply
 
 
+@whole_tree
 def scale(pattern: str, factor: float, allow_empty: bool = False) -> Op:
-  return _on_params(pattern, allow_empty, lambda k, leaf, _: Leaf(
-      (leaf.value * factor).astype(leaf.value.dtype), leaf.spec))
+  def change(key, leaf, _):
+    check_numeric(key, leaf, 'scale')
+    return Leaf((leaf.value * factor).astype(leaf.value.dtype), leaf.spec)
+  return _on_params(pattern, allow_empty, change)
 
 
+@whole_tree
 def map(pattern: str, fn: str, allow_empty: bool = False) -> Op:  # pylint: disable=redefined-builtin
   function = _import(fn)
 
@@ -42,7 +49,7 @@ def map(pattern: str, fn: str, allow_empty: bool = False) -> Op:  # pylint: disa
     value = function(leaf.value)
     if not hasattr(value, 'shape'):
       raise SurgeryError(f'{fn} returned {type(value).__name__} for {key!r}, not an array')
-    if value.shape != leaf.value.shape and state.mirrors:
+    if value.shape != leaf.value.shape and any(key in mirror for mirror in state.mirrors.values()):
       raise SurgeryError(f'{fn} changed the shape of {key!r} from {leaf.value.shape} to '
                          f'{value.shape}, which its optimizer state cannot follow; add '
                          'reset_optimizer or drop_optimizer, or use a structural op')

@@ -1,0 +1,154 @@
+"""Scheduled conversions beside a live training run: an output directory that grows step by
+step, 'all', 'new' and lists of steps, max_to_keep, and watch mode, with a writer adding steps."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import checkpoints
+from jobs import REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
+from test_bad_input import assert_bad_input
+from write_steps import state_at
+
+SERVING = {'transforms': [dict(op='drop_optimizer')]}
+WRITER = [sys.executable, str(REPO / 'tests' / 'write_steps.py')]
+
+
+def expected(step: int) -> dict:
+  return {k: v for k, v in checkpoints.flat_numpy(state_at(step)).items()
+          if not k.startswith('opt_state/')}
+
+
+def assert_exported(out, steps, read_on_these_devices: bool = True) -> None:
+  """The output lists exactly `steps` to a plain CheckpointManager, each the serving export, read
+  by that manager (or, for an output written on other device ids, with explicit shardings)."""
+  assert checkpoints.visible_steps(out) == sorted(steps)
+  with ocp.CheckpointManager(out) as manager:
+    for step in steps:
+      got = checkpoints.flat_numpy(manager.restore(step) if read_on_these_devices
+                                   else checkpoints.restore_plain(out / str(step) / 'default'))
+      want = expected(step)
+      assert sorted(got) == sorted(want)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f'step {step} {key}')
+  assert_unlocked(out)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A CheckpointManager directory with committed steps 1, 2, 4 and step 6 in progress."""
+  path = tmp_path_factory.mktemp('trained') / 'ckpt'
+  subprocess.run([*WRITER, str(path), '0', '1', '2', '4', '6'], cwd=REPO, env=job_env(), check=True)
+  return path
+
+
+def run(tmp_path, in_path, out, *overrides, config=SERVING):
+  return run_job(write_config(tmp_path, config), f'--config.input.path={in_path}',
+                 f'--config.output.path={out}', *overrides)
+
+
+def test_all_then_new_adds_steps_and_skips_what_is_done(trained, tmp_path):
+  out = tmp_path / 'out'
+  ok(run(tmp_path, trained, out, '--config.input.step=[2]'))
+  assert_exported(out, [2])
+  result = run(tmp_path, trained, out, '--config.input.step=all')
+  ok(result)
+  assert 'Already done: step 2' in result.stderr
+  assert_exported(out, [1, 2, 4])
+  again = run(tmp_path, trained, out, '--config.input.step=new')
+  ok(again)
+  assert 'Nothing to convert' in again.stderr
+  assert_exported(out, [1, 2, 4])
+
+
+def test_latest_is_the_latest_committed_step(trained, tmp_path):
+  out = tmp_path / 'out'
+  ok(run(tmp_path, trained, out))
+  assert_exported(out, [4])
+
+
+def test_max_to_keep_keeps_the_newest(trained, tmp_path):
+  out = tmp_path / 'out'
+  ok(run(tmp_path, trained, out, '--config.input.step=all', '--config.output.max_to_keep=2'))
+  assert_exported(out, [2, 4])
+  again = run(tmp_path, trained, out, '--config.input.step=new', '--config.output.max_to_keep=2')
+  ok(again)
+  assert 'Nothing to convert' in again.stderr  # Step 1 went; it is not new.
+
+
+def test_a_failing_step_in_a_list_is_named_and_the_others_stand(trained, tmp_path):
+  damaged = tmp_path / 'damaged'
+  damaged.mkdir()
+  for step in (1, 2, 4):
+    (damaged / str(step)).symlink_to(trained / str(step))
+  (damaged / '2').unlink()
+  (damaged / '2').mkdir()
+  (damaged / '2' / 'default').mkdir()
+  (damaged / '2' / 'default' / '_METADATA').write_text('{"tree_metadata": ')
+  out = tmp_path / 'out'
+  result = run(tmp_path, damaged, out, '--config.input.step=[1,2,4]')
+  assert_bad_input(result, 'input step 2: damaged checkpoint metadata file')
+  assert_exported(out, [1])  # Committed before the failure; step 4 never started.
+
+
+def test_unknown_steps_and_output_step_with_several_steps(trained, tmp_path):
+  out = tmp_path / 'out'
+  assert_bad_input(run(tmp_path, trained, out, '--config.input.step=[1,6]'),
+                   'input.step 6 not found in')
+  assert_bad_input(run(tmp_path, trained, out, '--config.input.step=all', '--config.output.step=9'),
+                   'output.step is set but input.step names 3 steps')
+  assert not out.exists()
+
+
+def test_new_steps_while_a_writer_adds_them(tmp_path):
+  in_path, out = tmp_path / 'in', tmp_path / 'out'
+  writer = subprocess.Popen([*WRITER, str(in_path), '2', '1', '2', '3', '4'], cwd=REPO, env=job_env())
+  while writer.poll() is None:
+    if in_path.exists():
+      ok(run(tmp_path, in_path, out, '--config.input.step=new'))
+    time.sleep(0.5)
+  assert writer.returncode == 0
+  ok(run(tmp_path, in_path, out, '--config.input.step=new'))
+  assert_exported(out, [1, 2, 3])  # Step 4 was left in progress: never read.
+
+
+def test_watch_converts_each_step_as_it_appears(tmp_path):
+  in_path, out = tmp_path / 'in', tmp_path / 'out'
+  watcher = subprocess.Popen(
+      job_command(write_config(tmp_path, {**SERVING, 'watch': {
+          'enabled': True, 'poll_seconds': 0.5, 'idle_timeout_seconds': 12.0}}),
+                  f'--config.input.path={in_path}', f'--config.output.path={out}'),
+      cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  writer = subprocess.run([*WRITER, str(in_path), '2', '10', '20', '30', '40'], cwd=REPO,
+                          env=job_env(), check=True)
+  stderr = watcher.communicate(timeout=300)[1]
+  assert watcher.returncode == 0, stderr[-3000:]
+  assert writer.returncode == 0
+  for step in (10, 20, 30):
+    assert f'Converting input step {step}.' in stderr
+  assert 'input step 40' not in stderr and 'No new step for 12 s' in stderr
+  assert_exported(out, [10, 20, 30])
+
+
+def test_watch_stops_on_sigterm(tmp_path):
+  watcher = subprocess.Popen(
+      job_command(write_config(tmp_path, {**SERVING, 'watch': {'enabled': True, 'poll_seconds': 0.5}}),
+                  f'--config.input.path={tmp_path / "in"}', f'--config.output.path={tmp_path / "out"}'),
+      cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  time.sleep(6)
+  watcher.terminate()
+  stderr = watcher.communicate(timeout=60)[1]
+  assert watcher.returncode == 75, stderr[-3000:]
+  assert 'Watching' in stderr
+
+
+def test_two_processes_agree_on_the_steps(trained, tmp_path):
+  from test_multiprocess import launch  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'out'
+  ok(launch(2, f'--config={write_config(tmp_path, SERVING)}', f'--config.input.path={trained}',
+            f'--config.output.path={out}', '--config.input.step=all', log_dir=tmp_path / 'logs'))
+  assert_exported(out, [1, 2, 4], read_on_these_devices=False)
