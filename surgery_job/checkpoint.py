@@ -127,12 +127,27 @@ def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStru
   return {k: v for k, v in tree.flatten(restored).items() if k in targets}
 
 
+def step_metadata(location: Location) -> dict:
+  """The input step's `_CHECKPOINT_METADATA` (item handlers, custom metadata); {} for none."""
+  if location.step is None:
+    return {}
+  try:
+    metadata = json.loads((location.root / str(location.step) / CHECKPOINT_METADATA).read_text())
+  except (OSError, ValueError):
+    return {}
+  return metadata if isinstance(metadata, dict) else {}
+
+
 class Writer:
   """Writes the output group by group with Orbax partial saves into `unit_dir`, then finalizes it
-  into one ordinary checkpoint: a step folder holding `item`, or (item None) a PyTree checkpoint."""
+  into one ordinary checkpoint: a step folder holding `item`, or (item None) a PyTree checkpoint.
+  A step keeps the input step's handler name for the item and its custom metadata, updated with
+  `custom_metadata`."""
 
-  def __init__(self, unit_dir: Path, item: str | None, barrier: Callable[[str], None]):
+  def __init__(self, unit_dir: Path, item: str | None, barrier: Callable[[str], None],
+               source_step: dict | None = None, custom_metadata: dict | None = None):
     self.unit_dir, self.item, self.barrier = unit_dir, item, barrier
+    self.source_step, self.custom_metadata = source_step or {}, custom_metadata or {}
     # Partial saves write an item folder named `state` under the path they are given.
     self.partial = unit_dir if item is not None else unit_dir.with_name(unit_dir.name + '.partial')
 
@@ -170,15 +185,21 @@ class Writer:
         (self.partial / PARTIAL_ITEM).rename(self.partial / self.item)
         # The v1 API's marker makes a plain CheckpointManager.restore(step) refuse the step.
         (self.partial / V1_MARKER).unlink(missing_ok=True)
-        self._name_item_handler()
+        self._write_step_metadata()
     self.barrier('laid_out')
     return self.unit_dir if self.item is None else self.unit_dir / self.item
 
-  def _name_item_handler(self) -> None:
-    """Records the item under its own name and Orbax's standard handler, as CheckpointManager does."""
+  def _write_step_metadata(self) -> None:
+    """Names the item's handler as the input step did (else Orbax's standard one), as
+    CheckpointManager does, and carries the step's custom metadata over."""
     path = self.partial / CHECKPOINT_METADATA
     metadata = json.loads(path.read_text())
-    metadata['item_handlers'] = {self.item: STANDARD_HANDLER}
+    handlers = self.source_step.get('item_handlers')
+    handler = handlers.get(self.item) if isinstance(handlers, dict) else None
+    metadata['item_handlers'] = {self.item: handler if isinstance(handler, str) else STANDARD_HANDLER}
+    custom = self.source_step.get('custom_metadata')
+    metadata['custom_metadata'] = {**(custom if isinstance(custom, dict) else {}),
+                                   **self.custom_metadata}
     path.write_text(json.dumps(metadata))
 
 

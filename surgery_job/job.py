@@ -161,7 +161,8 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
       staging.create(run_fingerprint)
     barrier('staged')
     reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
-                                 budget_bytes, staging.written_groups() if state == 'resume' else None)
+                                 budget_bytes, staging.written_groups() if state == 'resume' else None,
+                                 config.output.custom_metadata.to_dict())
     report = report_lib.build(config, plan, groups, source, target, phases.seconds,
                               run_fingerprint)
     report['groups_reused'] = reused
@@ -183,12 +184,14 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
 
 
 def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
-                        barrier, budget_bytes, written: dict | None) -> list[int]:
+                        barrier, budget_bytes, written: dict | None,
+                        custom_metadata: dict) -> list[int]:
   """Restores, transforms and writes each group into the staging folder, then reads it all back.
   Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
   are; returns their indices."""
   streamed = len(groups) > 1
-  writer = checkpoint.Writer(staging.checkpoint, source.item, barrier)
+  writer = checkpoint.Writer(staging.checkpoint, source.item, barrier,
+                             checkpoint.step_metadata(source), custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
   resumed, written = written is not None, written or {}
   expected, reused = {}, [i for i, g in enumerate(groups) if g.outputs in written]
@@ -270,6 +273,9 @@ def _output(config, source: checkpoint.Location) -> output.Target:
   if source.step is None:
     if config.output.step is not None:
       raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
+    if config.output.custom_metadata:
+      raise SurgeryError('output.custom_metadata is set but the input is a single PyTree '
+                         'checkpoint, which has no step to record it in')
     return output.Target(out_root, None)
   return output.Target(out_root, source.step if config.output.step is None else config.output.step)
 
