@@ -18,7 +18,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   # A step, a list of steps, None or 'latest' (the latest committed step), 'all' (every committed
   # step) or 'new' (every committed step the output does not have yet).
   config.input.step = config_dict.placeholder(object)
-  config.input.item = config_dict.placeholder(str)  # None: the step's only item (e.g. 'default').
+  config.input.item = config_dict.placeholder(str)  # None: every item of the step; a name: that one.
 
   config.output = ml_collections.ConfigDict()
   config.output.path = config_dict.placeholder(str)  # Same layout as the input.

@@ -132,7 +132,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
 
   with phases('plan'):
     # Each leaf is restored with the spec it was saved with, fitted to this job's mesh.
-    inputs = plan_lib.abstract_inputs(metadata, keys.implementations(source.item_dir, metadata), mesh)
+    key_impls = checkpoint.joined({
+        prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
+            source.trees().items(), checkpoint.per_tree(source.trees(), metadata).values())})
+    inputs = plan_lib.abstract_inputs(metadata, key_impls, mesh)
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
 
@@ -190,15 +193,14 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
   Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
   are; returns their indices."""
   streamed = len(groups) > 1
-  writer = checkpoint.Writer(staging.checkpoint, source.item, barrier,
-                             checkpoint.step_metadata(source), custom_metadata)
+  writer = checkpoint.Writer(staging.checkpoint, source, barrier, custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
   resumed, written = written is not None, written or {}
   expected, reused = {}, [i for i, g in enumerate(groups) if g.outputs in written]
   if resumed:
     if jax.process_index() == 0:
       # A group saved but not on record (stopped in between) is written again: drop its save.
-      writer.keep_only({written[groups[i].outputs]['save'] for i in reused})
+      writer.keep_only({save for i in reused for save in written[groups[i].outputs]['saves']})
       logging.info('Resuming: %d of %d groups were written by an earlier run (groups %s).',
                    len(reused), len(groups), ', '.join(map(str, reused)) or 'none')
     barrier('resumed')
@@ -213,7 +215,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
                       budget_bytes / 1e9)
     with phases('restore', log=not streamed):
       try:
-        restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in group.inputs})
+        restored = checkpoint.restore(source.trees(), skeleton, {k: inputs[k] for k in group.inputs})
       except Exception as e:  # pylint: disable=broad-except
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
@@ -228,7 +230,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
       writer.write(tree.unflatten(outputs, skeleton))
       barrier(f'group_{index}_written')
       if jax.process_index() == 0:
-        staging.add_group(group.outputs, digests, *(writer.saves() - saves))
+        staging.add_group(group.outputs, digests, sorted(writer.saves() - saves))
       faults.at('group_written')
     expected.update(digests)
     del outputs
@@ -238,25 +240,26 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
     for name in ('restore', 'transform', 'write'):
       phases.log(name, len(groups))
   with phases('finalize'):
-    item_dir = writer.finish()
-    faults.corrupt_output(item_dir)
+    written_trees = writer.finish()
+    faults.corrupt_output(staging.checkpoint)
     barrier('written')
   with phases('validate'):
-    _validate(item_dir, skeleton, plan, groups, expected)
+    _validate(written_trees, staging.checkpoint, skeleton, plan, groups, expected)
   return reused
 
 
-def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: dict) -> None:
+def _validate(trees: dict[str, Path], unit_dir: Path, skeleton, plan: plan_lib.Plan, groups,
+              expected: dict) -> None:
   """Reads the written checkpoint back, group by group, with the planned shardings; the digest of
   every leaf must equal the one taken of the computed array."""
   out_skeleton = tree.unflatten({k: plan.abstract_output(k) for k in plan.outputs}, skeleton)
   bad = []
   for group in groups:
     try:
-      written = checkpoint.restore(item_dir, out_skeleton,
+      written = checkpoint.restore(trees, out_skeleton,
                                    {k: plan.abstract_output(k) for k in group.outputs})
     except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(f'validation failed: {checkpoint.read_error(e, item_dir)}') from None
+      raise RuntimeError(f'validation failed: {checkpoint.read_error(e, unit_dir)}') from None
     bad += validate.mismatches({k: expected[k] for k in group.outputs}, validate.digests(written))
     del written
     memory.release()
