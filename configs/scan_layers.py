@@ -21,4 +21,5 @@ def get_config(arg: str = 'layers'):
       dict(op='stack', pattern=rf'{prefix}_(\d+)/(.*)', replacement=rf'{prefix}/\2',
            axis=int(axis or 0)),
   ]
+  config.output.custom_metadata = {'scan_layers': True}  # What MaxText checks on load.
   return config

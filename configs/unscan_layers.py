@@ -20,4 +20,5 @@ def get_config(arg: str = 'layers'):
       dict(op='unstack', pattern=rf'{prefix}/(.*)', replacement=rf'{prefix}_{{i}}/\1',
            axis=int(axis or 0)),
   ]
+  config.output.custom_metadata = {'scan_layers': False}  # What MaxText checks on load.
   return config

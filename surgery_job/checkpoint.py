@@ -20,7 +20,6 @@ from surgery_job.errors import SurgeryError
 
 PARTIAL_ITEM = 'state'
 CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'
-V1_MARKER = 'orbax.checkpoint'
 COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 STANDARD_HANDLER = (f'{ocp.StandardCheckpointHandler.__module__}.'
                     f'{ocp.StandardCheckpointHandler.__qualname__}')
@@ -28,15 +27,32 @@ STANDARD_HANDLER = (f'{ocp.StandardCheckpointHandler.__module__}.'
 
 @dataclasses.dataclass(frozen=True)
 class Location:
-  """One checkpoint item: a single PyTree checkpoint, or one item of a CheckpointManager step."""
+  """What a run reads: a single PyTree checkpoint, or a step of a CheckpointManager directory with
+  its PyTree items (one, or several planned together as one tree keyed by item name) and the
+  items of other kinds, which are copied as they are."""
   root: Path
   step: int | None  # None: a single PyTree checkpoint, not a CheckpointManager directory.
-  item: str | None
+  item: str | None  # The one PyTree item; None for a single checkpoint or several items.
+  items: tuple[str, ...] = ()  # Several PyTree items, read as one tree {item: item's tree}.
+  copied: tuple[str, ...] = ()  # Items of other kinds (JSON, data iterators): copied byte for byte.
   step_folder: str | None = None  # The step's folder name when it is not str(step): `0003`.
 
   @property
+  def step_dir(self) -> Path:
+    return self.root / (self.step_folder or str(self.step))
+
+  @property
   def item_dir(self) -> Path:
-    return self.root if self.step is None else self.root / (self.step_folder or str(self.step)) / self.item
+    """The folder read: the checkpoint, the item, or (several items) the step."""
+    if self.step is None:
+      return self.root
+    return self.step_dir / (self.item or '')
+
+  def trees(self) -> dict[str, Path]:
+    """{key prefix: PyTree folder}: the prefix is the item name when several items are read."""
+    if self.items:
+      return {item: self.item_dir / item for item in self.items}
+    return {'': self.item_dir}
 
 
 def _is_pytree(path: Path) -> bool:
@@ -96,14 +112,16 @@ def locate(path: str, step: Any, item: str | None) -> Location:
   elif step not in committed:
     raise SurgeryError(f'input.step {step} not found in {root} (steps: {sorted(committed)})')
   step_dir = committed[step]
-  items = _items(step_dir)
-  if item is None:
-    if len(items) != 1:
-      raise SurgeryError(f'set input.item: step {step} of {root} holds items {items}')
-    item = items[0]
-  elif item not in items:
-    raise SurgeryError(f'input.item {item!r} not found in step {step} of {root} (items: {items})')
-  return Location(root, step, item, step_dir.name)
+  folders = sorted(p for p in step_dir.iterdir() if p.is_dir())
+  items = [p.name for p in folders if _is_pytree(p)]
+  if item is not None:
+    if item not in items:
+      raise SurgeryError(f'input.item {item!r} not found in step {step} of {root} (items: {items})')
+    return Location(root, step, item, step_folder=step_dir.name)
+  copied = tuple(p.name for p in folders if not _is_pytree(p))
+  if len(items) == 1:
+    return Location(root, step, items[0], copied=copied, step_folder=step_dir.name)
+  return Location(root, step, None, tuple(items), copied, step_dir.name)
 
 
 def _scan_steps(root: Path) -> tuple[dict[int, Path], dict[int, str]]:
@@ -150,17 +168,22 @@ def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[
 
 
 def read_metadata(location: Location) -> Any:
-  """The item's tree of ArrayMetadata (shape, dtype, saved sharding), read without array data and
-  checked against the arrays the item stores."""
+  """The tree of ArrayMetadata (shape, dtype, saved sharding), read without array data and checked
+  against the arrays each PyTree item stores."""
+  trees = {prefix: _read_tree(item_dir) for prefix, item_dir in location.trees().items()}
+  return trees if location.items else trees['']
+
+
+def _read_tree(item_dir: Path) -> Any:
   try:
-    metadata = ocp.PyTreeCheckpointHandler().metadata(location.item_dir).tree
-    stored = storage.array_names(location.item_dir)
-    damage = storage.damaged_file(location.item_dir)
+    metadata = ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+    stored = storage.array_names(item_dir)
+    damage = storage.damaged_file(item_dir)
   except Exception as e:  # Orbax and tensorstore raise many kinds for a damaged checkpoint.
-    raise SurgeryError(read_error(e, location.item_dir)) from None
+    raise SurgeryError(read_error(e, item_dir)) from None
   if damage:
     raise SurgeryError(damage)
-  _check_leaves(tree.flatten(metadata), stored, location.item_dir)
+  _check_leaves(tree.flatten(metadata), stored, item_dir)
   return metadata
 
 
@@ -199,6 +222,22 @@ def _first_line(text: str) -> str:
   return text.split('See full TensorStore details')[0].strip().splitlines()[0] if text.strip() else ''
 
 
+def per_tree(trees: dict[str, Path], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """`flat` split by PyTree folder, each part keyed within its tree (without the item prefix)."""
+  if '' in trees:
+    return {'': flat}
+  parts = {prefix: {} for prefix in trees}
+  for key, value in flat.items():
+    prefix, _, rest = key.partition(tree.SEP)
+    parts.setdefault(prefix, {})[rest] = value
+  return parts
+
+
+def joined(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The inverse of `per_tree`."""
+  return {tree.join(prefix, key): value for prefix, part in parts.items() for key, value in part.items()}
+
+
 def read_error(error: Exception, item_dir: Path) -> str:
   """One line naming the damaged or missing file of the checkpoint at `item_dir`."""
   causes = _causes(error)
@@ -234,8 +273,19 @@ def _value_error(key: str, database: Path, detail: str) -> str:
   return f'checkpoint file {path} is damaged (it holds array {array!r}: {detail})'
 
 
-def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-  """Reads only the `targets` leaves, each onto its sharding; the others stay on disk."""
+def restore(trees: dict[str, Path], skeleton: Any,
+            targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  """Reads only the `targets` leaves, each onto its sharding, from the PyTree folders `trees`
+  ({key prefix: folder}, as `Location.trees`); the others stay on disk."""
+  parts = {}
+  for prefix, wanted in per_tree(trees, targets).items():
+    if wanted:
+      parts[prefix] = _restore_one(trees[prefix], skeleton[prefix] if prefix else skeleton, wanted)
+  return joined(parts)
+
+
+def _restore_one(item_dir: Path, skeleton: Any,
+                 targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   flat_skeleton = tree.flatten(skeleton)
   item = tree.unflatten({k: targets.get(k, ocp.PLACEHOLDER) for k in flat_skeleton}, skeleton)
   restore_args = jax.tree.map(
@@ -247,59 +297,108 @@ def restore(item_dir: Path, skeleton: Any, targets: dict[str, jax.ShapeDtypeStru
   return {k: v for k, v in tree.flatten(restored).items() if k in targets}
 
 
+def step_metadata(location: Location) -> dict:
+  """The input step's `_CHECKPOINT_METADATA` (item handlers, custom metadata); {} for none."""
+  if location.step is None:
+    return {}
+  try:
+    metadata = json.loads((location.step_dir / CHECKPOINT_METADATA).read_text())
+  except (OSError, ValueError):
+    return {}
+  return metadata if isinstance(metadata, dict) else {}
+
+
 class Writer:
-  """Writes the output group by group with Orbax partial saves into `unit_dir`, then finalizes it
-  into one ordinary checkpoint: a step folder holding `item`, or (item None) a PyTree checkpoint."""
+  """Writes the output group by group with Orbax partial saves, then finalizes it into one ordinary
+  checkpoint at `unit_dir`: a single PyTree checkpoint, or a step folder holding the PyTree items
+  (`location.item`, or each top-level key of the tree when `location.items`) and the copied items.
+  The step keeps the input step's handler names and custom metadata (updated with
+  `custom_metadata`)."""
 
-  def __init__(self, unit_dir: Path, item: str | None, barrier: Callable[[str], None]):
-    self.unit_dir, self.item, self.barrier = unit_dir, item, barrier
-    # Partial saves write an item folder named `state` under the path they are given.
-    self.partial = unit_dir if item is not None else unit_dir.with_name(unit_dir.name + '.partial')
+  def __init__(self, unit_dir: Path, location: Location, barrier: Callable[[str], None],
+               custom_metadata: dict | None = None):
+    self.unit_dir, self.location, self.barrier = unit_dir, location, barrier
+    self.custom_metadata = custom_metadata or {}
 
-  @property
-  def _saves_dir(self) -> Path:
-    """Where Orbax keeps each partial save, one folder per save, until `finish` merges them."""
-    return self.partial.with_name(self.partial.name + '.partial_save')
+  def _partial(self, item: str | None) -> Path:
+    """Where the partial saves of `item` go: Orbax puts an item folder named `state` in it."""
+    return self.unit_dir.with_name(f'{self.unit_dir.name}.{item or "partial"}')
+
+  def _items(self, nested: Any) -> dict[str | None, Any]:
+    """{item: its tree} of what one group writes."""
+    if self.location.step is None:
+      return {None: nested}
+    if self.location.items:
+      return dict(nested)
+    return {self.location.item: nested}
 
   def saves(self) -> set[str]:
     """The partial saves that finished (Orbax wrote their commit file)."""
-    if not self._saves_dir.is_dir():
-      return set()
-    return {p.name for p in self._saves_dir.iterdir() if (p / COMMIT_FILE).is_file()}
+    return {f'{folder.name}/{save.name}' for folder in self._saves_dirs() for save in folder.iterdir()
+            if (save / COMMIT_FILE).is_file()}
+
+  def _saves_dirs(self) -> list[Path]:
+    # Orbax keeps each partial save in a folder of its own beside the path, until `finish` merges.
+    return [p for p in self.unit_dir.parent.glob(f'{self.unit_dir.name}.*.partial_save') if p.is_dir()]
 
   def keep_only(self, names: set[str]) -> None:
     """Deletes every partial save not in `names` (process 0): those of groups written again."""
-    if self._saves_dir.is_dir():
-      for save in self._saves_dir.iterdir():
-        if save.name not in names:
+    for folder in self._saves_dirs():
+      for save in folder.iterdir():
+        if f'{folder.name}/{save.name}' not in names:
           shutil.rmtree(save)
 
   def write(self, nested: Any) -> None:
-    partial.save(self.partial, nested)
+    for item, part in self._items(nested).items():
+      partial.save(self._partial(item), part)
     faults.at('writing')
 
-  def finish(self) -> Path:
-    """Finalizes the partial saves (every process); returns the item folder written."""
-    partial.finalize(self.partial)
+  def finish(self) -> dict[str, Path]:
+    """Finalizes the partial saves (every process); returns the PyTree folders written, as
+    `Location.trees` gives them."""
+    # The items that got leaves, this run or an earlier one that it resumes.
+    items = sorted(folder.name[len(self.unit_dir.name) + 1:-len('.partial_save')]
+                   for folder in self._saves_dirs())
+    if self.location.step is None:
+      items = [None]
+    for item in items:
+      partial.finalize(self._partial(item))
     self.barrier('finalized')
     if jax.process_index() == 0:
-      if self.item is None:
-        (self.partial / PARTIAL_ITEM).rename(self.unit_dir)
-        shutil.rmtree(self.partial)
+      if self.location.step is None:
+        (self._partial(None) / PARTIAL_ITEM).rename(self.unit_dir)
+        shutil.rmtree(self._partial(None))
       else:
-        (self.partial / PARTIAL_ITEM).rename(self.partial / self.item)
-        # The v1 API's marker makes a plain CheckpointManager.restore(step) refuse the step.
-        (self.partial / V1_MARKER).unlink(missing_ok=True)
-        self._name_item_handler()
+        self._lay_out_step(items)
     self.barrier('laid_out')
-    return self.unit_dir if self.item is None else self.unit_dir / self.item
+    if self.location.step is None:
+      return {'': self.unit_dir}
+    if self.location.items:
+      return {item: self.unit_dir / item for item in items}
+    return {'': self.unit_dir / self.location.item}
 
-  def _name_item_handler(self) -> None:
-    """Records the item under its own name and Orbax's standard handler, as CheckpointManager does."""
-    path = self.partial / CHECKPOINT_METADATA
-    metadata = json.loads(path.read_text())
-    metadata['item_handlers'] = {self.item: STANDARD_HANDLER}
-    path.write_text(json.dumps(metadata))
+  def _lay_out_step(self, items: list[str]) -> None:
+    """The step folder as CheckpointManager writes it: one folder per item, the step's metadata."""
+    self.unit_dir.mkdir()
+    for item in items:
+      (self._partial(item) / PARTIAL_ITEM).rename(self.unit_dir / item)
+    source_dir = self.location.step_dir
+    for item in self.location.copied:
+      shutil.copytree(source_dir / item, self.unit_dir / item)
+    first = self._partial(items[0])
+    metadata = json.loads((first / CHECKPOINT_METADATA).read_text())
+    source = step_metadata(self.location)
+    handlers = source.get('item_handlers') if isinstance(source.get('item_handlers'), dict) else {}
+    metadata['item_handlers'] = {
+        item: handlers[item] if isinstance(handlers.get(item), str) else STANDARD_HANDLER
+        for item in [*items, *self.location.copied]}
+    custom = source.get('custom_metadata')
+    metadata['custom_metadata'] = {**(custom if isinstance(custom, dict) else {}),
+                                   **self.custom_metadata}
+    (self.unit_dir / CHECKPOINT_METADATA).write_text(json.dumps(metadata))
+    shutil.copy(first / COMMIT_FILE, self.unit_dir / COMMIT_FILE)
+    for item in items:
+      shutil.rmtree(self._partial(item))
 
 
 def inside(path: Path, parent: Path) -> bool:

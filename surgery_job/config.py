@@ -18,7 +18,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   # A step, a list of steps, None or 'latest' (the latest committed step), 'all' (every committed
   # step) or 'new' (every committed step the output does not have yet).
   config.input.step = config_dict.placeholder(object)
-  config.input.item = config_dict.placeholder(str)  # None: the step's only item (e.g. 'default').
+  config.input.item = config_dict.placeholder(str)  # None: every item of the step; a name: that one.
 
   config.output = ml_collections.ConfigDict()
   config.output.path = config_dict.placeholder(str)  # Same layout as the input.
@@ -27,6 +27,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.output.wait_seconds = 0.0  # How long to wait for another run that holds the output's lock.
   config.output.lock_timeout_seconds = 60.0  # A lock silent this long is taken over.
   config.output.max_to_keep = config_dict.placeholder(int)  # Keep the newest N output steps.
+  # Fields set in the output step's `custom_metadata`, over those of the input step (MaxText, for
+  # one, keeps `scan_layers` there).
+  config.output.custom_metadata = ml_collections.ConfigDict()
 
   # Follow a training run: convert each new committed input step as it appears.
   config.watch = ml_collections.ConfigDict()
@@ -47,6 +50,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.partition_rules = []  # Ordered (regex, spec) pairs for leaves whose spec is not carried over.
   config.dry_run = False  # Plan, print the plan, write nothing.
   return config
+
+
+_FREE_FORM = ('output.custom_metadata',)  # Groups whose fields are the user's own.
 
 
 def with_defaults(user_config: Any) -> ml_collections.ConfigDict:
@@ -141,6 +147,9 @@ def _merge(defaults: ml_collections.ConfigDict, user: dict, prefix: str, strict:
     if isinstance(defaults[key], ml_collections.ConfigDict):
       if not isinstance(value, (dict, ml_collections.ConfigDict)):
         raise SurgeryError(f'config: field {path!r} is a group of fields, got {value!r}')
+      if path in _FREE_FORM:
+        defaults[key] = ml_collections.ConfigDict(_as_dict(value))
+        continue
       _merge(defaults[key], _as_dict(value), prefix=path + '.', strict=strict)
       continue
     expected = defaults.get_type(key)

@@ -6,8 +6,8 @@
 - `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip one byte of the written checkpoint before validation.
 
 Points: each phase's name at its start (read, mesh, plan, restore, transform, write, validate,
-commit), `writing` while Orbax writes, `group_written` once a group's save is on record, `rename` between moving an old output aside and renaming the
-new one in, `renamed` just after.
+commit), `writing` while Orbax writes, `group_written` once a group's save is on record, `rename`
+between moving an old output aside and renaming the new one in, `renamed` just after.
 """
 
 import os

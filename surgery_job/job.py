@@ -132,7 +132,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
 
   with phases('plan'):
     # Each leaf is restored with the spec it was saved with, fitted to this job's mesh.
-    inputs = plan_lib.abstract_inputs(metadata, keys.implementations(source.item_dir, metadata), mesh)
+    key_impls = checkpoint.joined({
+        prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
+            source.trees().items(), checkpoint.per_tree(source.trees(), metadata).values())})
+    inputs = plan_lib.abstract_inputs(metadata, key_impls, mesh)
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
 
@@ -162,7 +165,8 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
       staging.create(run_fingerprint)
     barrier('staged')
     reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
-                                 budget_bytes, staging.written_groups() if state == 'resume' else None)
+                                 budget_bytes, staging.written_groups() if state == 'resume' else None,
+                                 config.output.custom_metadata.to_dict())
     report = report_lib.build(config, plan, groups, source, target, phases.seconds,
                               run_fingerprint)
     report['groups_reused'] = reused
@@ -184,19 +188,20 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
 
 
 def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
-                        barrier, budget_bytes, written: dict | None) -> list[int]:
+                        barrier, budget_bytes, written: dict | None,
+                        custom_metadata: dict) -> list[int]:
   """Restores, transforms and writes each group into the staging folder, then reads it all back.
   Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
   are; returns their indices."""
   streamed = len(groups) > 1
-  writer = checkpoint.Writer(staging.checkpoint, source.item, barrier)
+  writer = checkpoint.Writer(staging.checkpoint, source, barrier, custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
   resumed, written = written is not None, written or {}
   expected, reused = {}, [i for i, g in enumerate(groups) if g.outputs in written]
   if resumed:
     if jax.process_index() == 0:
       # A group saved but not on record (stopped in between) is written again: drop its save.
-      writer.keep_only({written[groups[i].outputs]['save'] for i in reused})
+      writer.keep_only({save for i in reused for save in written[groups[i].outputs]['saves']})
       logging.info('Resuming: %d of %d groups were written by an earlier run (groups %s).',
                    len(reused), len(groups), ', '.join(map(str, reused)) or 'none')
     barrier('resumed')
@@ -211,7 +216,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
                       budget_bytes / 1e9)
     with phases('restore', log=not streamed):
       try:
-        restored = checkpoint.restore(source.item_dir, skeleton, {k: inputs[k] for k in group.inputs})
+        restored = checkpoint.restore(source.trees(), skeleton, {k: inputs[k] for k in group.inputs})
       except Exception as e:  # pylint: disable=broad-except
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
@@ -226,7 +231,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
       writer.write(tree.unflatten(outputs, skeleton))
       barrier(f'group_{index}_written')
       if jax.process_index() == 0:
-        staging.add_group(group.outputs, digests, *(writer.saves() - saves))
+        staging.add_group(group.outputs, digests, sorted(writer.saves() - saves))
       faults.at('group_written')
     expected.update(digests)
     del outputs
@@ -236,25 +241,26 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
     for name in ('restore', 'transform', 'write'):
       phases.log(name, len(groups))
   with phases('finalize'):
-    item_dir = writer.finish()
-    faults.corrupt_output(item_dir)
+    written_trees = writer.finish()
+    faults.corrupt_output(staging.checkpoint)
     barrier('written')
   with phases('validate'):
-    _validate(item_dir, skeleton, plan, groups, expected)
+    _validate(written_trees, staging.checkpoint, skeleton, plan, groups, expected)
   return reused
 
 
-def _validate(item_dir: Path, skeleton, plan: plan_lib.Plan, groups, expected: dict) -> None:
+def _validate(trees: dict[str, Path], unit_dir: Path, skeleton, plan: plan_lib.Plan, groups,
+              expected: dict) -> None:
   """Reads the written checkpoint back, group by group, with the planned shardings; the digest of
   every leaf must equal the one taken of the computed array."""
   out_skeleton = tree.unflatten({k: plan.abstract_output(k) for k in plan.outputs}, skeleton)
   bad = []
   for group in groups:
     try:
-      written = checkpoint.restore(item_dir, out_skeleton,
+      written = checkpoint.restore(trees, out_skeleton,
                                    {k: plan.abstract_output(k) for k in group.outputs})
     except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(f'validation failed: {checkpoint.read_error(e, item_dir)}') from None
+      raise RuntimeError(f'validation failed: {checkpoint.read_error(e, unit_dir)}') from None
     bad += validate.mismatches({k: expected[k] for k in group.outputs}, validate.digests(written))
     del written
     memory.release()
@@ -273,6 +279,11 @@ def _output(config, source: checkpoint.Location) -> output.Target | None:
     raise SurgeryError(f'output.path {out_root} is inside input.path {source.root}')
   if checkpoint.inside(source.root, out_root):
     raise SurgeryError(f'input.path {source.root} is inside output.path {out_root}')
+  if source.step is None:
+    if config.output.custom_metadata:
+      raise SurgeryError('output.custom_metadata is set but the input is a single PyTree '
+                         'checkpoint, which has no step to record it in')
+    return output.Target(out_root, None)
   return output.Target(out_root, source.step if config.output.step is None else config.output.step)
 
 

@@ -54,7 +54,8 @@ def fingerprint(config, input_location) -> str:
   budget, the lock, the watch: same bits)."""
   fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_THE_SURGERY}
   fields['input'] = {'path': os.path.realpath(input_location.root), 'step': input_location.step,
-                     'item': input_location.item}
+                     'item': input_location.item, 'items': list(input_location.items),
+                     'copied': list(input_location.copied)}
   fields['output'] = {k: v for k, v in fields['output'].items() if k not in _NOT_THE_OUTPUT}
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -133,7 +134,7 @@ class Staging:
                 for p in self.root.iterdir()))
 
   def written_groups(self) -> dict[tuple[str, ...], dict]:
-    """{group outputs: {'digests': ..., 'save': its partial save}} of the groups on record."""
+    """{group outputs: {'digests': ..., 'saves': its partial saves}} of the groups on record."""
     groups = {}
     for line in self.record.read_text().splitlines():
       entry = json.loads(line)
@@ -142,10 +143,10 @@ class Staging:
       groups[tuple(entry['outputs'])] = entry
     return groups
 
-  def add_group(self, outputs: tuple[str, ...], digests: dict, save: str) -> None:
-    """Records a group whose partial save finished (one JSON line, appended)."""
+  def add_group(self, outputs: tuple[str, ...], digests: dict, saves: list[str]) -> None:
+    """Records a group whose partial saves (one per item) finished: one JSON line, appended."""
     with self.record.open('a') as record:
-      record.write(json.dumps({'outputs': list(outputs), 'digests': digests, 'save': save}) + '\n')
+      record.write(json.dumps({'outputs': list(outputs), 'digests': digests, 'saves': saves}) + '\n')
 
   def remove(self) -> None:
     """Deletes the staging folder, its marker last: a folder interrupted midway stays ours."""

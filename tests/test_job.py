@@ -153,3 +153,34 @@ def test_single_pytree_checkpoint_in_and_out(layered, tmp_path):
   got = checkpoints.flat_numpy(checkpoints.restore_plain(out))
   assert sorted(got) == sorted(k for k in x if not k.startswith('opt_state/'))
   np.testing.assert_array_equal(got['params/embed/embedding'], x['params/embed/embedding'])
+
+
+def test_the_step_keeps_its_custom_metadata_and_handler_names(tmp_path):
+  state = checkpoints.shard(checkpoints.train_state(checkpoints.layered_params()), checkpoints.mesh_2x4())
+  with ocp.CheckpointManager(tmp_path / 'in') as manager:
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)),
+                 custom_metadata={'scan_layers': False, 'run': 'r1'})
+    manager.wait_until_finished()
+  out = tmp_path / 'out'
+  ok(run_job(REPO / 'configs' / 'scan_layers.py', f'--config.input.path={tmp_path / "in"}',
+             f'--config.output.path={out}', '--config.output.custom_metadata.owner=eval'))
+  with ocp.CheckpointManager(out) as manager:
+    metadata = manager.metadata(3)
+    assert metadata.custom_metadata == {'scan_layers': True, 'run': 'r1', 'owner': 'eval'}
+    assert metadata.item_handlers == {
+        'state': 'orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler'}
+    restored = manager.restore(3)
+  np.testing.assert_array_equal(np.asarray(restored['state']['params']['layers']['mlp']['bias'])[1],
+                                np.asarray(state['params']['layers_1']['mlp']['bias']))
+
+
+def test_custom_metadata_needs_a_step(tmp_path):
+  state = checkpoints.train_state(checkpoints.layered_params())
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'in', state)
+  result = run_job(REPO / 'configs' / 'identity.py', f'--config.input.path={tmp_path / "in"}',
+                   f'--config.output.path={tmp_path / "out"}', '--config.output.custom_metadata.a=1')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      'surgery-job: error: output.custom_metadata is set but the input is a single PyTree '
+      'checkpoint, which has no step to record it in')

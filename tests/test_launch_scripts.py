@@ -188,6 +188,24 @@ def test_jobset_yaml():
   assert env['JAX_COORDINATOR_ADDRESS'] == f"{name}-{rjob['name']}-0-0.{name}:1234"
 
 
+@pytest.mark.parametrize('name', ['cronjob.yaml', 'sidecar.yaml'])
+def test_export_yamls_name_real_configs_and_fields(name):
+  yaml = pytest.importorskip('yaml')
+  from surgery_job import config as config_lib  # pylint: disable=import-outside-toplevel
+  [doc] = [d for d in yaml.safe_load_all((LAUNCH / 'k8s' / name).read_text()) if d]
+  pod = doc['spec']['jobTemplate']['spec']['template']['spec'] if doc['kind'] == 'CronJob' else doc['spec']
+  [container] = [c for c in pod['containers'] if 'surgery_job' in c.get('command', [])]
+  overrides = dict(a[len('--config.'):].split('=', 1) for a in container['command']
+                   if a.startswith('--config.'))
+  assert overrides['input.path'] != overrides['output.path']
+  defaults = config_lib.get_default_config()
+  for field, value in overrides.items():
+    group, key = field.split('.')
+    assert key in defaults[group], field
+  config_file = next(a for a in container['command'] if a.startswith('--config='))
+  assert (LAUNCH.parent / 'configs' / config_file.rsplit('/', 1)[1]).is_file()
+
+
 FAKE_JOB = '''\
 import sys, time
 process_id = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--process_id='))
