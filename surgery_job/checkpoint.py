@@ -218,8 +218,10 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 
 def _first_line(text: str) -> str:
-  # Orbax appends a TensorStore spec (`See full TensorStore details: <bound method ...>`).
-  return text.split('See full TensorStore details')[0].strip().splitlines()[0] if text.strip() else ''
+  # Orbax and tensorstore append a TensorStore spec (`See full TensorStore details: <bound method
+  # ...>`, `[tensorstore_spec=...]`).
+  text = re.split(r'See full TensorStore details|\[tensorstore_spec=', text)[0].strip()
+  return text.splitlines()[0] if text else ''
 
 
 def per_tree(trees: dict[str, Path], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -245,15 +247,16 @@ def read_error(error: Exception, item_dir: Path) -> str:
     return f'damaged checkpoint metadata file {item_dir / "_METADATA"}: {error}'
   texts = [str(e) for e in causes]
   for text in texts:
-    found = _OCDBT_READ.search(text)
-    if found:
-      return _value_error(found.group(1), Path(found.group(2)), _first_line(found.group(3)))
-  for text in texts:
-    files = re.findall(r'local file "([^"]+)"', text)
+    # A file tensorstore names (an OCDBT database is named by its folder, with a final '/').
+    files = [f for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith('/')]
     if files:
       path = Path(files[-1])
       state = 'is missing' if not path.exists() else 'cannot be read'
       return f'checkpoint file {path} {state} ({text.split(":", 1)[0]})'
+  for text in texts:
+    found = _OCDBT_READ.search(text)
+    if found:
+      return _value_error(found.group(1), Path(found.group(2)), _first_line(found.group(3)))
   reason = next((line for line in map(_first_line, reversed(texts)) if line), type(error).__name__)
   return f'cannot read the checkpoint in {item_dir}: {reason}'
 

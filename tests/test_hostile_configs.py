@@ -244,6 +244,7 @@ def _path_cases(tmp_path: Path, in_path: Path) -> dict[str, tuple[dict, str]]:
       'input_empty_path': ({'input': {'path': ''}}, 'missing field input.path'),
       'output_missing': ({'output': {'path': None}}, 'missing field output.path'),
       'output_inside_input': ({'output': {'path': str(in_path / 'out')}}, 'inside input.path'),
+      'output_under_a_file': ({'output': {'path': str(a_file / 'out')}}, 'Not a directory'),
       'input_inside_output': ({'output': {'path': str(in_path.parent)}}, 'inside output.path'),
       'step_for_pytree_input': ({'input': {'path': str(in_path / '3' / 'default')},
                                  'output': {'step': 4}}, 'single PyTree checkpoint'),
@@ -281,7 +282,8 @@ CASES = {**{k: ({'transforms': t}, e) for k, (t, e) in {**_op_cases(), **BAD_OP_
             for k, (fn, e) in MAP_CASES.items()},
          **FIELD_CASES}
 PATH_CASES = ['input_missing', 'input_a_file', 'input_empty_folder', 'input_a_step_folder',
-              'input_empty_path', 'output_missing', 'output_inside_input', 'input_inside_output',
+              'input_empty_path', 'output_missing', 'output_inside_input', 'output_under_a_file',
+              'input_inside_output',
               'step_for_pytree_input']
 
 
