@@ -91,7 +91,7 @@ def main() -> None:
          f'--config.input.path={root / "in"}']
   results = {}
   for name, extra in (('budget', [f'--config.memory.host_budget_gb={args.budget_gb}']),
-                      ('unbounded', [])):
+                      ('unbounded', ['--config.memory.host_budget_gb=0'])):
     wall, rss = measure(job + [f'--config.output.path={root / name}'] + extra)
     groups = len(json.loads(report.find(root / name).read_text())['groups'])
     results[name] = (wall, rss)

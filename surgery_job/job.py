@@ -139,9 +139,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
 
-  budget = config.memory.host_budget_gb
-  budget_bytes = None if budget is None else int(budget * 1e9)
+  budget_bytes, default_budget = _budget(config.memory.host_budget_gb)
   groups = plan.groups(budget_bytes)
+  if default_budget:
+    _check_fits(groups, budget_bytes, default_budget)
   if config.dry_run:
     if jax.process_index() == 0:
       print(describe(plan, groups, source, target))
@@ -184,6 +185,29 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   finally:
     if jax.process_index() == 0:
       claim.release()
+
+
+def _budget(host_budget_gb: float | None) -> tuple[int | None, str]:
+  """(bytes of arrays a group may hold per process, or None for no budget; how the default budget
+  was found, '' for the user's)."""
+  if host_budget_gb is not None:
+    return int(host_budget_gb * 1e9) or None, ''
+  budget, how = memory.default_budget(distributed.processes_on_this_host())
+  if jax.process_index() == 0:
+    logging.info('Memory budget: %.3f GB of arrays per group (%s).', budget / 1e9, how)
+  return budget, how
+
+
+def _check_fits(groups, budget: int, how: str) -> None:
+  """Under the default budget, a group larger than it is refused before any data moves."""
+  largest = max(groups, key=lambda group: group.host_bytes)
+  if largest.host_bytes > budget:
+    raise SurgeryError(
+        f'not enough memory: {len(largest.outputs)} leaves read together '
+        f'({", ".join(largest.outputs[:3])}{" ..." if len(largest.outputs) > 3 else ""}) need '
+        f'{largest.host_bytes / 1e9:.3f} GB of arrays per process, over the memory budget of '
+        f'{budget / 1e9:.3f} GB ({how}); give the job more memory or devices, or set '
+        'memory.host_budget_gb')
 
 
 def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
