@@ -10,6 +10,7 @@ job's: JAX ends a process with a C++ abort, the job with its exit code and one l
 """
 
 import atexit
+import contextlib
 import functools
 import itertools
 import json
@@ -112,9 +113,14 @@ def processes_on_this_host() -> int:
   return sum(1 for _, name in client.key_value_dir_get(HOSTS_DIR) if name == host)
 
 
-def before_exit(hook: Callable[[], None]) -> None:
-  """Runs `hook` when this process exits through `fail` or the watchdog."""
+@contextlib.contextmanager
+def before_exit(hook: Callable[[], None]):
+  """Within the block, `hook` runs if this process exits through `fail` or the watchdog."""
   _before_exit.append(hook)
+  try:
+    yield
+  finally:
+    _before_exit.remove(hook)
 
 
 def fail(code: int, message: str) -> None:

@@ -149,42 +149,45 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     return None
 
   claim = output.Claim(target, config.output.lock_timeout_seconds)
-  if jax.process_index() == 0:
-    distributed.before_exit(claim.release)
-  try:
-    state = distributed.agree('claim', lambda: claim.acquire(
-        run_fingerprint, config.output.overwrite, config.output.wait_seconds),
-        barrier_timeout_seconds)
-    if state == 'done':
+  # Process 0 holds the output's lock until the end of the step, however the process ends.
+  with distributed.before_exit(claim.release) if jax.process_index() == 0 else contextlib.nullcontext():
+    try:
+      return _claimed(config, claim, source, skeleton, inputs, plan, groups, budget_bytes, phases,
+                      run_fingerprint, barrier, barrier_timeout_seconds)
+    finally:
       if jax.process_index() == 0:
-        logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
-                     source.item_dir, run_fingerprint[:12])
-      return json.loads((target.unit / report_lib.REPORT).read_text())
-    staging = claim.staging
-    if jax.process_index() == 0 and state == 'start':
-      staging.create(run_fingerprint)
-    barrier('staged')
-    reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
-                                 budget_bytes, staging.written_groups() if state == 'resume' else None,
-                                 config.output.custom_metadata.to_dict())
-    report = report_lib.build(config, plan, groups, source, target, phases.seconds,
-                              run_fingerprint)
-    report['groups_reused'] = reused
-    report['bytes_read_this_run'] = sum(
-        plan.inputs_bytes(g.inputs) for i, g in enumerate(groups) if i not in reused)
-    with phases('commit'), stopping.committing():
-      if jax.process_index() == 0:
-        report_lib.write(report, staging.checkpoint)
-        claim.commit()
-        faults.at('renamed')
-      barrier('committed')
-    if jax.process_index() == 0 and config.output.max_to_keep and target.step is not None:
-      output.prune(target.root, config.output.max_to_keep, config.output.lock_timeout_seconds)
-    report['seconds'] = phases.seconds
-    return report
-  finally:
+        claim.release()
+
+
+def _claimed(config, claim: output.Claim, source, skeleton, inputs, plan, groups, budget_bytes,
+             phases, run_fingerprint: str, barrier, barrier_timeout_seconds: int) -> dict:
+  """The step once its output is claimed: already done, or written, validated and committed."""
+  target, staging = claim.target, claim.staging
+  state = distributed.agree('claim', lambda: claim.acquire(
+      run_fingerprint, config.output.overwrite, config.output.wait_seconds), barrier_timeout_seconds)
+  if state == 'done':
     if jax.process_index() == 0:
-      claim.release()
+      logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
+                   source.item_dir, run_fingerprint[:12])
+    return json.loads((target.unit / report_lib.REPORT).read_text())
+  if jax.process_index() == 0 and state == 'start':
+    staging.create(run_fingerprint)
+  barrier('staged')
+  reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
+                               budget_bytes, staging.written_groups() if state == 'resume' else None,
+                               config.output.custom_metadata.to_dict())
+  report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
+                            reused)
+  with phases('commit'), stopping.committing():
+    if jax.process_index() == 0:
+      report_lib.write(report, staging.checkpoint)
+      claim.commit()
+      faults.at('renamed')
+    barrier('committed')
+  if jax.process_index() == 0 and config.output.max_to_keep and target.step is not None:
+    output.prune(target.root, config.output.max_to_keep, config.output.lock_timeout_seconds)
+  report['seconds'] = phases.seconds
+  return report
 
 
 def _budget(host_budget_gb: float | None) -> tuple[int | None, str]:

@@ -11,7 +11,9 @@ from pathlib import Path
 REPORT = 'surgery_report.json'
 
 
-def build(config, plan, groups, source, target, seconds: dict[str, float], fingerprint: str) -> dict:
+def build(config, plan, groups, source, target, seconds: dict[str, float], fingerprint: str,
+          reused: list[int]) -> dict:
+  """The report of a run; `reused`: the groups an earlier, stopped run of it had written."""
   return {
       'fingerprint': fingerprint,
       'input': {'path': str(source.root), 'step': source.step, 'item': source.item},
@@ -25,6 +27,9 @@ def build(config, plan, groups, source, target, seconds: dict[str, float], finge
                  for g in groups],
       'predicted_peak_host_bytes': max(g.host_bytes for g in groups),
       'bytes_read': plan.bytes_read,
+      'groups_reused': reused,
+      'bytes_read_this_run': sum(plan.inputs_bytes(g.inputs) for i, g in enumerate(groups)
+                                 if i not in reused),
       'bytes_written': plan.bytes_written,
       'seconds': dict(seconds),
       'validation': {'ok': True, 'leaves_compared': len(plan.outputs)},
