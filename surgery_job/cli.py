@@ -34,10 +34,17 @@ def locate(path: str, step: Any = None) -> checkpoint.Location:
   """The checkpoint `path` names: a single PyTree checkpoint, a CheckpointManager directory (its
   `step`, default the latest committed one), or one step folder of such a directory."""
   folder = Path(path).absolute()
-  if (folder.name.isdigit() and folder.is_dir() and not (folder / '_METADATA').is_file()
-      and step is None and folder.parent.is_dir()):
+  if not folder.exists():
+    raise SurgeryError(f'{folder} does not exist')
+  if is_step_folder(folder) and step is None:
     return checkpoint.locate(str(folder.parent), int(folder.name), None)
   return checkpoint.locate(str(folder), step, None)
+
+
+def is_step_folder(folder: Path) -> bool:
+  """Whether `folder` is one committed step of a CheckpointManager directory."""
+  return (folder.name.isdigit() and folder.is_dir() and not (folder / '_METADATA').is_file()
+          and int(folder.name) in checkpoint.committed_steps(folder.parent))
 
 
 def load_config(spec: str):

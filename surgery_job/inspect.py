@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery_job import checkpoint, cli, keys, sharding, tree
+from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-inspect'
 TMP = '.orbax-checkpoint-tmp'
@@ -61,15 +62,12 @@ def inspect(path: str, step: int | None = None, pattern: str | None = None,
             depth: int | None = None) -> dict:
   """Everything `inspect` shows, as the JSON it prints with `--json`."""
   root = Path(path).absolute()
-  if not root.exists():
-    raise checkpoint.SurgeryError(f'{root} does not exist')
-  manager = root.is_dir() and not (root / '_METADATA').is_file()
   info: dict[str, Any] = {'path': str(root)}
-  if manager:
+  if root.is_dir() and not (root / '_METADATA').is_file() and not cli.is_step_folder(root):
     info['steps'] = list_steps(root)
-    if not any(s['state'] == 'committed' for s in info['steps']) and not root.name.isdigit():
-      raise checkpoint.SurgeryError(
-          f'{root} has no committed step (found: {[s["folder"] for s in info["steps"]]})')
+    if not any(s['state'] == 'committed' for s in info['steps']):
+      raise SurgeryError(f'{root} holds no committed step (step folders: '
+                         f'{[s["folder"] for s in info["steps"]]})')
   location = cli.locate(str(root), step)
   step_metadata = checkpoint.step_metadata(location)
   if location.step is not None:
@@ -94,7 +92,7 @@ def inspect(path: str, step: int | None = None, pattern: str | None = None,
   try:
     wanted = re.compile(pattern) if pattern else None
   except re.error as e:
-    raise checkpoint.SurgeryError(f'--filter {pattern!r}: {e}') from None
+    raise SurgeryError(f'--filter {pattern!r}: {e}') from None
   leaves = {key: leaf_entry(meta, impls.get(key)) for key, meta in metadata.items()
             if wanted is None or wanted.search(key)}
   info['subtrees'] = subtotals(leaves, depth)
