@@ -13,6 +13,7 @@ one group of A and B at a time (`--host_budget_gb`), on as many processes as the
 (`--coordinator_address --num_processes --process_id`, or a cluster JAX detects).
 """
 
+import functools
 import json
 import sys
 from typing import Any
@@ -95,7 +96,11 @@ def diff(a_path: str, b_path: str, config_spec: str | None = None, values: bool 
          host_budget_gb: float | None = None) -> dict:
   """Everything the diff finds, as the JSON it prints with `--json`; 'equal' sums it up."""
   # As in the job: 64-bit leaves are compared as they are.
-  jax.config.update('jax_enable_x64', True)
+  with jax.enable_x64(True):
+    return _diff(a_path, b_path, config_spec, values, host_budget_gb)
+
+
+def _diff(a_path, b_path, config_spec, values, host_budget_gb) -> dict:
   a, b = cli.locate(a_path), cli.locate(b_path)
   config = cli.load_config(config_spec) if config_spec else config_lib.get_default_config()
   config.input.path, config.dry_run = str(a.root), True
@@ -184,7 +189,9 @@ def render(found: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], join_cluster: bool = False) -> int:
+  """The command; `join_cluster`: first join the cluster the flags name or JAX detects (a
+  process that has already used JAX, as a test, cannot)."""
   parser = cli.Parser(prog=PROG, description=__doc__.split('\n')[0])
   parser.add_argument('a', help='checkpoint A (with --map: the surgery input)')
   parser.add_argument('b', help='checkpoint B (with --map: the surgery output)')
@@ -200,9 +207,10 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   if args.host_budget_gb is not None and args.host_budget_gb <= 0:
     parser.error(f'--host_budget_gb must be positive, got {args.host_budget_gb}')
-  memory.few_arenas()
-  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                         heartbeat_timeout_seconds=60, init_timeout_seconds=300)
+  if join_cluster:
+    memory.few_arenas()
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           heartbeat_timeout_seconds=60, init_timeout_seconds=300)
   found = diff(args.a, args.b, args.map, args.values, args.host_budget_gb)
   if jax.process_index() == 0:
     print(json.dumps(found, indent=1) if args.json else render(found))
@@ -211,7 +219,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """The console script."""
-  sys.exit(cli.run(PROG, main))
+  sys.exit(cli.run(PROG, functools.partial(main, join_cluster=True)))
 
 
 if __name__ == '__main__':

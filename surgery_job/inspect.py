@@ -115,7 +115,8 @@ def render(info: dict) -> str:
   """The printed tree: steps, items, layout, then one line per subtree and leaf, then the total."""
   lines = []
   if 'steps' in info:
-    lines.append(f"{info['path']}: CheckpointManager directory, {len(info['steps'])} step folders")
+    folders = len(info['steps'])
+    lines.append(f"{info['path']}: CheckpointManager directory, {folders} step folder{'s' * (folders != 1)}")
     for s in info['steps']:
       chosen = '  <- shown' if s['folder'] == str(info['step']) else ''
       folder = f" ({s['folder']})" if s['folder'] != str(s['step']) else ''
