@@ -9,13 +9,14 @@ items and custom metadata. Each leaf has its shape, dtype, saved PartitionSpec a
 subtree its leaf count and bytes; the params root and the optimizer mirrors are those the job finds.
 """
 
+import collections
 import json
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from surgery_job import checkpoint, cli, keys, sharding, tree
+from surgery_job import checkpoint, cli, saved_leaves, tree
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-inspect'
@@ -36,13 +37,12 @@ def list_steps(root: Path) -> list[dict]:
   return sorted(found, key=lambda s: (s['step'], s['folder']))
 
 
-def leaf_entry(meta: Any, impl: str | None) -> dict:
-  shape = tuple(int(d) for d in meta.shape)
-  entry = {'shape': list(shape), 'dtype': meta.dtype.name,
-           'spec': [list(e) if isinstance(e, tuple) else e for e in sharding.saved_spec(meta)],
-           'bytes': cli.nbytes(shape, meta.dtype)}
-  if impl:
-    entry['prng_impl'] = impl  # Orbax stores a typed key as its key data: the shape and dtype above.
+def leaf_entry(leaf: saved_leaves.SavedLeaf) -> dict:
+  entry = {'shape': list(leaf.shape), 'dtype': leaf.dtype.name,
+           'spec': [list(e) if isinstance(e, tuple) else e for e in leaf.spec],
+           'bytes': cli.nbytes(leaf.shape, leaf.dtype)}
+  if leaf.prng_impl:
+    entry['prng_impl'] = leaf.prng_impl  # Saved as its key data: the shape and dtype above.
   return entry
 
 
@@ -78,14 +78,12 @@ def inspect(path: str, step: int | None = None, pattern: str | None = None,
                             'handler': handlers.get(name) if isinstance(handlers, dict) else None}
                      for name in sorted(names)}
     info['custom_metadata'] = step_metadata.get('custom_metadata') or {}
-  metadata = tree.flatten(checkpoint.read_metadata(location))
-  impls = checkpoint.joined({
-      prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
-          location.trees().items(), checkpoint.per_tree(location.trees(), metadata).values())})
-  saved_mesh = sharding.saved_mesh_shape(list(metadata.values()))
-  info['saved_mesh'] = dict(zip(saved_mesh[1], saved_mesh[0])) if saved_mesh else None
+  saved = {tree.join(prefix, key): leaf for prefix, item_dir in location.trees().items()
+           for key, leaf in saved_leaves.read(item_dir).items()}
+  meshes = collections.Counter(tuple(leaf.mesh.items()) for leaf in saved.values() if leaf.mesh)
+  info['saved_mesh'] = dict(meshes.most_common(1)[0][0]) if meshes else None
   try:
-    layout = tree.find_layout(list(metadata), None)
+    layout = tree.find_layout(list(saved), None)
     info['params_root'], info['optimizer_mirrors'] = layout.params_root, list(layout.mirror_roots)
   except ValueError:
     info['params_root'], info['optimizer_mirrors'] = None, []
@@ -93,7 +91,7 @@ def inspect(path: str, step: int | None = None, pattern: str | None = None,
     wanted = re.compile(pattern) if pattern else None
   except re.error as e:
     raise SurgeryError(f'--filter {pattern!r}: {e}') from None
-  leaves = {key: leaf_entry(meta, impls.get(key)) for key, meta in metadata.items()
+  leaves = {key: leaf_entry(leaf) for key, leaf in saved.items()
             if wanted is None or wanted.search(key)}
   info['subtrees'] = subtotals(leaves, depth)
   info['total'] = {'leaves': len(leaves), 'bytes': sum(e['bytes'] for e in leaves.values())}

@@ -12,7 +12,7 @@ import write_steps
 from jobs import REPO, job_env, ok, run_job, write_config
 from test_multiprocess import launch, two_process_checkpoint  # pylint: disable=unused-import
 
-from surgery_job import cli, diff, inspect
+from surgery_job import cli, diff, inspect, saved_leaves
 
 LAYERED_BYTES = 14936  # 12 params (4976 bytes), Adam's mu and nu (4976 each), count and step (4 each).
 
@@ -128,6 +128,12 @@ def test_inspect_bad_input_is_one_line_and_exit_2(steps, args, message, capsys):
   assert cli.run(inspect.PROG, inspect.main, [a.format(steps=steps) for a in args]) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith('surgery-job-inspect: error: ') and message in err
+
+
+def test_the_files_say_what_orbax_metadata_says(two_process_checkpoint, layered):
+  for path in (two_process_checkpoint[0], layered[0]):
+    item_dir = path / '3' / 'default'
+    assert saved_leaves.read_files(item_dir) == saved_leaves.read_with_orbax(item_dir)
 
 
 def test_a_checkpoint_written_by_two_processes(two_process_checkpoint, layered, tmp_path):
