@@ -145,7 +145,7 @@ def _compare_group(plan, group, comparable, a, a_skeleton, b, b_skeleton) -> dic
   except Exception as e:  # pylint: disable=broad-except
     raise SurgeryError(checkpoint.read_error(e, a.item_dir)) from None
   transform = plan_lib.transform_fn(plan, group)
-  computed = transform(restored) if transform else {}
+  computed, _ = transform(restored) if transform else ({}, {})
   mapped = {k: computed[k] if plan.outputs[k].passthrough is None
             else restored[plan.outputs[k].passthrough] for k in outputs}
   del restored, computed

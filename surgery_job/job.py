@@ -9,8 +9,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (checkpoint, config as config_lib, distributed, faults, keys, memory,
-                         output, plan as plan_lib, report as report_lib, sharding, stopping,
+from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
+                         distributed, faults, keys, memory, output, plan as plan_lib,
+                         report as report_lib, sharding, stopping,
                          transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
@@ -163,12 +164,15 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     if jax.process_index() == 0 and state == 'start':
       staging.create(run_fingerprint)
     barrier('staged')
+    cast_errors = {}
     reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
                                  budget_bytes, staging.written_groups() if state == 'resume' else None,
-                                 config.output.custom_metadata.to_dict())
+                                 config.output.custom_metadata.to_dict(), cast_errors)
     report = report_lib.build(config, plan, groups, source, target, phases.seconds,
                               run_fingerprint)
     report['groups_reused'] = reused
+    # Of the groups computed by this run: a resumed run does not measure the casts of the others.
+    report['cast_errors'] = cast_errors
     report['bytes_read_this_run'] = sum(
         plan.inputs_bytes(g.inputs) for i, g in enumerate(groups) if i not in reused)
     with phases('commit'), stopping.committing():
@@ -188,10 +192,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
 
 def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
                         barrier, budget_bytes, written: dict | None,
-                        custom_metadata: dict) -> list[int]:
+                        custom_metadata: dict, cast_errors: dict) -> list[int]:
   """Restores, transforms and writes each group into the staging folder, then reads it all back.
   Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
-  are; returns their indices."""
+  are; returns their indices. Fills `cast_errors` with what each cast of a computed group lost."""
   streamed = len(groups) > 1
   writer = checkpoint.Writer(staging.checkpoint, source, barrier, custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
@@ -220,7 +224,8 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
       transform = plan_lib.transform_fn(plan, group)
-      computed = distributed.wait_ready(transform(restored)) if transform else {}
+      computed, cast_stats = distributed.wait_ready(transform(restored)) if transform else ({}, {})
+      cast_errors.update(cast_errors_lib.summarize(plan.casts, cast_stats))
     outputs = {k: computed[k] if plan.outputs[k].passthrough is None
                else restored[plan.outputs[k].passthrough] for k in group.outputs}
     del restored, computed  # Inputs that no output passes through are freed before the write.
