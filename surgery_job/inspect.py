@@ -31,8 +31,12 @@ def list_steps(root: Path) -> list[dict]:
     number = folder.name.split('.', 1)[0]
     if not folder.is_dir() or not number.isdigit() or not (folder.name.isdigit() or TMP in folder.name):
       continue
-    state = ('committed' if int(folder.name) in committed else 'in progress (no item yet)') \
-        if folder.name.isdigit() else 'in progress'
+    if not folder.name.isdigit():
+      state = 'in progress'
+    elif int(folder.name) in committed:
+      state = 'committed'
+    else:
+      state = 'in progress (no item yet)'
     found.append({'step': int(number), 'folder': folder.name, 'state': state})
   return sorted(found, key=lambda s: (s['step'], s['folder']))
 
@@ -72,7 +76,7 @@ def inspect(path: str, step: int | None = None, pattern: str | None = None,
   step_metadata = checkpoint.step_metadata(location)
   if location.step is not None:
     handlers = step_metadata.get('item_handlers') or {}
-    names = [location.item] if location.item else [*location.items, *location.copied]
+    names = [*([location.item] if location.item else location.items), *location.copied]
     info['step'] = location.step
     info['items'] = {name: {'pytree': name not in location.copied,
                             'handler': handlers.get(name) if isinstance(handlers, dict) else None}

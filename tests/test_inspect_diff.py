@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
+import checkpoints
 import write_steps
 from jobs import REPO, job_env, ok, run_job, write_config
+from test_items import composite  # pylint: disable=unused-import
 from test_multiprocess import launch, two_process_checkpoint  # pylint: disable=unused-import
 
 from surgery_job import cli, diff, inspect, saved_leaves
@@ -225,3 +227,21 @@ def test_map_with_a_config_that_does_not_match_differs(layered, tmp_path):
   assert len(found['changed']) == 9 and len(found['values']) == 11  # Unstacked leaves compare.
   assert all(v['equal'] for v in found['values'].values())
   assert diff.main([str(source), str(scanned), '--map', 'configs/scan_layers.py:layers']) == 0
+
+
+def test_inspect_a_composite_step_with_a_json_item_and_a_prng_key(composite, capsys):
+  path, params, train = composite
+  info = inspect.inspect(str(path))
+  assert {name: item['pytree'] for name, item in info['items'].items()} == {
+      'metadata': False, 'params': True, 'train': True}
+  assert info['params_root'] == 'params'
+  assert info['optimizer_mirrors'] == ['train/opt_state/0/mu', 'train/opt_state/0/nu']
+  saved = {**checkpoints.flat_numpy({'params': params}), **checkpoints.flat_numpy({'train': train})}
+  assert info['total'] == {'leaves': len(saved), 'bytes': sum(x.nbytes for x in saved.values())}
+  assert info['leaves']['train/rng'] == {'shape': [2], 'dtype': 'uint32', 'spec': [], 'bytes': 8,
+                                         'prng_impl': 'threefry2x32'}
+  assert inspect.main([str(path), '--filter', 'rng']) == 0
+  out = normalized(capsys.readouterr().out)
+  assert 'Step 3 items: metadata (copied as is), params (PyTree), train (PyTree)' in out
+  assert out[-3:] == ['train/ 1 leaf, 8 B', 'rng key<threefry2x32> data (2,) uint32 P() 8 B',
+                      'Total: 1 leaf, 8 B (8 bytes)']
