@@ -3,6 +3,7 @@ with optax state, a CheckpointManager with several steps and saves in progress; 
 through the CLI only, diff-equal to their input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -136,6 +137,20 @@ def test_the_files_say_what_orbax_metadata_says(two_process_checkpoint, layered)
   for path in (two_process_checkpoint[0], layered[0]):
     item_dir = path / '3' / 'default'
     assert saved_leaves.read_files(item_dir) == saved_leaves.read_with_orbax(item_dir)
+
+
+def test_a_damaged_checkpoint_is_named(layered, tmp_path, capsys):
+  copy = tmp_path / 'ckpt'
+  shutil.copytree(layered[0], copy)
+  (copy / '3' / 'default' / '_METADATA').write_text('{"tree_metadata": ')
+  assert cli.run(inspect.PROG, inspect.main, [str(copy)]) == 2
+  assert cli.run(diff.PROG, diff.main, [str(layered[0]), str(copy)]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert [line.split(': ')[:3] for line in err] == [
+      ['surgery-job-inspect', 'error', 'damaged checkpoint metadata file '
+       f'{copy}/3/default/_METADATA'],
+      ['surgery-job-diff', 'error', 'damaged checkpoint metadata file '
+       f'{copy}/3/default/_METADATA']]
 
 
 def test_a_checkpoint_written_by_two_processes(two_process_checkpoint, layered, tmp_path):
