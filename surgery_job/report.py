@@ -41,6 +41,12 @@ def summary(report: dict) -> str:
   lines += [f"  {op['op']}: {len(op['touched'])} keys touched" for op in report['ops']]
   lines.append(f"  {len(report['leaves'])} leaves written in {len(report['groups'])} groups, {report['bytes_read']} bytes read, "
                f"{report['bytes_written']} bytes written, validated: {report['validation']['ok']}")
+  casts = report.get('cast_errors') or {}
+  if casts:
+    worst = max(casts, key=lambda k: casts[k]['max_rel_error'])
+    lines.append(f"  cast {len(casts)} leaves: worst max rel error {casts[worst]['max_rel_error']:.3g} "
+                 f"({worst}), {sum(c['overflowed'] for c in casts.values())} values overflowed, "
+                 f"{sum(c['flushed_to_zero'] for c in casts.values())} flushed to zero")
   lines.append('  seconds: ' + ', '.join(f'{k} {v:.2f}' for k, v in report['seconds'].items()))
   return '\n'.join(lines)
 

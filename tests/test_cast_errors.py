@@ -10,7 +10,7 @@ import pytest
 
 from jobs import surgery, ok
 from surgery_job import cast_errors
-from surgery_job.report import REPORT
+from surgery_job.report import REPORT, summary
 
 
 def test_statistics_of_a_float16_cast():
@@ -59,6 +59,11 @@ def test_the_report_gives_what_each_cast_lost(layered, tmp_path):
   assert errors['params/head/kernel']['dtype'] == 'float16'
   assert errors['params/head/kernel']['overflowed'] == overflowing(x['params/head/kernel']) > 0
   assert 'Cast params/layers_1/mlp/kernel to bfloat16: max abs error' in result.stderr
+  worst = max(errors, key=lambda k: errors[k]['max_rel_error'])
+  assert worst.startswith('params/layers_')  # bfloat16 keeps 8 bits of mantissa, float16 11.
+  assert (f"cast 10 leaves: worst max rel error {errors[worst]['max_rel_error']:.3g} ({worst}), "
+          f"{errors['params/head/kernel']['overflowed']} values overflowed, 0 flushed to zero"
+          ) in summary(report)
 
 
 def test_a_cast_that_overflows_fails_naming_the_leaf(layered, tmp_path):
