@@ -11,7 +11,8 @@ from surgery_job.errors import SurgeryError
 
 
 def statistics(source: jax.Array, result: jax.Array) -> dict[str, jax.Array]:
-  """Scalars comparing a cast's `result` with its `source`, both taken in a wide type."""
+  """Scalars comparing a cast's `result` with its `source`, both taken in a wide type (counts are
+  int64: the job runs with x64 on, and a leaf may hold more than 2**31 values)."""
   wide = jnp.promote_types(jnp.promote_types(source.dtype, result.dtype), jnp.float32)
   before, after = source.astype(wide), result.astype(wide)
   finite = jnp.isfinite(before) & jnp.isfinite(after)
@@ -20,8 +21,8 @@ def statistics(source: jax.Array, result: jax.Array) -> dict[str, jax.Array]:
   relative = jnp.where(finite & (magnitude > 0), error / jnp.where(magnitude > 0, magnitude, 1), 0)
   return {'max_abs_error': jnp.max(error, initial=0).astype(jnp.float32),
           'max_rel_error': jnp.max(relative, initial=0).astype(jnp.float32),
-          'overflowed': jnp.sum(jnp.isfinite(before) & ~jnp.isfinite(after), dtype=jnp.int32),
-          'flushed_to_zero': jnp.sum((before != 0) & (after == 0), dtype=jnp.int32)}
+          'overflowed': jnp.sum(jnp.isfinite(before) & ~jnp.isfinite(after), dtype=jnp.int64),
+          'flushed_to_zero': jnp.sum((before != 0) & (after == 0), dtype=jnp.int64)}
 
 
 def summarize(casts, stats: dict[str, dict[str, jax.Array]]) -> dict[str, dict]:

@@ -159,6 +159,15 @@ def _compare_group(plan, group, comparable, a, a_skeleton, b, b_skeleton) -> dic
   return result
 
 
+def _strict_json(value: Any) -> Any:
+  """`value` with inf and NaN as strings, which strict JSON readers (jq) accept."""
+  if isinstance(value, dict):
+    return {k: _strict_json(v) for k, v in value.items()}
+  if isinstance(value, float) and not np.isfinite(value):
+    return str(value)
+  return value
+
+
 def _number(x: float | None) -> str:
   return 'n/a' if x is None else f'{x:.3g}'
 
@@ -213,7 +222,7 @@ def main(argv: list[str], join_cluster: bool = False) -> int:
                            heartbeat_timeout_seconds=60, init_timeout_seconds=300)
   found = diff(args.a, args.b, args.map, args.values, args.host_budget_gb)
   if jax.process_index() == 0:
-    print(json.dumps(found, indent=1) if args.json else render(found))
+    print(json.dumps(_strict_json(found), indent=1) if args.json else render(found))
   return EXIT_EQUAL if found['equal'] else EXIT_DIFFERENT
 
 

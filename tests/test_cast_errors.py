@@ -3,6 +3,7 @@ overflow accepted), and a run that fails when finite values would overflow."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -15,7 +16,8 @@ from surgery_job.report import REPORT, summary
 
 def test_statistics_of_a_float16_cast():
   source = np.array([1.0001, 1e6, -7e4, 1e-9, 0.0, 3.0, np.inf, np.nan], np.float32)
-  stats = cast_errors.statistics(jnp.asarray(source), jnp.asarray(source).astype(jnp.float16))
+  with jax.enable_x64(True):  # As in the job.
+    stats = cast_errors.statistics(jnp.asarray(source), jnp.asarray(source).astype(jnp.float16))
   assert {k: np.asarray(v).item() for k, v in stats.items()} == {
       'max_abs_error': pytest.approx(float(np.float32(1.0001) - np.float32(1.0))),
       'max_rel_error': 1.0,  # 1e-9 flushed to zero.

@@ -7,6 +7,9 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import checkpoints
@@ -260,3 +263,27 @@ def test_inspect_a_composite_step_with_a_json_item_and_a_prng_key(composite, cap
   assert 'Step 3 items: metadata (copied as is), params (PyTree), train (PyTree)' in out
   assert out[-3:] == ['train/ 1 leaf, 8 B', 'rng key<threefry2x32> data (2,) uint32 P() 8 B',
                       'Total: 1 leaf, 8 B (8 bytes)']
+
+
+def test_compare_values_on_literal_arrays():
+  mesh = checkpoints.mesh_2x4()
+  a = np.array([1.0, 2.0, 3.0, 0.0], np.float32)
+  pairs = {
+      'same': (jnp.asarray(a), jnp.asarray(a)),
+      'rounded': (jnp.asarray(a), jnp.asarray(a + np.float32(0.25))),
+      'nan_and_signed_zero': (jnp.asarray(a), jnp.asarray(np.array([1.0, np.nan, 3.0, -0.0], np.float32))),
+      'ints': (jnp.asarray([5, 7], jnp.int32), jnp.asarray([5, 4], jnp.int32)),
+      'bools': (jnp.asarray([True, False]), jnp.asarray([True, False])),
+  }
+  with jax.enable_x64(True):  # As `diff` runs it.
+    found = diff.compare_values(pairs, mesh)
+  assert found == {
+      'same': {'equal': True, 'differing': 0, 'size': 4, 'max_abs': 0.0, 'max_rel': 0.0},
+      'rounded': {'equal': False, 'differing': 4, 'size': 4, 'max_abs': 0.25, 'max_rel': 0.25 / 3},
+      # A NaN on one side only is infinitely far; -0.0 differs from 0.0 by its bits, not its value.
+      'nan_and_signed_zero': {'equal': False, 'differing': 2, 'size': 4, 'max_abs': float('inf'),
+                              'max_rel': float('inf')},
+      'ints': {'equal': False, 'differing': 1, 'size': 2, 'max_abs': 3.0, 'max_rel': 3 / 7},
+      'bools': {'equal': True, 'differing': 0, 'size': 2, 'max_abs': 0.0, 'max_rel': 0.0},
+  }
+  assert json.loads(json.dumps(diff._strict_json(found)))['nan_and_signed_zero']['max_abs'] == 'inf'  # pylint: disable=protected-access
