@@ -31,14 +31,13 @@ PROG = 'surgery-job-diff'
 EXIT_EQUAL, EXIT_DIFFERENT = 0, 1
 
 
-def _abstract(location: checkpoint.Location, mesh) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]:
-  """(metadata skeleton, {key: the leaf as the job restores it on `mesh`}) of one checkpoint."""
-  skeleton = checkpoint.read_metadata(location)
-  metadata = tree.flatten(skeleton)
+def _abstract(location: checkpoint.Location, metadata: dict[str, Any],
+              mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """{key: the leaf as the job restores it on `mesh`} of one checkpoint's flat `metadata`."""
   impls = checkpoint.joined({
       prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
           location.trees().items(), checkpoint.per_tree(location.trees(), metadata).values())})
-  return skeleton, plan_lib.abstract_inputs(metadata, impls, mesh)
+  return plan_lib.abstract_inputs(metadata, impls, mesh)
 
 
 def _describe(shape, dtype, spec) -> dict:
@@ -105,11 +104,12 @@ def _diff(a_path, b_path, config_spec, values, host_budget_gb) -> dict:
   config = cli.load_config(config_spec) if config_spec else config_lib.get_default_config()
   config.input.path, config.dry_run = str(a.root), True
   config = config_lib.resolve(config)
-  a_metadata = tree.flatten(checkpoint.read_metadata(a))
+  a_skeleton, b_skeleton = checkpoint.read_metadata(a), checkpoint.read_metadata(b)
+  a_metadata = tree.flatten(a_skeleton)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes,
                             sharding.saved_mesh_shape(list(a_metadata.values())), jax.devices())
-  a_skeleton, a_inputs = _abstract(a, mesh)
-  b_skeleton, b_leaves = _abstract(b, mesh)
+  a_inputs = _abstract(a, a_metadata, mesh)
+  b_leaves = _abstract(b, tree.flatten(b_skeleton), mesh)
   try:
     layout = tree.find_layout(list(a_inputs), config.params_root)
   except ValueError as e:
