@@ -159,7 +159,10 @@ def test_a_damaged_checkpoint_is_named(layered, tmp_path, capsys):
 def test_a_checkpoint_written_by_two_processes(two_process_checkpoint, layered, tmp_path):
   two, _ = two_process_checkpoint
   single, _ = layered
-  assert inspect.inspect(str(two))['leaves'] == inspect.inspect(str(single))['leaves']
+  info = inspect.inspect(str(two))
+  assert info['total'] == {'leaves': 38, 'bytes': LAYERED_BYTES}
+  assert info['saved_mesh'] == {'data': 2, 'model': 4}
+  assert info['leaves'] == inspect.inspect(str(single))['leaves']
   assert diff.main([str(single), str(two), '--values']) == 0
   # The diff itself on 2 processes x 4 devices, as the job runs on a cluster.
   ok(launch(2, str(two), str(single), '--values', '--host_budget_gb=0.00001',
