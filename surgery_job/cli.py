@@ -38,6 +38,10 @@ def locate(path: str, step: Any = None) -> checkpoint.Location:
     raise SurgeryError(f'{folder} does not exist')
   if is_step_folder(folder) and step is None:
     return checkpoint.locate(str(folder.parent), int(folder.name), None)
+  if step is not None and not (folder / '_METADATA').is_file():
+    committed = checkpoint.committed_steps(folder)
+    if step not in committed:
+      raise SurgeryError(f'step {step} is not a committed step of {folder} (committed: {committed})')
   return checkpoint.locate(str(folder), step, None)
 
 

@@ -126,7 +126,7 @@ def test_inspect_lists_committed_steps_and_saves_in_progress(steps, capsys):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['{steps}', '--step', '5'], 'input.step 5 not found'),
+    (['{steps}', '--step', '5'], 'step 5 is not a committed step of'),
     (['{steps}/missing'], 'missing does not exist'),
     (['{steps}', '--filter', '('], "--filter '('"),
 ])
