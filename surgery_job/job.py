@@ -9,8 +9,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (checkpoint, config as config_lib, distributed, faults, keys, memory,
-                         output, plan as plan_lib, report as report_lib, sharding, stopping,
+from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
+                         distributed, faults, keys, memory, output, plan as plan_lib,
+                         report as report_lib, sharding, stopping,
                          transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
@@ -173,11 +174,12 @@ def _claimed(config, claim: output.Claim, source, skeleton, inputs, plan, groups
   if jax.process_index() == 0 and state == 'start':
     staging.create(run_fingerprint)
   barrier('staged')
+  cast_errors = {}
   reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
                                budget_bytes, staging.written_groups() if state == 'resume' else None,
-                               config.output.custom_metadata.to_dict())
+                               config.output.custom_metadata.to_dict(), cast_errors)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
-                            reused)
+                            reused, cast_errors)
   with phases('commit'), stopping.committing():
     if jax.process_index() == 0:
       report_lib.write(report, staging.checkpoint)
@@ -215,10 +217,10 @@ def _check_fits(groups, budget: int, how: str) -> None:
 
 def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
                         barrier, budget_bytes, written: dict | None,
-                        custom_metadata: dict) -> list[int]:
+                        custom_metadata: dict, cast_errors: dict) -> list[int]:
   """Restores, transforms and writes each group into the staging folder, then reads it all back.
   Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
-  are; returns their indices."""
+  are; returns their indices. Fills `cast_errors` with what each cast of a computed group lost."""
   streamed = len(groups) > 1
   writer = checkpoint.Writer(staging.checkpoint, source, barrier, custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
@@ -247,7 +249,8 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
       transform = plan_lib.transform_fn(plan, group)
-      computed = distributed.wait_ready(transform(restored)) if transform else {}
+      computed, cast_stats = distributed.wait_ready(transform(restored)) if transform else ({}, {})
+      cast_errors.update(cast_errors_lib.summarize(plan.casts, cast_stats))
     outputs = {k: computed[k] if plan.outputs[k].passthrough is None
                else restored[plan.outputs[k].passthrough] for k in group.outputs}
     del restored, computed  # Inputs that no output passes through are freed before the write.
