@@ -16,5 +16,9 @@ setup(
         'optax>=0.2.8',
     ],
     extras_require={'test': ['pytest>=8', 'pyyaml>=6']},
-    entry_points={'console_scripts': ['surgery-job=surgery_job.main:run']},
+    entry_points={'console_scripts': [
+        'surgery-job=surgery_job.main:run',
+        'surgery-job-inspect=surgery_job.inspect:run',
+        'surgery-job-diff=surgery_job.diff:run',
+    ]},
 )

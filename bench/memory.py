@@ -10,8 +10,6 @@ Peak RSS is the OS's figure for each job process (`getrusage` of the child).
 
 import argparse
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -19,11 +17,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from common import ENV, GIB, measure
 from surgery_job import report
-
-MIB = 1024 ** 2
-GIB = 1024 ** 3
-ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
 
 BUILD = textwrap.dedent('''
     import sys
@@ -59,20 +54,6 @@ CONFIG = textwrap.dedent('''
       ]})
 ''')
 
-MEASURE = ('import resource, subprocess, sys, time; start = time.perf_counter(); '
-           'rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; '
-           'print(rc, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)')
-
-
-def measure(command: list[str]) -> tuple[float, float]:
-  """(wall seconds, peak RSS in GiB) of `command`, run in a fresh process."""
-  out = subprocess.run([sys.executable, '-c', MEASURE, *command], env=ENV, capture_output=True,
-                       text=True, check=True).stdout.split()
-  if out[0] != '0':
-    raise SystemExit(f'job failed (exit {out[0]}): {" ".join(command)}')
-  return float(out[1]), int(out[2]) * 1024 / GIB
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dir', default='/tmp/surgery_bench')
@@ -91,7 +72,7 @@ def main() -> None:
          f'--config.input.path={root / "in"}']
   results = {}
   for name, extra in (('budget', [f'--config.memory.host_budget_gb={args.budget_gb}']),
-                      ('unbounded', [])):
+                      ('unbounded', ['--config.memory.host_budget_gb=0'])):
     wall, rss = measure(job + [f'--config.output.path={root / name}'] + extra)
     groups = len(json.loads(report.find(root / name).read_text())['groups'])
     results[name] = (wall, rss)

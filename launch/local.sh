@@ -36,18 +36,8 @@ args=("$@")
 
 # The job the README installed, unless SURGERY_JOB says otherwise.
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -n ${SURGERY_JOB+set} ]]; then
-  read -r -a job <<<"$SURGERY_JOB"
-  ((${#job[@]})) || die "SURGERY_JOB is empty"
-elif [[ -x $repo/.venv/bin/surgery-job ]]; then
-  job=("$repo/.venv/bin/surgery-job")
-elif command -v surgery-job >/dev/null; then
-  job=(surgery-job)
-elif python3 -c 'import importlib.util, sys; sys.exit(not importlib.util.find_spec("surgery_job"))' 2>/dev/null; then
-  job=(python3 -m surgery_job)
-else
-  die "no surgery_job found: run 'make setup' (it makes $repo/.venv), or install the package, or set SURGERY_JOB"
-fi
+source "$repo/launch/find_job.sh"
+find_job "$repo"
 port=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 envs=("XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}" "JAX_PLATFORMS=cpu")
 log_dir=${LOG_DIR:-logs/local}

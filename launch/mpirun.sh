@@ -31,18 +31,8 @@ n=$1; shift
 
 # The job the README installed, unless SURGERY_JOB says otherwise.
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -n ${SURGERY_JOB+set} ]]; then
-  read -r -a job <<<"$SURGERY_JOB"
-  ((${#job[@]})) || die "SURGERY_JOB is empty"
-elif [[ -x $repo/.venv/bin/surgery-job ]]; then
-  job=("$repo/.venv/bin/surgery-job")
-elif command -v surgery-job >/dev/null; then
-  job=(surgery-job)
-elif python3 -c 'import importlib.util, sys; sys.exit(not importlib.util.find_spec("surgery_job"))' 2>/dev/null; then
-  job=(python3 -m surgery_job)
-else
-  die "no surgery_job found: run 'make setup' (it makes $repo/.venv), or install the package, or set SURGERY_JOB"
-fi
+source "$repo/launch/find_job.sh"
+find_job "$repo"
 read -r -a mpirun_args <<<"${MPIRUN_ARGS:---oversubscribe}"
 log_dir=${LOG_DIR:-logs/mpirun}
 

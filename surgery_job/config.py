@@ -42,7 +42,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.mesh.axes = config_dict.placeholder(tuple)  # None: the saved mesh's axis names.
 
   config.memory = ml_collections.ConfigDict()
-  # Per host: stream the surgery in groups whose arrays fit this many GB; None: one group.
+  # Per process: stream the surgery in groups whose arrays fit this many GB; None: a share of
+  # what the host has (surgery_job/memory.py); 0: no budget, one group.
   config.memory.host_budget_gb = config_dict.placeholder(float)
 
   config.params_root = config_dict.placeholder(str)  # None: 'params' if present, else the whole tree.
@@ -73,8 +74,8 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   if not config.output.path and not config.dry_run:
     raise SurgeryError('config: missing field output.path')
   budget = config.memory.host_budget_gb
-  if budget is not None and budget <= 0:
-    raise SurgeryError(f'config: memory.host_budget_gb must be positive, got {budget}')
+  if budget is not None and budget < 0:
+    raise SurgeryError(f'config: memory.host_budget_gb must be positive, or 0 for none, got {budget}')
   step = config.input.step
   if not (step in (None, 'latest', 'all', 'new') or _is_step(step) or (
       isinstance(step, (list, tuple)) and step and all(_is_step(s) for s in step))):

@@ -10,9 +10,12 @@ job's: JAX ends a process with a C++ abort, the job with its exit code and one l
 """
 
 import atexit
+import contextlib
+import functools
 import itertools
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -26,6 +29,7 @@ from surgery_job.errors import SurgeryError
 
 FAILURE_KEY = 'surgery_job/failure'
 ALIVE_DIR = 'surgery_job/alive/'
+HOSTS_DIR = 'surgery_job/hosts/'
 POLL_SECONDS = 0.5
 EXIT_FAILED = 1
 _before_exit: list[Callable[[], None]] = []
@@ -97,9 +101,26 @@ def wait_ready(tree: Any) -> Any:
   return tree
 
 
-def before_exit(hook: Callable[[], None]) -> None:
-  """Runs `hook` when this process exits through `fail` or the watchdog."""
+@functools.cache
+def processes_on_this_host() -> int:
+  """How many of the job's processes share this host (and its memory)."""
+  if jax.process_count() == 1:
+    return 1
+  client = ocp.multihost.get_jax_distributed_client()
+  host = socket.gethostname()
+  client.key_value_set(f'{HOSTS_DIR}{jax.process_index()}', host)
+  client.wait_at_barrier('surgery_job:hosts', 600_000)
+  return sum(1 for _, name in client.key_value_dir_get(HOSTS_DIR) if name == host)
+
+
+@contextlib.contextmanager
+def before_exit(hook: Callable[[], None]):
+  """Within the block, `hook` runs if this process exits through `fail` or the watchdog."""
   _before_exit.append(hook)
+  try:
+    yield
+  finally:
+    _before_exit.remove(hook)
 
 
 def fail(code: int, message: str) -> None:

@@ -9,8 +9,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (checkpoint, config as config_lib, distributed, faults, keys, memory,
-                         output, plan as plan_lib, report as report_lib, sharding, stopping,
+from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
+                         distributed, faults, keys, memory, output, plan as plan_lib,
+                         report as report_lib, sharding, stopping,
                          transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
@@ -139,60 +140,87 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
 
-  budget = config.memory.host_budget_gb
-  budget_bytes = None if budget is None else int(budget * 1e9)
+  budget_bytes, default_budget = _budget(config.memory.host_budget_gb)
   groups = plan.groups(budget_bytes)
-  memory.check_fits(groups, plan.outputs, budget)
+  if default_budget:
+    _check_fits(groups, budget_bytes, default_budget)
   if config.dry_run:
     if jax.process_index() == 0:
       print(describe(plan, groups, source, target))
     return None
 
   claim = output.Claim(target, config.output.lock_timeout_seconds)
-  if jax.process_index() == 0:
-    distributed.before_exit(claim.release)
-  try:
-    state = distributed.agree('claim', lambda: claim.acquire(
-        run_fingerprint, config.output.overwrite, config.output.wait_seconds),
-        barrier_timeout_seconds)
-    if state == 'done':
+  # Process 0 holds the output's lock until the end of the step, however the process ends.
+  with distributed.before_exit(claim.release) if jax.process_index() == 0 else contextlib.nullcontext():
+    try:
+      return _claimed(config, claim, source, skeleton, inputs, plan, groups, budget_bytes, phases,
+                      run_fingerprint, barrier, barrier_timeout_seconds)
+    finally:
       if jax.process_index() == 0:
-        logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
-                     source.item_dir, run_fingerprint[:12])
-      return json.loads((target.unit / report_lib.REPORT).read_text())
-    staging = claim.staging
-    if jax.process_index() == 0 and state == 'start':
-      staging.create(run_fingerprint)
-    barrier('staged')
-    reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
-                                 budget_bytes, staging.written_groups() if state == 'resume' else None,
-                                 config.output.custom_metadata.to_dict())
-    report = report_lib.build(config, plan, groups, source, target, phases.seconds,
-                              run_fingerprint)
-    report['groups_reused'] = reused
-    report['bytes_read_this_run'] = sum(
-        plan.inputs_bytes(g.inputs) for i, g in enumerate(groups) if i not in reused)
-    with phases('commit'), stopping.committing():
-      if jax.process_index() == 0:
-        report_lib.write(report, staging.checkpoint)
-        claim.commit()
-        faults.at('renamed')
-      barrier('committed')
-    if jax.process_index() == 0 and config.output.max_to_keep and target.step is not None:
-      output.prune(target.root, config.output.max_to_keep, config.output.lock_timeout_seconds)
-    report['seconds'] = phases.seconds
-    return report
-  finally:
+        claim.release()
+
+
+def _claimed(config, claim: output.Claim, source, skeleton, inputs, plan, groups, budget_bytes,
+             phases, run_fingerprint: str, barrier, barrier_timeout_seconds: int) -> dict:
+  """The step once its output is claimed: already done, or written, validated and committed."""
+  target, staging = claim.target, claim.staging
+  state = distributed.agree('claim', lambda: claim.acquire(
+      run_fingerprint, config.output.overwrite, config.output.wait_seconds), barrier_timeout_seconds)
+  if state == 'done':
     if jax.process_index() == 0:
-      claim.release()
+      logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
+                   source.item_dir, run_fingerprint[:12])
+    return json.loads((target.unit / report_lib.REPORT).read_text())
+  if jax.process_index() == 0 and state == 'start':
+    staging.create(run_fingerprint)
+  barrier('staged')
+  cast_errors = {}
+  reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
+                               budget_bytes, staging.written_groups() if state == 'resume' else None,
+                               config.output.custom_metadata.to_dict(), cast_errors)
+  report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
+                            reused, cast_errors)
+  with phases('commit'), stopping.committing():
+    if jax.process_index() == 0:
+      report_lib.write(report, staging.checkpoint)
+      claim.commit()
+      faults.at('renamed')
+    barrier('committed')
+  if jax.process_index() == 0 and config.output.max_to_keep and target.step is not None:
+    output.prune(target.root, config.output.max_to_keep, config.output.lock_timeout_seconds)
+  report['seconds'] = phases.seconds
+  return report
+
+
+def _budget(host_budget_gb: float | None) -> tuple[int | None, str]:
+  """(bytes of arrays a group may hold per process, or None for no budget; how the default budget
+  was found, '' for the user's)."""
+  if host_budget_gb is not None:
+    return int(host_budget_gb * 1e9) or None, ''
+  budget, how = memory.default_budget(distributed.processes_on_this_host())
+  if jax.process_index() == 0:
+    logging.info('Memory budget: %.3f GB of arrays per group (%s).', budget / 1e9, how)
+  return budget, how
+
+
+def _check_fits(groups, budget: int, how: str) -> None:
+  """Under the default budget, a group larger than it is refused before any data moves."""
+  largest = max(groups, key=lambda group: group.host_bytes)
+  if largest.host_bytes > budget:
+    raise SurgeryError(
+        f'not enough memory: {len(largest.outputs)} leaves read together '
+        f'({", ".join(largest.outputs[:3])}{" ..." if len(largest.outputs) > 3 else ""}) need '
+        f'{largest.host_bytes / 1e9:.3f} GB of arrays per process, over the memory budget of '
+        f'{budget / 1e9:.3f} GB ({how}); give the job more memory or devices, or set '
+        'memory.host_budget_gb')
 
 
 def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
                         barrier, budget_bytes, written: dict | None,
-                        custom_metadata: dict) -> list[int]:
+                        custom_metadata: dict, cast_errors: dict) -> list[int]:
   """Restores, transforms and writes each group into the staging folder, then reads it all back.
   Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
-  are; returns their indices."""
+  are; returns their indices. Fills `cast_errors` with what each cast of a computed group lost."""
   streamed = len(groups) > 1
   writer = checkpoint.Writer(staging.checkpoint, source, barrier, custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
@@ -221,7 +249,8 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
       transform = plan_lib.transform_fn(plan, group)
-      computed = distributed.wait_ready(transform(restored)) if transform else {}
+      computed, cast_stats = distributed.wait_ready(transform(restored)) if transform else ({}, {})
+      cast_errors.update(cast_errors_lib.summarize(plan.casts, cast_stats))
     outputs = {k: computed[k] if plan.outputs[k].passthrough is None
                else restored[plan.outputs[k].passthrough] for k in group.outputs}
     del restored, computed  # Inputs that no output passes through are freed before the write.

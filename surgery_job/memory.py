@@ -1,5 +1,10 @@
-"""Keeping host memory what the arrays need: glibc holds on to freed memory unless told not to;
-and refusing, before any allocation, a surgery whose arrays cannot fit in the host's memory.
+"""Host memory: the budget a run streams under when the user sets none, and keeping RSS at what
+the arrays need.
+
+The default budget is a share of what the host really has: the tightest of the cgroup's limit (v2
+`memory.max`, v1 `memory.limit_in_bytes`, less what the cgroup already uses) and the kernel's
+MemAvailable, split among the job's processes on the host, with headroom: a group costs about twice
+its arrays at its peak (Orbax's host copies on restore and on write).
 
 glibc gives busy threads arenas of their own, and memory freed in one arena is neither reused by
 the others nor returned to the OS: a streamed run's RSS would creep up group after group.
@@ -9,9 +14,41 @@ import contextlib
 import ctypes
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
-from surgery_job.errors import SurgeryError
+SHARE = 0.4  # Of what a process may use, for the arrays of one group.
+# Where the cgroup file system is mounted (a test points it at a fake one).
+CGROUP_ROOT = Path(os.environ.get('SURGERY_JOB_CGROUP_ROOT', '/sys/fs/cgroup'))
+_NO_LIMIT = 2 ** 60  # cgroup v1 writes a huge number for "no limit".
+
+
+def _read_int(path: Path) -> int | None:
+  with contextlib.suppress(OSError, ValueError):
+    return int(path.read_text().split()[0])
+  return None
+
+
+def available() -> tuple[int, str]:
+  """(bytes this host lets the job use, where that figure comes from)."""
+  found = []
+  for limit_file, usage_file, name in (('memory.max', 'memory.current', 'cgroup v2 memory.max'),
+                                       ('memory/memory.limit_in_bytes', 'memory/memory.usage_in_bytes',
+                                        'cgroup v1 memory.limit_in_bytes')):
+    limit = _read_int(CGROUP_ROOT / limit_file)
+    if limit is not None and limit < _NO_LIMIT:
+      found.append((max(0, limit - (_read_int(CGROUP_ROOT / usage_file) or 0)), name))
+  with contextlib.suppress(OSError, StopIteration, ValueError):
+    meminfo = Path('/proc/meminfo').read_text().splitlines()
+    kib = next(int(line.split()[1]) for line in meminfo if line.startswith('MemAvailable:'))
+    found.append((kib * 1024, 'MemAvailable'))
+  return min(found) if found else (0, 'nothing readable')
+
+
+def default_budget(processes_on_host: int) -> tuple[int, str]:
+  """(bytes of arrays one group may hold per process, how that was found)."""
+  free, source = available()
+  budget = int(free * SHARE / processes_on_host)
+  return budget, (f'{SHARE:.0%} of {free / 1e9:.2f} GB available ({source}), shared by '
+                  f'{processes_on_host} process{"es" if processes_on_host > 1 else ""} on this host')
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter.
 
@@ -34,30 +71,3 @@ def release() -> None:
   libc = _libc()
   if libc is not None and hasattr(libc, 'malloc_trim'):
     libc.malloc_trim(0)
-
-
-def host_memory_bytes() -> int:
-  """This host's memory: its RAM, or its container's limit (cgroup v2 or v1) when lower."""
-  total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  for limit in ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'):
-    with contextlib.suppress(OSError, ValueError):  # 'max': no limit.
-      total = min(total, int(Path(limit).read_text()))
-  return total
-
-
-def check_fits(groups: Sequence[Any], outputs: Mapping[str, Any], budget_gb: float | None) -> None:
-  """Refuses, before anything is allocated, a group whose arrays (`host_bytes`: inputs read and
-  outputs written, every shard on this host) exceed the host's memory: a huge `add` or `pad` would
-  otherwise end in the kernel's OOM killer."""
-  available = host_memory_bytes()
-  for group in groups:
-    if group.host_bytes > available:
-      largest = max(group.outputs, key=lambda k: outputs[k].nbytes)
-      leaf = outputs[largest]
-      hint = ('; set memory.host_budget_gb to stream it in groups'
-              if budget_gb is None and len(group.outputs) > 1 and leaf.nbytes < available else '')
-      raise SurgeryError(
-          f'the surgery needs {group.host_bytes / 1e9:.2f} GB of arrays at once on this host (each '
-          f"local device's shard counted), more than its {available / 1e9:.2f} GB of memory "
-          f'(largest output: {largest!r} {leaf.shape} {leaf.dtype.name}, '
-          f'{leaf.nbytes / 1e9:.2f} GB){hint}')

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from surgery_job import keys, sharding, storage, transforms, tree
+from surgery_job import cast_errors, keys, sharding, storage, transforms, tree
 from surgery_job.errors import SurgeryError
 from surgery_job.transforms import Leaf, State
 
@@ -30,6 +30,15 @@ class OutputLeaf:
   @property
   def nbytes(self) -> int:
     return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class CastLeaf:
+  """A leaf a cast op casts: its full key then, and the input keys its values come from."""
+  key: str
+  dtype: str
+  allow_overflow: bool
+  sources: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +63,7 @@ class Plan:
   inputs: dict[str, jax.ShapeDtypeStruct]  # Every input leaf, with its sharding on `mesh`.
   outputs: dict[str, OutputLeaf]
   touched: list[tuple[str, list[str]]]  # (op label, keys it added, removed or changed).
+  casts: tuple[CastLeaf, ...] = ()  # In the order the ops cast them.
 
   @property
   def needed(self) -> list[str]:
@@ -157,16 +167,21 @@ def assemble(layout: tree.Layout, state: State) -> dict[str, Leaf]:
 def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct], mesh: Mesh,
               rules: Sequence[tuple[str, Any]]) -> Plan:
   in_specs = {k: x.sharding.spec for k, x in inputs.items()}
-  steps, specs = [], {}
+  steps, specs, casts = [], {}, []
 
   def trace(values):
-    out = run_ops(ops, layout, {k: Leaf(values[k], in_specs[k]) for k in inputs}, steps)
+    with transforms.values.recording_casts() as records:
+      out = run_ops(ops, layout, {k: Leaf(values[k], in_specs[k]) for k in inputs}, steps)
     specs.update({k: leaf.spec for k, leaf in out.items()})
-    return {k: leaf.value for k, leaf in out.items()}
+    casts.extend(records)
+    # Each cast's result is traced too: its sources say which group measures it.
+    return {k: leaf.value for k, leaf in out.items()}, [r.result for r in records]
 
-  closed, out_shapes = jax.make_jaxpr(trace, return_shape=True)(inputs)
+  closed, (out_shapes, _) = jax.make_jaxpr(trace, return_shape=True)(inputs)
   _check_keys(list(specs))
-  sources, passthrough = _dataflow(closed.jaxpr, list(tree.flatten(inputs)), list(tree.flatten(out_shapes)))
+  cast_keys = [f'cast {i}' for i in range(len(casts))]
+  sources, passthrough = _dataflow(closed.jaxpr, list(tree.flatten(inputs)),
+                                   list(tree.flatten(out_shapes)) + cast_keys)
   outputs = {}
   for key, rule_spec in specs.items():
     shape, dtype = out_shapes[key].shape, out_shapes[key].dtype
@@ -181,7 +196,10 @@ def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct],
     dtype = dtype if keys.is_key(dtype) else jnp.dtype(dtype)
     outputs[key] = OutputLeaf(tuple(shape), dtype, spec, tuple(sorted(sources[key])), source)
   _check_writable(outputs)
-  return Plan(mesh, layout, ops, inputs, outputs, [(label, _diff(layout, a, b)) for label, a, b in steps])
+  cast_leaves = tuple(CastLeaf(r.key, r.dtype, r.allow_overflow, tuple(sorted(sources[name])))
+                      for r, name in zip(casts, cast_keys))
+  return Plan(mesh, layout, ops, inputs, outputs,
+              [(label, _diff(layout, a, b)) for label, a, b in steps], cast_leaves)
 
 
 def _check_keys(keys: list[str]) -> None:
@@ -237,21 +255,28 @@ def _diff(layout: tree.Layout, before: State, after: State) -> list[str]:
 
 
 def transform_fn(plan: Plan, group: Group):
-  """The jitted surgery of one group: its inputs in (on their restored shardings), its computed
-  outputs out; None when the group only passes inputs through."""
+  """The jitted surgery of one group: its inputs in (on their restored shardings); out, its
+  computed outputs and the `cast_errors.statistics` of the casts of its inputs (keyed by index
+  into `plan.casts`). None when the group only passes inputs through."""
   in_specs = {k: x.sharding.spec for k, x in plan.inputs.items()}
   computed = [k for k in group.outputs if plan.outputs[k].passthrough is None]
   if not computed:
     return None
+  inputs = set(group.inputs)
+  measured = [i for i, leaf in enumerate(plan.casts) if leaf.sources and set(leaf.sources) <= inputs]
 
   def compute(values):
     # Inputs of other groups are zeros here, which XLA drops as dead code: they are never read.
     leaves = {k: Leaf(values[k] if k in values else jnp.zeros(x.shape, x.dtype), in_specs[k])
               for k, x in plan.inputs.items()}
-    out = run_ops(plan.ops, plan.layout, leaves)
-    return {k: out[k].value for k in computed}
+    with transforms.values.recording_casts() as records:
+      out = run_ops(plan.ops, plan.layout, leaves)
+    return ({k: out[k].value for k in computed},
+            {str(i): cast_errors.statistics(records[i].source, records[i].result) for i in measured})
 
-  # Unchanged leaves keep the sharding they were restored with; computed ones get their planned spec.
+  # Unchanged leaves keep the sharding they were restored with; computed ones get their planned
+  # spec; the few numbers per cast come back replicated, for every process to read.
   return jax.jit(compute,
                  in_shardings=({k: plan.inputs[k].sharding for k in group.inputs},),
-                 out_shardings={k: plan.output_sharding(k) for k in computed})
+                 out_shardings=({k: plan.output_sharding(k) for k in computed},
+                                NamedSharding(plan.mesh, PartitionSpec())))

@@ -11,7 +11,10 @@ from pathlib import Path
 REPORT = 'surgery_report.json'
 
 
-def build(config, plan, groups, source, target, seconds: dict[str, float], fingerprint: str) -> dict:
+def build(config, plan, groups, source, target, seconds: dict[str, float], fingerprint: str,
+          reused: list[int], cast_errors: dict) -> dict:
+  """The report of a run; `reused`: the groups an earlier, stopped run of it had written;
+  `cast_errors`: what each cast lost, in the groups this run computed."""
   return {
       'fingerprint': fingerprint,
       'input': {'path': str(source.root), 'step': source.step, 'item': source.item},
@@ -25,6 +28,10 @@ def build(config, plan, groups, source, target, seconds: dict[str, float], finge
                  for g in groups],
       'predicted_peak_host_bytes': max(g.host_bytes for g in groups),
       'bytes_read': plan.bytes_read,
+      'groups_reused': reused,
+      'cast_errors': cast_errors,
+      'bytes_read_this_run': sum(plan.inputs_bytes(g.inputs) for i, g in enumerate(groups)
+                                 if i not in reused),
       'bytes_written': plan.bytes_written,
       'seconds': dict(seconds),
       'validation': {'ok': True, 'leaves_compared': len(plan.outputs)},
@@ -41,6 +48,12 @@ def summary(report: dict) -> str:
   lines += [f"  {op['op']}: {len(op['touched'])} keys touched" for op in report['ops']]
   lines.append(f"  {len(report['leaves'])} leaves written in {len(report['groups'])} groups, {report['bytes_read']} bytes read, "
                f"{report['bytes_written']} bytes written, validated: {report['validation']['ok']}")
+  casts = report.get('cast_errors') or {}
+  if casts:
+    worst = max(casts, key=lambda k: casts[k]['max_rel_error'])
+    lines.append(f"  cast {len(casts)} leaves: worst max rel error {casts[worst]['max_rel_error']:.3g} "
+                 f"({worst}), {sum(c['overflowed'] for c in casts.values())} values overflowed, "
+                 f"{sum(c['flushed_to_zero'] for c in casts.values())} flushed to zero")
   lines.append('  seconds: ' + ', '.join(f'{k} {v:.2f}' for k, v in report['seconds'].items()))
   return '\n'.join(lines)
 

@@ -14,7 +14,7 @@ from jax import lax
 from surgery_job import distributed, keys
 
 
-def _words(x: jax.Array) -> jax.Array:
+def words(x: jax.Array) -> jax.Array:
   """The raw bits of `x` as uint32, in its own shape (8-byte items: a trailing axis of 2; typed
   PRNG keys: their key data)."""
   x = keys.data(x)
@@ -39,9 +39,9 @@ def _odd_position_weights(shape) -> jax.Array:
 
 @jax.jit
 def _digest(x: jax.Array) -> jax.Array:
-  words = _words(x)
-  weighted = words * _odd_position_weights(words.shape)
-  return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
+  bits = words(x)
+  weighted = bits * _odd_position_weights(bits.shape)
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
 
 
 def digests(arrays: dict[str, jax.Array]) -> dict[str, tuple]:

@@ -22,7 +22,7 @@ def _run(cmd, timeout=30, **env):
 
 
 def test_scripts_found():
-  assert {p.name for p in SCRIPTS} == {'local.sh', 'mpirun.sh', 'slurm.sbatch', 'tpu_vm.sh'}
+  assert {p.name for p in SCRIPTS} == {'find_job.sh', 'local.sh', 'mpirun.sh', 'slurm.sbatch', 'tpu_vm.sh'}
 
 
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import checkpoints
-from jobs import ok, surgery
+from jobs import ok, run_job, surgery, write_config
+from test_bad_input import assert_bad_input
 from test_ops import CASES, STACK, check_case
 
 TINY_BUDGET = {'memory': {'host_budget_gb': 4e-6}}  # 4 KB of a 15 KB checkpoint.
@@ -68,6 +69,39 @@ def test_dry_run_shows_groups_and_predicted_peak(layered, tmp_path):
 
 def test_a_budget_must_be_positive(layered, tmp_path):
   in_path, _ = layered
-  _, result = surgery(tmp_path, in_path, [], memory={'host_budget_gb': 0.0})
+  _, result = surgery(tmp_path, in_path, [], memory={'host_budget_gb': -1.0})
   assert result.returncode == 2
-  assert 'memory.host_budget_gb must be positive' in result.stderr.strip().splitlines()[-1]
+  assert 'memory.host_budget_gb must be positive, or 0 for none' in result.stderr.strip().splitlines()[-1]
+
+
+def fake_cgroup(tmp_path, limit: int, used: int) -> dict:
+  """The environment of a job whose cgroup (v2) allows `limit` bytes and uses `used`."""
+  root = tmp_path / 'cgroup'
+  root.mkdir()
+  (root / 'memory.max').write_text(f'{limit}\n')
+  (root / 'memory.current').write_text(f'{used}\n')
+  return {'SURGERY_JOB_CGROUP_ROOT': str(root)}
+
+
+def test_the_default_budget_comes_from_the_cgroup_limit(layered, tmp_path):
+  in_path, x = layered
+  out = tmp_path / 'out'
+  result = run_job(write_config(tmp_path, {'transforms': [STACK]}), f'--config.input.path={in_path}',
+                   f'--config.output.path={out}', env=fake_cgroup(tmp_path, 31_000, 1_000))
+  ok(result)
+  # 40% of the 30,000 bytes the cgroup has left: 12 KB of arrays per group.
+  assert ('Memory budget: 0.000 GB of arrays per group (40% of 0.00 GB available (cgroup v2 '
+          'memory.max), shared by 1 process on this host)') in result.stderr
+  groups = report(out)['groups']
+  assert len(groups) > 1 and max(g['host_bytes'] for g in groups) <= 12_000
+  check_case('stack', out / '3' / 'default', x)
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_reading(layered, tmp_path):
+  in_path, _ = layered
+  out = tmp_path / 'out'
+  result = run_job(write_config(tmp_path, {'transforms': [STACK]}), f'--config.input.path={in_path}',
+                   f'--config.output.path={out}', env=fake_cgroup(tmp_path, 5_000, 0))
+  assert_bad_input(result, 'not enough memory: ')
+  assert 'over the memory budget of 0.000 GB (40% of 0.00 GB available (cgroup v2 memory.max)' in result.stderr
+  assert 'Phase restore' not in result.stderr and not out.exists()

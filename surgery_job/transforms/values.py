@@ -1,11 +1,44 @@
-"""Ops that change values and keep the tree: cast, scale, map. They touch the params, not the moments."""
+"""Ops that change values and keep the tree: cast, scale, map. They touch the params, not the moments.
 
+A cast also leaves a record of each leaf it casts (source and result) while `recording_casts` is
+on: the job measures what the cast lost from them, in the same jitted function.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
 import importlib
+from typing import Any, Iterator
 
 import jax.numpy as jnp
 
+from surgery_job import tree as tree_lib
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms.core import Leaf, Op, State, check_numeric, matches, parse_dtype, whole_tree
+from surgery_job.transforms.core import (FULL, Leaf, Op, State, check_numeric, matches, parse_dtype,
+                                         whole_tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class CastRecord:
+  key: str  # The full key of the leaf when it was cast.
+  dtype: str
+  allow_overflow: bool
+  source: Any  # Values before and after the cast (tracers while the job plans or jits).
+  result: Any
+
+
+_records: contextvars.ContextVar[list[CastRecord] | None] = contextvars.ContextVar(
+    'cast_records', default=None)
+
+
+@contextlib.contextmanager
+def recording_casts() -> Iterator[list[CastRecord]]:
+  """Collects a CastRecord of every leaf the casts run inside the block cast, in order."""
+  token = _records.set([])
+  try:
+    yield _records.get()
+  finally:
+    _records.reset(token)
 
 
 def _on_params(pattern: str, allow_empty: bool, change) -> Op:
@@ -17,7 +50,9 @@ def _on_params(pattern: str, allow_empty: bool, change) -> Op:
 
 
 @whole_tree
-def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = False) -> Op:
+def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = False,
+         allow_overflow: bool = False) -> Op:
+  """`allow_overflow`: finite values that become inf or NaN are accepted (the job fails otherwise)."""
   dtype = parse_dtype(dtype)
 
   def apply(state: State) -> State:
@@ -25,10 +60,22 @@ def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = 
     for key in keys:
       check_numeric(key, state.params[key], 'cast')
 
-    def edit(tree):
-      return {k: Leaf(leaf.value.astype(dtype), leaf.spec) if k in keys else leaf
-              for k, leaf in tree.items()}
-    mirrors = {root: edit(tree) for root, tree in state.mirrors.items()} if optimizer else state.mirrors
+    def full_key(root, key):
+      if state.full_keys:  # Keyed by the parameter's full key: its mirror's is under `root`.
+        return key[len(FULL):] if root is None else tree_lib.join(
+            root, tree_lib.relative(key[len(FULL):], state.params_root))
+      return tree_lib.join(state.params_root if root is None else root, key)
+
+    def edit(tree, root=None):
+      out = {}
+      for k, leaf in tree.items():
+        out[k] = Leaf(leaf.value.astype(dtype), leaf.spec) if k in keys else leaf
+        if k in keys and _records.get() is not None:
+          _records.get().append(CastRecord(full_key(root, k), dtype.name, allow_overflow,
+                                           leaf.value, out[k].value))
+      return out
+    mirrors = ({root: edit(tree, root) for root, tree in state.mirrors.items()} if optimizer
+               else state.mirrors)
     return state.replace(params=edit(state.params), mirrors=mirrors)
   return apply
 

@@ -1,0 +1,22 @@
+"""What the benchmarks share: the environment of 8 fake CPU devices, and timing a command."""
+
+import os
+import subprocess
+import sys
+
+MIB = 1024 ** 2
+GIB = 1024 ** 3
+ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+
+MEASURE = ('import resource, subprocess, sys, time; start = time.perf_counter(); '
+           'rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; '
+           'print(rc, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)')
+
+
+def measure(command: list[str]) -> tuple[float, float]:
+  """(wall seconds, peak RSS in GiB) of `command`, run in a fresh process."""
+  out = subprocess.run([sys.executable, '-c', MEASURE, *command], env=ENV, capture_output=True,
+                       text=True, check=True).stdout.split()
+  if out[0] != '0':
+    raise SystemExit(f'failed (exit {out[0]}): {" ".join(command)}')
+  return float(out[1]), int(out[2]) * 1024 / GIB

@@ -1,0 +1,161 @@
+"""Wall time, read throughput and peak RSS of the job next to a naive script and `cp -r`.
+
+  .venv/bin/python bench/throughput.py [--dir=/tmp/surgery_throughput] [--gib=1] [--runs=3]
+                                       [--leaves=100,1000,10000]
+
+Builds a float32 checkpoint of `--gib` GiB: params (4 large matrices, many small ones) and their
+optax Adam state, sharded over a ('data', 'model') 2x4 mesh of 8 fake CPU devices. Then times,
+interleaved, the median of `--runs` runs of:
+  (a) naive: the Flax guide's script: restore everything with its saved shardings, rename every
+      param in the flat dict (and its moments), save everything; no validation;
+  (b) the job, renaming every param (every leaf passed through; validated);
+  (c) the job, `configs/params_only_bf16.py`;
+  (d) `cp -r` + `sync` of the checkpoint: the disk's practical limit.
+A second table times (b) on checkpoints of the same size cut into `--leaves` leaves.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from common import ENV, GIB, measure
+from surgery_job import report
+
+REPO = Path(__file__).resolve().parent.parent
+
+BUILD = textwrap.dedent('''
+    import math, sys
+    import jax, jax.numpy as jnp, numpy as np, optax, orbax.checkpoint as ocp
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    path, gib, leaves = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    # Params are a third of the checkpoint (Adam keeps two moments); leaves counts all three.
+    params_bytes, count = gib * 2**30 / 3, max(1, leaves // 3)
+    big = min(4, count)
+    rows = lambda nbytes: max(8, int(nbytes / 4 / 1024) // 8 * 8)
+    shapes = {f'big_{i}': (rows(params_bytes / 2 / big), 1024) for i in range(big)}
+    shapes.update({f'small_{i}': (rows(params_bytes / 2 / max(1, count - big)), 1024)
+                   for i in range(count - big)})
+    def make():
+      return {k: {'kernel': jax.random.normal(jax.random.key(i), s, jnp.float32)}
+              for i, (k, s) in enumerate(sorted(shapes.items()))}
+    sharding = NamedSharding(mesh, P('data', 'model'))
+    params = jax.jit(make, out_shardings=jax.tree.map(lambda _: sharding, jax.eval_shape(make)))()
+    state = {'params': params, 'opt_state': optax.adam(1e-3).init(params), 'step': jnp.asarray(1)}
+    with ocp.CheckpointManager(path) as manager:
+      manager.save(1, args=ocp.args.Composite(default=ocp.args.StandardSave(state)))
+      manager.wait_until_finished()
+    print(3 * len(shapes) + 2, sum(math.prod(s) * 4 for s in shapes.values()) * 3)
+''')
+
+# The naive script of the Flax surgery guide, with Orbax: everything in memory, no validation.
+NAIVE = textwrap.dedent('''
+    import sys
+    import jax, orbax.checkpoint as ocp
+    from flax import traverse_util
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    import numpy as np
+    source, target = sys.argv[1], sys.argv[2]
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    metadata = ocp.StandardCheckpointer().metadata(f'{source}/1/default').item_metadata.tree
+    with ocp.CheckpointManager(source, item_names=('default',)) as manager:
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=NamedSharding(
+          mesh, P(*getattr(m.sharding, 'partition_spec', ())))), metadata)
+      state = manager.restore(1, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract)))['default']
+    flat = traverse_util.flatten_dict(state, sep='/')
+    flat = {k.replace('/kernel', '/w'): v for k, v in flat.items()}
+    with ocp.CheckpointManager(target) as manager:
+      manager.save(1, args=ocp.args.Composite(default=ocp.args.StandardSave(
+          traverse_util.unflatten_dict(flat, sep='/'))))
+      manager.wait_until_finished()
+''')
+
+RENAME = textwrap.dedent('''
+    import ml_collections
+    def get_config():
+      return ml_collections.ConfigDict({'transforms': [
+          dict(op='rename', pattern=r'(.*)/kernel', replacement=r'\\1/w')]})
+''')
+
+
+def build(path: Path, gib: float, leaves: int) -> tuple[int, int]:
+  out = subprocess.run([sys.executable, '-c', BUILD, str(path), str(gib), str(leaves)], env=ENV,
+                       capture_output=True, text=True, check=True).stdout.split()
+  return int(out[0]), int(out[1])
+
+
+def job(config: str, source: Path, target: Path) -> list[str]:
+  return [sys.executable, '-m', 'surgery_job', f'--config={config}', f'--config.input.path={source}',
+          f'--config.output.path={target}']
+
+
+def copy_and_sync(source: Path, target: Path) -> list[str]:
+  return ['sh', '-c', f'cp -r "{source}" "{target}" && sync']
+
+
+def median_runs(commands: dict[str, list[str]], out: Path, runs: int) -> dict[str, dict]:
+  """Each command `runs` times, interleaved; the median wall time's run, with its phases."""
+  results = {name: [] for name in commands}
+  for _ in range(runs):
+    for name, command in commands.items():
+      shutil.rmtree(out, ignore_errors=True)
+      subprocess.run(['sync'], check=True)
+      wall, rss = measure(command)
+      phases = json.loads(report.find(out).read_text())['seconds'] if (out / '1').is_dir() and (
+          out / '1' / report.REPORT).is_file() else {}
+      results[name].append({'wall': wall, 'rss': rss, 'phases': phases})
+  shutil.rmtree(out, ignore_errors=True)
+  return {name: sorted(rows, key=lambda r: r['wall'])[len(rows) // 2] for name, rows in results.items()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--dir', default='/tmp/surgery_throughput')
+  parser.add_argument('--gib', type=float, default=1.0)
+  parser.add_argument('--runs', type=int, default=3)
+  parser.add_argument('--leaves', default='100,1000,10000')
+  args = parser.parse_args()
+  root = Path(args.dir)
+  shutil.rmtree(root, ignore_errors=True)
+  root.mkdir(parents=True)
+  (root / 'rename.py').write_text(RENAME)
+  (root / 'naive.py').write_text(NAIVE)
+  source, out = root / 'in', root / 'out'
+  leaves, size = build(source, args.gib, 30)
+  print(f'checkpoint: {leaves} leaves, {size / GIB:.2f} GiB (params and Adam state), 2x4 mesh')
+  commands = {
+      '(a) naive Orbax script': [sys.executable, str(root / 'naive.py'), str(source), str(out)],
+      '(b) job, rename': job(str(root / 'rename.py'), source, out),
+      '(c) job, params_only_bf16': job(str(REPO / 'configs' / 'params_only_bf16.py'), source, out),
+      '(d) cp -r + sync': copy_and_sync(source, out),
+  }
+  rows = median_runs(commands, out, args.runs)
+  print(f'\nmedian of {args.runs}, interleaved\n')
+  print('| run | wall s | read MB/s | peak RSS GiB | phases (s) |')
+  print('|---|---|---|---|---|')
+  for name, row in rows.items():
+    phases = ', '.join(f'{k} {v:.1f}' for k, v in row['phases'].items() if v >= 0.05)
+    print(f"| {name} | {row['wall']:.1f} | {size / 1e6 / row['wall']:.0f} | {row['rss']:.2f} | {phases} |")
+  a, b, _, d = (row['wall'] for row in rows.values())
+  print(f'\nb/a = {b / a:.2f}, b/d = {b / d:.2f}')
+
+  print('\n| leaves | wall s | ms per leaf |')
+  print('|---|---|---|')
+  for count in (int(n) for n in args.leaves.split(',')):
+    many = root / f'in_{count}'
+    leaves, _ = build(many, args.gib, count)
+    row = median_runs({'job': job(str(root / 'rename.py'), many, out)}, out, args.runs)['job']
+    print(f"| {leaves} | {row['wall']:.1f} | {row['wall'] * 1e3 / leaves:.1f} |")
+    shutil.rmtree(many)
+
+
+if __name__ == '__main__':
+  start = time.perf_counter()
+  main()
+  print(f'\n(benchmark took {time.perf_counter() - start:.0f} s)')
