@@ -199,7 +199,6 @@ FIELD_CASES = {
     'mesh_axes_text': ({'mesh': {'axes': 'ab'}}, 'mesh.axes'),
     'mesh_shape_only': ({'mesh': {'shape': (2, 2, 2)}}, 'set both'),
     'budget_text': ({'memory': {'host_budget_gb': 'lots'}}, 'memory.host_budget_gb'),
-    'budget_zero': ({'memory': {'host_budget_gb': 0.0}}, 'memory.host_budget_gb'),
     'budget_negative': ({'memory': {'host_budget_gb': -1.0}}, 'memory.host_budget_gb'),
     'budget_bool': ({'memory': {'host_budget_gb': True}}, 'memory.host_budget_gb'),
     'params_root_number': ({'params_root': 3}, 'params_root'),
