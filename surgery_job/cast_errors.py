@@ -13,7 +13,10 @@ from surgery_job.errors import SurgeryError
 def statistics(source: jax.Array, result: jax.Array) -> dict[str, jax.Array]:
   """Scalars comparing a cast's `result` with its `source`, both taken in a wide type (counts are
   int64: the job runs with x64 on, and a leaf may hold more than 2**31 values)."""
-  wide = jnp.promote_types(jnp.promote_types(source.dtype, result.dtype), jnp.float32)
+  try:
+    wide = jnp.promote_types(jnp.promote_types(source.dtype, result.dtype), jnp.float32)
+  except jax.dtypes.TypePromotionError:  # Sub-byte integers (int4) promote to nothing: exact in f32.
+    wide = jnp.float32
   before, after = source.astype(wide), result.astype(wide)
   finite = jnp.isfinite(before) & jnp.isfinite(after)
   error = jnp.where(finite, jnp.abs(after - before), 0)

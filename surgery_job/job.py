@@ -155,6 +155,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     try:
       return _claimed(config, claim, source, skeleton, inputs, plan, groups, budget_bytes, phases,
                       run_fingerprint, barrier, barrier_timeout_seconds)
+    except SurgeryError:
+      if jax.process_index() == 0 and not stopping.requested.is_set():
+        claim.discard()
+      raise
     finally:
       if jax.process_index() == 0:
         claim.release()

@@ -206,6 +206,11 @@ class Claim:
             if found else '') + '; set output.overwrite=True to replace it')
     return 'resume' if resumable else 'start'
 
+  def discard(self) -> None:
+    """After bad input: what this run staged is worth nothing to a rerun, so it goes now."""
+    if self.lock.held() and self.staging.root.exists():
+      self.staging.remove()
+
   def commit(self) -> None:
     if not self.lock.held():
       raise RuntimeError(f'lost the lock of {self.target.unit} before the commit; not committed')

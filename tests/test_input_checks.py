@@ -120,6 +120,13 @@ def test_int4_leaves_pass_through(tmp_path):
   same = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'out' / '3' / 'default'))
   assert same['params/q'].dtype == jnp.int4
   np.testing.assert_array_equal(same['params/q'].astype(np.int8), q)
+  # Dequantized by a cast: exact in float32, so the cast loses nothing.
+  ok(run_command(tmp_path, tmp_path / 'ckpt', tmp_path / 'cast',
+                 transforms=[dict(op='cast', pattern='q', dtype='float32')]))
+  cast = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'cast' / '3' / 'default'))
+  np.testing.assert_array_equal(cast['params/q'], q.astype(np.float32))
+  report = json.loads((tmp_path / 'cast' / '3' / 'surgery_report.json').read_text())
+  assert report['cast_errors']['params/q']['max_abs_error'] == 0
 
 
 def test_string_leaves_are_refused_by_name(tmp_path):
@@ -185,6 +192,7 @@ def test_corrupt_data_is_named_when_read(spilled, tmp_path):
   result = run_command(tmp_path, copy, tmp_path / 'out')
   assert_bad_input(result, f"checkpoint file {data_file} is damaged (it holds array 'params.big': ")
   assert '<bound method' not in result.stderr and 'TensorStore details' not in result.stderr
+  assert not list(tmp_path.glob('out*'))  # Found only once reading began: what was staged went.
 
 
 def test_a_metadata_entry_removed_is_refused(layered, tmp_path):
