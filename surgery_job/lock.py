@@ -36,7 +36,7 @@ def _alive(pid: int) -> bool:
 def _read(path: Path) -> dict | None:
   try:
     text = path.read_text()
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return None
   try:
     record = json.loads(text)

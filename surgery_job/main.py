@@ -104,7 +104,7 @@ def main(argv) -> None:
     if _CONFIG.value is None:
       raise SurgeryError('--config is required')
     job.run(_CONFIG.value, barrier_timeout_seconds=_BARRIER_TIMEOUT.value)
-    stopping.finished.set()
+    stopping.finish()
   except (stopping.Preempted, Exception) as e:  # pylint: disable=broad-except
     if stopping.requested.is_set():
       # Whatever the stop interrupted failed because of it: the input is not at fault.

@@ -180,6 +180,7 @@ class Claim:
     self.staging = Staging(target.unit)
     self.lock = lock_lib.Lock(target.unit, timeout_seconds)
     self.made_root = False
+    self.staging_ours = False  # The staging folder is this run's to write (or resume).
 
   def acquire(self, run_fingerprint: str, overwrite: bool, wait_seconds: float) -> str:
     """Locks, recovers and decides: 'done' when the unit already holds this surgery, 'resume' when
@@ -204,11 +205,12 @@ class Claim:
         raise SurgeryError(f'{self.target} exists' + (
             f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
             if found else '') + '; set output.overwrite=True to replace it')
+    self.staging_ours = True
     return 'resume' if resumable else 'start'
 
   def discard(self) -> None:
     """After bad input: what this run staged is worth nothing to a rerun, so it goes now."""
-    if self.lock.held() and self.staging.root.exists():
+    if self.staging_ours and self.lock.held() and self.staging.root.exists():
       self.staging.remove()
 
   def commit(self) -> None:

@@ -73,6 +73,13 @@ def _raise(signum, frame) -> None:
     raise Preempted()
 
 
+def finish() -> None:
+  """The run has nothing left to do: a SIGTERM from now on changes nothing. It is ignored, not
+  handled, because Python gives a handled signal back its default (death) while it shuts down."""
+  finished.set()
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def check() -> None:
   """Stops here if SIGTERM came during the last commit."""
   if requested.is_set():

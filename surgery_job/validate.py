@@ -47,16 +47,13 @@ def _digest(x: jax.Array) -> jax.Array:
 def digests(arrays: dict[str, jax.Array]) -> dict[str, tuple]:
   """{key: (shape, dtype, checksums)} of each array; every process gets the same values."""
   # One small program per leaf shape, dtype and sharding, reused from jit's cache by every leaf
-  # alike: a single program over all leaves took minutes to compile for 10,000 of them. With
-  # several processes, one program at a time: on CPU, programs in flight together may pair their
-  # cross-process sums up in another order on each process, and hang (seen). Converting to numpy
-  # would hold the GIL for as long as the cross-process sums take.
+  # alike: a single program over all leaves took minutes to compile for 10,000 of them. One
+  # program at a time: on CPU, programs in flight together may pair their all-reduces up in another
+  # order on each device, and hang (seen, with one process and with several). Converting to numpy
+  # would hold the GIL for as long as the sums take.
   sums = {}
   for key, x in arrays.items():
-    sums[key] = _digest(x)
-    if jax.process_count() > 1:
-      distributed.wait_ready(sums[key])
-  distributed.wait_ready(sums)
+    sums[key] = distributed.wait_ready(_digest(x))
   # Each result is replicated: every process holds a full copy.
   return {k: (arrays[k].shape, arrays[k].dtype.name, tuple(np.asarray(sums[k].addressable_data(0)).tolist()))
           for k in arrays}

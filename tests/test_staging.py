@@ -8,6 +8,9 @@ from surgery_job import output
 from surgery_job.errors import SurgeryError
 
 
+OTHER = 'e' * 64  # The fingerprint of another surgery: nothing staged is resumed.
+
+
 def staged(tmp_path) -> output.Staging:
   staging = output.Staging(tmp_path / 'out' / '3')
   staging.create('f' * 64)
@@ -30,14 +33,14 @@ def test_clean_up_interrupted_midway_leaves_a_folder_the_next_run_removes(tmp_pa
       staging.remove()
   assert calls == [staging.checkpoint]
   assert (staging.root / output.MARKER).is_file()  # The marker goes last: the folder stays ours.
-  staging.recover()
+  staging.recover(OTHER)
   assert not staging.root.exists()
 
 
 def test_an_empty_folder_is_a_run_killed_before_its_marker(tmp_path):
   staging = output.Staging(tmp_path / 'out' / '3')
   staging.root.mkdir(parents=True)
-  staging.recover()
+  staging.recover(OTHER)
   assert not staging.root.exists()
 
 
@@ -46,7 +49,7 @@ def test_a_folder_it_did_not_make_is_refused(tmp_path):
   staging.root.mkdir(parents=True)
   (staging.root / 'notes.txt').write_text('mine')
   with pytest.raises(SurgeryError, match='exists but was not made by surgery_job'):
-    staging.recover()
+    staging.recover(OTHER)
   assert (staging.root / 'notes.txt').read_text() == 'mine'
 
 
@@ -54,13 +57,13 @@ def test_an_output_moved_aside_is_put_back_only_where_the_unit_is_absent(tmp_pat
   staging = staged(tmp_path)
   staging.displaced.mkdir()
   (staging.displaced / 'old.txt').write_text('old')
-  staging.recover()
+  staging.recover(OTHER)
   assert (staging.unit / 'old.txt').read_text() == 'old' and not staging.root.exists()
 
   staging = staged(tmp_path)  # Killed after the new unit was renamed in: the old one goes.
   staging.displaced.mkdir()
   (staging.displaced / 'old.txt').write_text('older')
-  staging.recover()
+  staging.recover(OTHER)
   assert (staging.unit / 'old.txt').read_text() == 'old' and not staging.root.exists()
 
 
