@@ -22,6 +22,15 @@ def write_lock(unit, **record):
   return path
 
 
+def assert_taken_over(unit, timeout_seconds: float) -> None:
+  """A new run takes the lock on `unit` at once, and gives it up."""
+  lock = lock_lib.Lock(unit, timeout_seconds)
+  lock.acquire(wait_seconds=0)
+  assert lock.held() and lock.owner()['pid'] == os.getpid()
+  lock.release()
+  assert lock.owner() is None
+
+
 def test_one_owner_at_a_time_and_release(tmp_path):
   unit = tmp_path / 'out' / '3'
   first = lock_lib.Lock(unit, timeout_seconds=60)
@@ -43,10 +52,7 @@ def test_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
   dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
                         text=True, check=True)
   write_lock(unit, pid=int(dead.stdout))
-  lock = lock_lib.Lock(unit, timeout_seconds=3600)
-  lock.acquire(wait_seconds=0)
-  assert lock.held()
-  lock.release()
+  assert_taken_over(unit, timeout_seconds=3600)
 
 
 def test_another_host_is_taken_over_only_after_the_timeout(tmp_path):
@@ -55,10 +61,7 @@ def test_another_host_is_taken_over_only_after_the_timeout(tmp_path):
   with pytest.raises(SurgeryError, match='host elsewhere pid 1'):
     lock_lib.Lock(unit, timeout_seconds=60).acquire(wait_seconds=0)
   write_lock(unit, host='elsewhere', pid=1, heartbeat=time.time() - 90)
-  lock = lock_lib.Lock(unit, timeout_seconds=60)
-  lock.acquire(wait_seconds=0)
-  assert lock.held()
-  lock.release()
+  assert_taken_over(unit, timeout_seconds=60)
 
 
 def test_waits_for_the_owner(tmp_path):
