@@ -1,24 +1,22 @@
-"""Orbax I/O: find the input, read its metadata, restore what is needed, write and re-read the output."""
+"""Orbax I/O on the read side: find the input's committed steps and items, read their metadata,
+restore what is needed (the output is written by `writer.py`)."""
 
 import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint.experimental.v1 import partial
 
-from surgery_job import faults, storage, tree
+from surgery_job import storage, tree
 from surgery_job.errors import SurgeryError
 
 
-PARTIAL_ITEM = 'state'
 CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'
 COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 STANDARD_HANDLER = (f'{ocp.StandardCheckpointHandler.__module__}.'
@@ -309,99 +307,6 @@ def step_metadata(location: Location) -> dict:
   except (OSError, ValueError):
     return {}
   return metadata if isinstance(metadata, dict) else {}
-
-
-class Writer:
-  """Writes the output group by group with Orbax partial saves, then finalizes it into one ordinary
-  checkpoint at `unit_dir`: a single PyTree checkpoint, or a step folder holding the PyTree items
-  (`location.item`, or each top-level key of the tree when `location.items`) and the copied items.
-  The step keeps the input step's handler names and custom metadata (updated with
-  `custom_metadata`)."""
-
-  def __init__(self, unit_dir: Path, location: Location, barrier: Callable[[str], None],
-               custom_metadata: dict | None = None):
-    self.unit_dir, self.location, self.barrier = unit_dir, location, barrier
-    self.custom_metadata = custom_metadata or {}
-
-  def _partial(self, item: str | None) -> Path:
-    """Where the partial saves of `item` go: Orbax puts an item folder named `state` in it."""
-    return self.unit_dir.with_name(f'{self.unit_dir.name}.{item or "partial"}')
-
-  def _items(self, nested: Any) -> dict[str | None, Any]:
-    """{item: its tree} of what one group writes."""
-    if self.location.step is None:
-      return {None: nested}
-    if self.location.items:
-      return dict(nested)
-    return {self.location.item: nested}
-
-  def saves(self) -> set[str]:
-    """The partial saves that finished (Orbax wrote their commit file)."""
-    return {f'{folder.name}/{save.name}' for folder in self._saves_dirs() for save in folder.iterdir()
-            if (save / COMMIT_FILE).is_file()}
-
-  def _saves_dirs(self) -> list[Path]:
-    # Orbax keeps each partial save in a folder of its own beside the path, until `finish` merges.
-    return [p for p in self.unit_dir.parent.glob(f'{self.unit_dir.name}.*.partial_save') if p.is_dir()]
-
-  def keep_only(self, names: set[str]) -> None:
-    """Deletes every partial save not in `names` (process 0): those of groups written again."""
-    for folder in self._saves_dirs():
-      for save in folder.iterdir():
-        if f'{folder.name}/{save.name}' not in names:
-          shutil.rmtree(save)
-
-  def write(self, nested: Any) -> None:
-    for item, part in self._items(nested).items():
-      partial.save(self._partial(item), part)
-    faults.at('writing')
-
-  def finish(self) -> dict[str, Path]:
-    """Finalizes the partial saves (every process); returns the PyTree folders written, as
-    `Location.trees` gives them."""
-    # The items that got leaves, this run or an earlier one that it resumes.
-    items = sorted(folder.name[len(self.unit_dir.name) + 1:-len('.partial_save')]
-                   for folder in self._saves_dirs())
-    if self.location.step is None:
-      items = [None]
-    for item in items:
-      partial.finalize(self._partial(item))
-    self.barrier('finalized')
-    if jax.process_index() == 0:
-      if self.location.step is None:
-        (self._partial(None) / PARTIAL_ITEM).rename(self.unit_dir)
-        shutil.rmtree(self._partial(None))
-      else:
-        self._lay_out_step(items)
-    self.barrier('laid_out')
-    if self.location.step is None:
-      return {'': self.unit_dir}
-    if self.location.items:
-      return {item: self.unit_dir / item for item in items}
-    return {'': self.unit_dir / self.location.item}
-
-  def _lay_out_step(self, items: list[str]) -> None:
-    """The step folder as CheckpointManager writes it: one folder per item, the step's metadata."""
-    self.unit_dir.mkdir()
-    for item in items:
-      (self._partial(item) / PARTIAL_ITEM).rename(self.unit_dir / item)
-    source_dir = self.location.step_dir
-    for item in self.location.copied:
-      shutil.copytree(source_dir / item, self.unit_dir / item)
-    first = self._partial(items[0])
-    metadata = json.loads((first / CHECKPOINT_METADATA).read_text())
-    source = step_metadata(self.location)
-    handlers = source.get('item_handlers') if isinstance(source.get('item_handlers'), dict) else {}
-    metadata['item_handlers'] = {
-        item: handlers[item] if isinstance(handlers.get(item), str) else STANDARD_HANDLER
-        for item in [*items, *self.location.copied]}
-    custom = source.get('custom_metadata')
-    metadata['custom_metadata'] = {**(custom if isinstance(custom, dict) else {}),
-                                   **self.custom_metadata}
-    (self.unit_dir / CHECKPOINT_METADATA).write_text(json.dumps(metadata))
-    shutil.copy(first / COMMIT_FILE, self.unit_dir / COMMIT_FILE)
-    for item in items:
-      shutil.rmtree(self._partial(item))
 
 
 def inside(path: Path, parent: Path) -> bool:

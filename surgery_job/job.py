@@ -11,8 +11,8 @@ from absl import logging
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
                          distributed, faults, keys, memory, output, plan as plan_lib,
-                         report as report_lib, sharding, stopping,
-                         transforms, tree, validate)
+                         report as report_lib, sharding, stopping, transforms, tree, validate,
+                         writer as writer_lib)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
 
@@ -226,7 +226,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
   Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
   are; returns their indices. Fills `cast_errors` with what each cast of a computed group lost."""
   streamed = len(groups) > 1
-  writer = checkpoint.Writer(staging.checkpoint, source, barrier, custom_metadata)
+  writer = writer_lib.Writer(staging.checkpoint, source, barrier, custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
   resumed, written = written is not None, written or {}
   expected, reused = {}, [i for i, g in enumerate(groups) if g.outputs in written]
@@ -326,8 +326,9 @@ def describe(plan: plan_lib.Plan, groups, source, target: output.Target | None) 
                'no output.path' if target is None else f'{target.root}'
                + (f' (step {target.step})' if target.step is not None else '')),
            f'Mesh: {dict(plan.mesh.shape)}']
-  for label, keys in plan.touched:
-    lines.append(f'{label}: {len(keys)} keys: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}')
+  for label, touched in plan.touched:
+    lines.append(f'{label}: {len(touched)} keys: {", ".join(touched[:8])}'
+                 f'{" ..." if len(touched) > 8 else ""}')
   lines.append(f'Output leaves ({len(plan.outputs)}):')
   for key, leaf in plan.outputs.items():
     how = 'unchanged' if leaf.passthrough == key else f'from {", ".join(leaf.sources) or "nothing"}'

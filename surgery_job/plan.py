@@ -125,12 +125,12 @@ class Plan:
               + sum(host_bytes(self.abstract_output(k)) for k in keys))
 
     packed: list[tuple[list[str], int]] = []
-    for keys in components.values():
-      size = bytes_of(keys)
+    for component in components.values():
+      size = bytes_of(component)
       if packed and (budget_bytes is None or packed[-1][1] + size <= budget_bytes):
-        packed[-1] = (packed[-1][0] + keys, packed[-1][1] + size)
+        packed[-1] = (packed[-1][0] + component, packed[-1][1] + size)
       else:
-        packed.append((keys, size))
+        packed.append((component, size))
     return [Group(tuple(keys), tuple(inputs_of(keys)), size) for keys, size in packed]
 
 
