@@ -49,17 +49,18 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   jax.config.update('jax_enable_x64', True)
   out_root = Path(config.output.path).absolute() if config.output.path else None
 
-  def exported(step: int) -> bool:
-    """Whether the output has `step`, or had it and let it go (older than every step it keeps)."""
-    if out_root is None or not out_root.is_dir():
-      return False
-    kept = [int(p.name) for p in out_root.iterdir() if p.name.isdigit()]
+  def choose_steps(step_spec) -> list:
+    # The output is listed once per choice, not once per input step.
+    kept = output.steps(out_root) if out_root is not None and out_root.is_dir() else []
     keep = config.output.max_to_keep
-    return step in kept or (keep is not None and len(kept) >= keep and step < min(kept))
+
+    def exported(step: int) -> bool:
+      """Whether the output has `step`, or had it and let it go (older than every step it keeps)."""
+      return step in kept or (keep is not None and len(kept) >= keep and step < min(kept))
+    return checkpoint.select_steps(config.input.path, step_spec, exported)
 
   def agree_on_steps(step_spec):
-    return distributed.agree('steps', lambda: checkpoint.select_steps(
-        config.input.path, step_spec, exported), barrier_timeout_seconds)
+    return distributed.agree('steps', lambda: choose_steps(step_spec), barrier_timeout_seconds)
 
   if config.watch.enabled:
     return _watch(config, barrier_timeout_seconds, agree_on_steps)

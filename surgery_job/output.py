@@ -228,11 +228,15 @@ class Claim:
         pass
 
 
+def steps(root: Path) -> list[int]:
+  """The step folders of the output directory `root`, oldest first."""
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def prune(root: Path, keep: int, lock_timeout_seconds: float) -> None:
   """Deletes all but the newest `keep` step folders of the output directory `root`. A step goes in
   one rename out of readers' sight, then is deleted; a step another run holds is left alone."""
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
-  for step in steps[:-keep]:
+  for step in steps(root)[:-keep]:
     unit = root / str(step)
     step_lock = lock_lib.Lock(unit, lock_timeout_seconds)
     try:
