@@ -4,16 +4,14 @@ restore what is needed (the output is written by `writer.py`)."""
 import contextlib
 import dataclasses
 import json
-import os
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from surgery_job import storage, tree
+from surgery_job import paths, storage, tree
 from surgery_job.errors import SurgeryError
 
 
@@ -28,7 +26,7 @@ class Location:
   """What a run reads: a single PyTree checkpoint, or a step of a CheckpointManager directory with
   its PyTree items (one, or several planned together as one tree keyed by item name) and the
   items of other kinds, which are copied as they are."""
-  root: Path
+  root: paths.Path
   step: int | None  # None: a single PyTree checkpoint, not a CheckpointManager directory.
   item: str | None  # The one PyTree item; None for a single checkpoint or several items.
   items: tuple[str, ...] = ()  # Several PyTree items, read as one tree {item: item's tree}.
@@ -36,32 +34,32 @@ class Location:
   step_folder: str | None = None  # The step's folder name when it is not str(step): `0003`.
 
   @property
-  def step_dir(self) -> Path:
+  def step_dir(self) -> paths.Path:
     return self.root / (self.step_folder or str(self.step))
 
   @property
-  def item_dir(self) -> Path:
+  def item_dir(self) -> paths.Path:
     """The folder read: the checkpoint, the item, or (several items) the step."""
     if self.step is None:
       return self.root
     return self.step_dir / (self.item or '')
 
-  def trees(self) -> dict[str, Path]:
+  def trees(self) -> dict[str, paths.Path]:
     """{key prefix: PyTree folder}: the prefix is the item name when several items are read."""
     if self.items:
       return {item: self.item_dir / item for item in self.items}
     return {'': self.item_dir}
 
 
-def _is_pytree(path: Path) -> bool:
+def _is_pytree(path: paths.Path) -> bool:
   return (path / '_METADATA').is_file()
 
 
-def _items(step_dir: Path) -> list[str]:
+def _items(step_dir: paths.Path) -> list[str]:
   return sorted(p.name for p in step_dir.iterdir() if _is_pytree(p))
 
 
-def _step_folders(root: Path) -> dict[int, list[Path]]:
+def _step_folders(root: paths.Path) -> dict[int, list[paths.Path]]:
   """Step number -> the folders Orbax would name for it: `3`, `0003`, `step_3`, temporaries."""
   folders = {}
   for path in root.iterdir():
@@ -71,7 +69,7 @@ def _step_folders(root: Path) -> dict[int, list[Path]]:
   return folders
 
 
-def _uncommitted(step_dir: Path, commit_files: bool) -> str | None:
+def _uncommitted(step_dir: paths.Path, commit_files: bool) -> str | None:
   """Why `step_dir` is not a finished save, or None when it is. `commit_files`: the directory's
   saves mark themselves finished with commit_success.txt, as Orbax's do."""
   if not ocp.path.step.is_path_finalized(step_dir):
@@ -86,7 +84,7 @@ def _uncommitted(step_dir: Path, commit_files: bool) -> str | None:
 def locate(path: str, step: Any, item: str | None) -> Location:
   """The input item named by `input.path`, `input.step` and `input.item`; 'latest' is the latest
   committed step."""
-  root = Path(path).absolute()
+  root = paths.of(path, 'input.path')
   if not root.exists():
     raise SurgeryError(f'input.path {root} does not exist')
   if not root.is_dir():
@@ -122,7 +120,7 @@ def locate(path: str, step: Any, item: str | None) -> Location:
   return Location(root, step, None, tuple(items), copied, step_dir.name)
 
 
-def _scan_steps(root: Path) -> tuple[dict[int, Path], dict[int, str]]:
+def _scan_steps(root: paths.Path) -> tuple[dict[int, paths.Path], dict[int, str]]:
   """({committed step: its folder}, {other step: why it is not committed}) of a CheckpointManager
   directory."""
   folders = _step_folders(root)
@@ -140,7 +138,7 @@ def _scan_steps(root: Path) -> tuple[dict[int, Path], dict[int, str]]:
   return committed, skipped
 
 
-def committed_steps(root: Path) -> list[int]:
+def committed_steps(root: paths.Path) -> list[int]:
   """The steps of a CheckpointManager directory that a reader may take, oldest first: finished
   saves holding a PyTree item (see `_uncommitted`)."""
   return sorted(_scan_steps(root)[0])
@@ -151,7 +149,7 @@ def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[
   `exported(step)`: whether the output already has that step ('new' leaves those out)."""
   if not isinstance(step, (list, tuple)) and step not in ('all', 'new'):
     return [step]
-  root = Path(path).absolute()
+  root = paths.of(path, 'input.path')
   if not root.is_dir() or _is_pytree(root):
     raise SurgeryError(f'input.step={step!r} needs a CheckpointManager directory at input.path {root}')
   committed = committed_steps(root)
@@ -172,7 +170,7 @@ def read_metadata(location: Location) -> Any:
   return trees if location.items else trees['']
 
 
-def _read_tree(item_dir: Path) -> Any:
+def _read_tree(item_dir: paths.Path) -> Any:
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
     stored = storage.array_names(item_dir)
@@ -185,7 +183,7 @@ def _read_tree(item_dir: Path) -> Any:
   return metadata
 
 
-def _check_leaves(flat_metadata: dict[str, Any], stored: set[str], item_dir: Path) -> None:
+def _check_leaves(flat_metadata: dict[str, Any], stored: set[str], item_dir: paths.Path) -> None:
   """Every leaf is an array, and `_METADATA` lists exactly the arrays stored: an entry lost from it
   would otherwise drop that leaf from the output without a word."""
   for key, leaf in flat_metadata.items():
@@ -222,7 +220,7 @@ def _first_line(text: str) -> str:
   return text.splitlines()[0] if text else ''
 
 
-def per_tree(trees: dict[str, Path], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def per_tree(trees: dict[str, paths.Path], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
   """`flat` split by PyTree folder, each part keyed within its tree (without the item prefix)."""
   if '' in trees:
     return {'': flat}
@@ -238,7 +236,7 @@ def joined(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
   return {tree.join(prefix, key): value for prefix, part in parts.items() for key, value in part.items()}
 
 
-def read_error(error: Exception, item_dir: Path) -> str:
+def read_error(error: Exception, item_dir: paths.Path) -> str:
   """One line naming the damaged or missing file of the checkpoint at `item_dir`."""
   causes = _causes(error)
   if any(isinstance(e, json.JSONDecodeError) for e in causes):
@@ -248,18 +246,18 @@ def read_error(error: Exception, item_dir: Path) -> str:
     # A file tensorstore names (an OCDBT database is named by its folder, with a final '/').
     files = [f for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith('/')]
     if files:
-      path = Path(files[-1])
+      path = paths.Path(files[-1])
       state = 'is missing' if not path.exists() else 'cannot be read'
       return f'checkpoint file {path} {state} ({text.split(":", 1)[0]})'
   for text in texts:
     found = _OCDBT_READ.search(text)
     if found:
-      return _value_error(found.group(1), Path(found.group(2)), _first_line(found.group(3)))
+      return _value_error(found.group(1), paths.Path(found.group(2)), _first_line(found.group(3)))
   reason = next((line for line in map(_first_line, reversed(texts)) if line), type(error).__name__)
   return f'cannot read the checkpoint in {item_dir}: {reason}'
 
 
-def _value_error(key: str, database: Path, detail: str) -> str:
+def _value_error(key: str, database: paths.Path, detail: str) -> str:
   """Names the data file holding the value `key` that tensorstore could not read (corrupt bytes:
   a missing or short file is found before any data moves)."""
   array = key.rsplit('/', 1)[0]
@@ -274,7 +272,7 @@ def _value_error(key: str, database: Path, detail: str) -> str:
   return f'checkpoint file {path} is damaged (it holds array {array!r}: {detail})'
 
 
-def restore(trees: dict[str, Path], skeleton: Any,
+def restore(trees: dict[str, paths.Path], skeleton: Any,
             targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   """Reads only the `targets` leaves, each onto its sharding, from the PyTree folders `trees`
   ({key prefix: folder}, as `Location.trees`); the others stay on disk."""
@@ -285,7 +283,7 @@ def restore(trees: dict[str, Path], skeleton: Any,
   return joined(parts)
 
 
-def _restore_one(item_dir: Path, skeleton: Any,
+def _restore_one(item_dir: paths.Path, skeleton: Any,
                  targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   flat_skeleton = tree.flatten(skeleton)
   item = tree.unflatten({k: targets.get(k, ocp.PLACEHOLDER) for k in flat_skeleton}, skeleton)
@@ -308,7 +306,3 @@ def step_metadata(location: Location) -> dict:
     return {}
   return metadata if isinstance(metadata, dict) else {}
 
-
-def inside(path: Path, parent: Path) -> bool:
-  path, parent = Path(os.path.realpath(path)), Path(os.path.realpath(parent))
-  return path == parent or parent in path.parents

@@ -5,10 +5,9 @@ import argparse
 import importlib.util
 import math
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
-from surgery_job import checkpoint, config as config_lib
+from surgery_job import checkpoint, config as config_lib, paths
 from surgery_job.errors import SurgeryError
 
 EXIT_BAD_INPUT = 2
@@ -33,7 +32,7 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
 def locate(path: str, step: Any = None) -> checkpoint.Location:
   """The checkpoint `path` names: a single PyTree checkpoint, a CheckpointManager directory (its
   `step`, default the latest committed one), or one step folder of such a directory."""
-  folder = Path(path).absolute()
+  folder = paths.of(path)
   if not folder.exists():
     raise SurgeryError(f'{folder} does not exist')
   if is_step_folder(folder) and step is None:
@@ -45,7 +44,7 @@ def locate(path: str, step: Any = None) -> checkpoint.Location:
   return checkpoint.locate(str(folder), step, None)
 
 
-def is_step_folder(folder: Path) -> bool:
+def is_step_folder(folder: paths.Path) -> bool:
   """Whether `folder` is one committed step of a CheckpointManager directory."""
   return (folder.name.isdigit() and folder.is_dir() and not (folder / '_METADATA').is_file()
           and int(folder.name) in checkpoint.committed_steps(folder.parent))
@@ -54,9 +53,9 @@ def is_step_folder(folder: Path) -> bool:
 def load_config(spec: str):
   """`configs/NAME.py[:ARG]` as the job reads it: `get_config(ARG)` laid over the defaults."""
   file, _, arg = spec.partition(':')
-  if not Path(file).is_file():
+  if not paths.of(file).is_file():
     raise SurgeryError(f'config file {file} does not exist')
-  module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+  module_spec = importlib.util.spec_from_file_location(paths.of(file).stem, file)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)

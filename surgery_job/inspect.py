@@ -13,17 +13,16 @@ import collections
 import json
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
-from surgery_job import checkpoint, cli, saved_leaves, tree
+from surgery_job import checkpoint, cli, paths, saved_leaves, tree
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-inspect'
 TMP = '.orbax-checkpoint-tmp'
 
 
-def list_steps(root: Path) -> list[dict]:
+def list_steps(root: paths.Path) -> list[dict]:
   """Every step folder of a CheckpointManager directory, oldest first, committed or in progress."""
   committed = set(checkpoint.committed_steps(root))
   found = []
@@ -65,7 +64,7 @@ def subtotals(leaves: dict[str, dict], depth: int | None) -> dict[str, dict]:
 def inspect(path: str, step: int | None = None, pattern: str | None = None,
             depth: int | None = None) -> dict:
   """Everything `inspect` shows, as the JSON it prints with `--json`."""
-  root = Path(path).absolute()
+  root = paths.of(path)
   info: dict[str, Any] = {'path': str(root)}
   if root.is_dir() and not (root / '_METADATA').is_file() and not cli.is_step_folder(root):
     info['steps'] = list_steps(root)

@@ -3,14 +3,13 @@
 import contextlib
 import json
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
 from absl import logging
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
-                         distributed, faults, keys, memory, output, plan as plan_lib,
+                         distributed, faults, keys, memory, output, paths, plan as plan_lib,
                          report as report_lib, sharding, stopping, transforms, tree, validate,
                          writer as writer_lib)
 from surgery_job.errors import SurgeryError
@@ -47,7 +46,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   # 64-bit leaves (int64 counters, float64 numpy arrays) pass through bit for bit only with x64 on;
   # every op names the dtypes it creates, so nothing else changes.
   jax.config.update('jax_enable_x64', True)
-  out_root = Path(config.output.path).absolute() if config.output.path else None
+  out_root = paths.of(config.output.path, 'output.path') if config.output.path else None
 
   def choose_steps(step_spec) -> list:
     # The output is listed once per choice, not once per input step.
@@ -83,7 +82,7 @@ def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
     logging.info('Watching %s for new committed steps every %.0f s.', config.input.path,
                  config.watch.poll_seconds)
   while True:
-    steps = agree_on_steps('new') if Path(config.input.path).exists() else []
+    steps = agree_on_steps('new') if paths.of(config.input.path, 'input.path').exists() else []
     for step in steps:
       reports.append(convert(config, step, barrier_timeout_seconds, named=True))
     if steps:
@@ -283,7 +282,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
   return reused
 
 
-def _validate(trees: dict[str, Path], unit_dir: Path, skeleton, plan: plan_lib.Plan, groups,
+def _validate(trees: dict[str, paths.Path], unit_dir: paths.Path, skeleton, plan: plan_lib.Plan, groups,
               expected: dict) -> None:
   """Reads the written checkpoint back, group by group, with the planned shardings; the digest of
   every leaf must equal the one taken of the computed array."""
@@ -308,10 +307,10 @@ def _output(config, source: checkpoint.Location) -> output.Target | None:
     raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
   if not config.output.path:
     return None
-  out_root = Path(config.output.path).absolute()
-  if checkpoint.inside(out_root, source.root):
+  out_root = paths.of(config.output.path, 'output.path')
+  if paths.inside(out_root, source.root):
     raise SurgeryError(f'output.path {out_root} is inside input.path {source.root}')
-  if checkpoint.inside(source.root, out_root):
+  if paths.inside(source.root, out_root):
     raise SurgeryError(f'input.path {source.root} is inside output.path {out_root}')
   if source.step is None:
     if config.output.custom_metadata:

@@ -8,14 +8,13 @@ as before.
 """
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import jax
 from orbax.checkpoint._src.metadata import array_metadata as array_metadata_lib
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from surgery_job import checkpoint
+from surgery_job import checkpoint, paths
 from surgery_job.errors import SurgeryError
 
 
@@ -23,7 +22,7 @@ def is_key(dtype: Any) -> bool:
   return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def implementations(item_dir: Path, metadata: dict[str, Any]) -> dict[str, str]:
+def implementations(item_dir: paths.Path, metadata: dict[str, Any]) -> dict[str, str]:
   """{key: PRNG implementation name} of the leaves of `metadata` that Orbax saved as typed keys."""
   try:
     stored = asyncio.run(array_metadata_store.Store().read(item_dir))

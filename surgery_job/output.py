@@ -6,15 +6,24 @@ does every step below for a unit U; the other processes wait at barriers and wri
 
 1. Lock: `U.surgery-lock` beside U, one live run per unit (`lock.py`).
 2. Recover, under the lock: a staging folder that an earlier run left is removed, after an older
-   output it had moved aside is put back where U is absent.
+   output it had moved aside is put back where U is absent; one that had begun its commit on an
+   object store has it finished.
 3. Decide: U holding this surgery's fingerprint is already done; U holding anything else is
    replaced only with `output.overwrite`.
 4. Stage: `U.orbax-checkpoint-tmp-surgery/` beside U, holding a marker with the run's fingerprint
    and `checkpoint/`, the future U. Orbax takes a name holding `.orbax-checkpoint-tmp` for a save
    in progress, so no reader lists it as a step or restores it.
 5. Write into `checkpoint/`, read it back and compare every leaf, add the report.
-6. Commit (POSIX): an older U is renamed into the staging folder (overwrite only), `checkpoint/`
-   is renamed to U, and the staging folder is removed, its marker last.
+6. Commit.
+   - Local disk (POSIX): an older U is renamed into the staging folder (overwrite only),
+     `checkpoint/` is renamed to U, and the staging folder is removed, its marker last.
+   - Object store (gs://), where a folder cannot be renamed: `COMMITTING` goes into the staging
+     folder (the new checkpoint is validated; from here the commit only goes forward). The commit
+     file of an older U is deleted first, which hides it from every reader at once, then the rest
+     of it. `checkpoint/` is copied to U with the commit files (`commit_success.txt`, Orbax's
+     marker on object stores) last, and the staging folder is removed, its marker last. A run
+     stopped midway leaves U without a commit file, which readers skip, and the next run finishes
+     the copy from the staging folder.
 7. Release the lock.
 
 A run that fails or is stopped leaves its staging folder for the next run on U and releases its
@@ -27,17 +36,18 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
-from pathlib import Path
 
+import orbax.checkpoint as ocp
 from absl import logging
 
-from surgery_job import faults, lock as lock_lib
+from surgery_job import faults, lock as lock_lib, paths
 from surgery_job.errors import SurgeryError
 from surgery_job.report import REPORT
 
 MARKER = 'SURGERY_JOB_STAGING'
+COMMITTING = 'COMMITTING'  # Object stores: the staged checkpoint is validated and being copied.
+COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 PARTIAL_SAVES = '.partial_save'  # Where Orbax's partial saves wait to be finalized.
 SUFFIX = '.orbax-checkpoint-tmp-surgery'
 DELETING = '.orbax-checkpoint-tmp-surgery-deleting'
@@ -53,14 +63,21 @@ def fingerprint(config, input_location) -> str:
   the same input) and the config, less where the output goes and how the run goes (the memory
   budget, the lock, the watch: same bits)."""
   fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_THE_SURGERY}
-  fields['input'] = {'path': os.path.realpath(input_location.root), 'step': input_location.step,
+  fields['input'] = {'path': paths.real(input_location.root), 'step': input_location.step,
                      'item': input_location.item, 'items': list(input_location.items),
                      'copied': list(input_location.copied)}
   fields['output'] = {k: v for k, v in fields['output'].items() if k not in _NOT_THE_OUTPUT}
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def existing_fingerprint(unit: Path) -> str | None:
+def present(unit: paths.Path) -> bool:
+  """Whether a reader sees `unit`: on an object store, only once its commit file is there."""
+  if paths.on_object_store(unit):
+    return (unit / COMMIT_FILE).exists()
+  return unit.exists()
+
+
+def existing_fingerprint(unit: paths.Path) -> str | None:
   """The fingerprint in the report of the output already at `unit`, if it has one."""
   try:
     return json.loads((unit / REPORT).read_text()).get('fingerprint')
@@ -72,11 +89,11 @@ def existing_fingerprint(unit: Path) -> str | None:
 class Target:
   """Where a run's output goes: step `step` of the CheckpointManager directory `root`, or the
   single PyTree checkpoint `root` (step None)."""
-  root: Path
+  root: paths.Path
   step: int | None
 
   @property
-  def unit(self) -> Path:
+  def unit(self) -> paths.Path:
     """What one run commits: the step folder, or the whole checkpoint."""
     return self.root if self.step is None else self.root / str(self.step)
 
@@ -87,23 +104,26 @@ class Target:
 
 @dataclasses.dataclass(frozen=True)
 class Staging:
-  unit: Path
+  unit: paths.Path
+
+  def __post_init__(self):
+    object.__setattr__(self, 'unit', paths.of(self.unit))
 
   @property
-  def root(self) -> Path:
+  def root(self) -> paths.Path:
     return self.unit.with_name(self.unit.name + SUFFIX)
 
   @property
-  def checkpoint(self) -> Path:
+  def checkpoint(self) -> paths.Path:
     """What Orbax writes and the commit renames to the unit."""
     return self.root / 'checkpoint'
 
   @property
-  def displaced(self) -> Path:
+  def displaced(self) -> paths.Path:
     return self.root / 'replaced'
 
   @property
-  def record(self) -> Path:
+  def record(self) -> paths.Path:
     """The groups written so far, with their digests, for a run that resumes."""
     return self.root / 'groups.json'
 
@@ -116,6 +136,9 @@ class Staging:
     if not (self.root / MARKER).is_file() and any(self.root.iterdir()):
       raise SurgeryError(f'{self.root} exists but was not made by surgery_job; remove it or '
                          'choose another output.path')
+    if (self.root / COMMITTING).exists():
+      self._copy_into_place()
+      return False
     if self.displaced.exists() and not self.unit.exists():
       self.displaced.rename(self.unit)
     if self._resumable(run_fingerprint):
@@ -145,14 +168,15 @@ class Staging:
 
   def add_group(self, outputs: tuple[str, ...], digests: dict, saves: list[str]) -> None:
     """Records a group whose partial saves (one per item) finished: one JSON line, appended."""
-    with self.record.open('a') as record:
-      record.write(json.dumps({'outputs': list(outputs), 'digests': digests, 'saves': saves}) + '\n')
+    line = json.dumps({'outputs': list(outputs), 'digests': digests, 'saves': saves}) + '\n'
+    # Object stores have no append: the record is rewritten whole (it is small).
+    self.record.write_text(self.record.read_text() + line)
 
   def remove(self) -> None:
     """Deletes the staging folder, its marker last: a folder interrupted midway stays ours."""
     for child in self.root.iterdir():
       if child.name != MARKER:
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        child.rmtree() if child.is_dir() else child.unlink()
     (self.root / MARKER).unlink(missing_ok=True)
     self.root.rmdir()
 
@@ -160,14 +184,36 @@ class Staging:
     self.root.mkdir(parents=True)
     (self.root / MARKER).write_text(json.dumps(
         {'fingerprint': run_fingerprint, 'created': time.time(), 'pid': os.getpid()}))
-    self.record.touch()
+    self.record.write_text('')
 
   def commit(self) -> None:
-    """Renames the validated checkpoint to the unit; an older output goes only now."""
+    """Puts the validated checkpoint in place of the unit; an older output goes only now."""
+    if paths.on_object_store(self.unit):
+      (self.root / COMMITTING).write_text('')
+      self._copy_into_place()
+      return
     if self.unit.exists():
       self.unit.rename(self.displaced)
     faults.at('rename')
     self.checkpoint.rename(self.unit)
+    self.remove()
+
+  def _copy_into_place(self) -> None:
+    """The object-store commit, from wherever an earlier run stopped: the old unit hidden and
+    deleted, the staged checkpoint copied, its commit files last."""
+    if self.unit.exists():
+      for commit_file in _commit_files(self.unit):
+        commit_file.unlink(missing_ok=True)
+      self.unit.rmtree()
+    staged = sorted(paths.files(self.checkpoint), key=lambda f: f.name == COMMIT_FILE)
+    for index, source in enumerate(staged):
+      if index and source.name == COMMIT_FILE and staged[index - 1].name != COMMIT_FILE:
+        faults.at('rename')  # Everything but the commit files is in place.
+      destination = self.unit / source.relative_to(self.checkpoint)
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      source.copy(destination)
+    if COMMIT_FILE not in {f.name for f in staged}:  # A single PyTree checkpoint has none of its own.
+      (self.unit / COMMIT_FILE).write_text('')
     self.remove()
 
 
@@ -186,7 +232,7 @@ class Claim:
     """Locks, recovers and decides: 'done' when the unit already holds this surgery, 'resume' when
     an earlier run of it left groups to go on from, else 'start'."""
     root = self.target.root
-    if root.exists() and not root.is_dir():
+    if root.exists() and not root.is_dir() and not paths.on_object_store(root):
       raise SurgeryError(f'output.path {root} is a file')
     if self.target.step is not None and (root / '_METADATA').exists():
       raise SurgeryError(f'output.path {root} is a single PyTree checkpoint, not a '
@@ -195,8 +241,8 @@ class Claim:
     self.lock.acquire(wait_seconds)
     resumable = self.staging.recover(run_fingerprint)
     unit = self.target.unit
-    if unit.exists():
-      found = existing_fingerprint(unit)
+    if present(unit) or unit.exists():
+      found = existing_fingerprint(unit) if present(unit) else None
       if found == run_fingerprint:
         if resumable:
           self.staging.remove()
@@ -224,16 +270,22 @@ class Claim:
     if self.made_root:
       try:
         self.target.root.rmdir()
-      except OSError:
+      except (OSError, ValueError):  # Not empty (epath says so with a ValueError).
         pass
 
 
-def steps(root: Path) -> list[int]:
-  """The step folders of the output directory `root`, oldest first."""
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+def steps(root: paths.Path) -> list[int]:
+  """The step folders of the output directory `root` that readers see, oldest first."""
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and p.is_dir() and present(p))
 
 
-def prune(root: Path, keep: int, lock_timeout_seconds: float) -> None:
+def _commit_files(unit: paths.Path) -> list[paths.Path]:
+  """The unit's commit files, its own last: deleted in this order, the unit is hidden first."""
+  return sorted((f for f in paths.files(unit) if f.name == COMMIT_FILE), key=lambda f: len(f.parts))
+
+
+def prune(root: paths.Path, keep: int, lock_timeout_seconds: float) -> None:
   """Deletes all but the newest `keep` step folders of the output directory `root`. A step goes in
   one rename out of readers' sight, then is deleted; a step another run holds is left alone."""
   for step in steps(root)[:-keep]:
@@ -244,9 +296,13 @@ def prune(root: Path, keep: int, lock_timeout_seconds: float) -> None:
     except SurgeryError:
       continue
     try:
-      unit.rename(unit.with_name(unit.name + DELETING))
+      if paths.on_object_store(unit):  # Hidden from readers by its commit file, then deleted.
+        (unit / COMMIT_FILE).unlink(missing_ok=True)
+        unit.rmtree()
+      else:
+        unit.rename(unit.with_name(unit.name + DELETING))
     finally:
       step_lock.release()
     logging.info('Deleted output step %d (output.max_to_keep=%d).', step, keep)
   for deleting in root.glob('*' + DELETING):  # Those of this run, and of runs killed midway.
-    shutil.rmtree(deleting, ignore_errors=True)
+    deleting.rmtree(missing_ok=True)

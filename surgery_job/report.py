@@ -6,7 +6,8 @@ an output step folder, or a CheckpointManager output (its latest step with a rep
 
 import json
 import sys
-from pathlib import Path
+
+from surgery_job import paths
 
 REPORT = 'surgery_report.json'
 
@@ -38,7 +39,7 @@ def build(config, plan, groups, source, target, seconds: dict[str, float], finge
   }
 
 
-def write(report: dict, directory: Path) -> None:
+def write(report: dict, directory: paths.Path) -> None:
   (directory / REPORT).write_text(json.dumps(report, indent=2, default=str))
 
 
@@ -58,7 +59,7 @@ def summary(report: dict) -> str:
   return '\n'.join(lines)
 
 
-def find(path: Path) -> Path:
+def find(path: paths.Path) -> paths.Path:
   """The report of `path`, or of the latest step under it that has one."""
   if (path / REPORT).is_file():
     return path / REPORT
@@ -69,4 +70,4 @@ def find(path: Path) -> Path:
 
 
 if __name__ == '__main__':
-  print(summary(json.loads(find(Path(sys.argv[1])).read_text())))
+  print(summary(json.loads(find(paths.of(sys.argv[1])).read_text())))

@@ -11,14 +11,13 @@ checkpoint, whose error Orbax's reader names.
 import base64
 import dataclasses
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import tensorstore as ts
 from jax.sharding import PartitionSpec
 from orbax.checkpoint._src.metadata import array_metadata as array_metadata_lib
 
-from surgery_job import checkpoint, keys, sharding, tree
+from surgery_job import checkpoint, keys, paths, sharding, tree
 
 ARRAY_TYPES = ('jax.Array', 'np.ndarray', 'scalar')
 
@@ -32,7 +31,7 @@ class SavedLeaf:
   prng_impl: str | None  # A typed PRNG key saved as its key data (the shape and dtype above).
 
 
-def read(item_dir: Path) -> dict[str, SavedLeaf]:
+def read(item_dir: paths.Path) -> dict[str, SavedLeaf]:
   """{'/'-joined key: SavedLeaf} of the PyTree checkpoint at `item_dir`."""
   try:
     found = read_files(item_dir)
@@ -41,7 +40,7 @@ def read(item_dir: Path) -> dict[str, SavedLeaf]:
   return found if found is not None else read_with_orbax(item_dir)
 
 
-def read_with_orbax(item_dir: Path) -> dict[str, SavedLeaf]:
+def read_with_orbax(item_dir: paths.Path) -> dict[str, SavedLeaf]:
   """The same, through Orbax's `metadata()` (one tensorstore open per leaf)."""
   metadata = tree.flatten(checkpoint.read_metadata(checkpoint.Location(item_dir, None, None)))
   impls = keys.implementations(item_dir, metadata)
@@ -54,7 +53,7 @@ def read_with_orbax(item_dir: Path) -> dict[str, SavedLeaf]:
   return leaves
 
 
-def read_files(item_dir: Path) -> dict[str, SavedLeaf] | None:
+def read_files(item_dir: paths.Path) -> dict[str, SavedLeaf] | None:
   """The same, from the files; None when they are not in the layout this knows."""
   metadata = json.loads((item_dir / '_METADATA').read_text())
   if not metadata.get('use_ocdbt'):
@@ -69,7 +68,7 @@ def read_files(item_dir: Path) -> dict[str, SavedLeaf] | None:
       return None
     parts = [str(k['key']) for k in entry['key_metadata']]
     names[tree.SEP.join(parts)] = '.'.join(parts)
-  kvstore = ts.KvStore.open({'driver': 'ocdbt', 'base': f'{item_dir.absolute().as_uri()}/'}).result()
+  kvstore = ts.KvStore.open({'driver': 'ocdbt', 'base': paths.kvstore(item_dir)}).result()
   reads = {key: kvstore.read(f'{name}/{header}') for key, name in names.items()}
   sharding_file = item_dir / '_sharding'
   shardings = json.loads(sharding_file.read_text()) if sharding_file.is_file() else {}
@@ -91,7 +90,7 @@ def read_files(item_dir: Path) -> dict[str, SavedLeaf] | None:
   return leaves
 
 
-def _prng_impls(item_dir: Path) -> dict[str, str]:
+def _prng_impls(item_dir: paths.Path) -> dict[str, str]:
   """{param name: PRNG implementation} of the typed keys; each process's file lists every array."""
   files = sorted((item_dir / 'array_metadatas').glob('process_*'))
   if not files:

@@ -2,10 +2,11 @@
 the data files that hold their values. `_METADATA` is checked against the first, the files'
 presence and sizes against the second, before any data moves; a read error names the file."""
 
-from pathlib import Path
 from typing import Iterator
 
 import tensorstore as ts
+
+from surgery_job import paths
 
 _ARRAY_KEYS = ('/.zarray', '/zarr.json')  # Each array's zarr v2 or v3 metadata key.
 
@@ -15,17 +16,13 @@ def name(key: str) -> str:
   return key.replace('/', '.')
 
 
-def _file_store(directory: Path) -> dict:
-  return {'driver': 'file', 'path': f'{directory}/'}
-
-
-def is_ocdbt(item_dir: Path) -> bool:
+def is_ocdbt(item_dir: paths.Path) -> bool:
   return (item_dir / 'manifest.ocdbt').exists()
 
 
-def array_names(item_dir: Path) -> set[str]:
+def array_names(item_dir: paths.Path) -> set[str]:
   """The storage names of every array the item holds (in its OCDBT database, or as folders)."""
-  spec = _file_store(item_dir)
+  spec = paths.kvstore(item_dir)
   if is_ocdbt(item_dir):
     spec = {'driver': 'ocdbt', 'base': spec}
   keys = ts.KvStore.open(spec).result().list().result()
@@ -33,10 +30,10 @@ def array_names(item_dir: Path) -> set[str]:
           if key.decode().endswith(suffix)}
 
 
-def stored_values(database: Path) -> Iterator[tuple[str, Path, int]]:
+def stored_values(database: paths.Path) -> Iterator[tuple[str, paths.Path, int]]:
   """(key, data file, end offset) of each value the OCDBT database in `database` keeps outside its
   B+tree, walking the tree of its latest version."""
-  base = ts.KvStore.open(_file_store(database)).result()
+  base = ts.KvStore.open(paths.kvstore(database)).result()
   root = ts.ocdbt.dump(base).result()['versions'][-1]['root']
   pending = [(root['location'], b'')] if 'location' in root else []
   while pending:
@@ -53,7 +50,7 @@ def stored_values(database: Path) -> Iterator[tuple[str, Path, int]]:
                int(offset) + int(length))
 
 
-def damaged_file(item_dir: Path) -> str | None:
+def damaged_file(item_dir: paths.Path) -> str | None:
   """A data file of the item that is missing or shorter than the values it holds, said in words;
   None when every file is there and long enough."""
   if not is_ocdbt(item_dir):
@@ -66,7 +63,7 @@ def damaged_file(item_dir: Path) -> str | None:
     array = key.rsplit('/', 1)[0]
     if not path.is_file():
       return f'checkpoint file {path} is missing (it holds array {array!r})'
-    if path.stat().st_size < end:
-      return (f'checkpoint file {path} is truncated: {path.stat().st_size} bytes, array {array!r} '
+    if paths.size(path) < end:
+      return (f'checkpoint file {path} is truncated: {paths.size(path)} bytes, array {array!r} '
               f'needs {end}')
   return None

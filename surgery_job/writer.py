@@ -3,14 +3,12 @@ one place the job uses that experimental API): one save per group, then one ordi
 the input's layout."""
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 from orbax.checkpoint.experimental.v1 import partial
 
-from surgery_job import faults
+from surgery_job import faults, paths
 from surgery_job.checkpoint import (CHECKPOINT_METADATA, COMMIT_FILE, STANDARD_HANDLER, Location,
                                     step_metadata)
 
@@ -24,12 +22,12 @@ class Writer:
   The step keeps the input step's handler names and custom metadata (updated with
   `custom_metadata`)."""
 
-  def __init__(self, unit_dir: Path, location: Location, barrier: Callable[[str], None],
+  def __init__(self, unit_dir: paths.Path, location: Location, barrier: Callable[[str], None],
                custom_metadata: dict | None = None):
     self.unit_dir, self.location, self.barrier = unit_dir, location, barrier
     self.custom_metadata = custom_metadata or {}
 
-  def _partial(self, item: str | None) -> Path:
+  def _partial(self, item: str | None) -> paths.Path:
     """Where the partial saves of `item` go: Orbax puts an item folder named `state` in it."""
     return self.unit_dir.with_name(f'{self.unit_dir.name}.{item or "partial"}')
 
@@ -46,7 +44,7 @@ class Writer:
     return {f'{folder.name}/{save.name}' for folder in self._saves_dirs() for save in folder.iterdir()
             if (save / COMMIT_FILE).is_file()}
 
-  def _saves_dirs(self) -> list[Path]:
+  def _saves_dirs(self) -> list[paths.Path]:
     # Orbax keeps each partial save in a folder of its own beside the path, until `finish` merges.
     return [p for p in self.unit_dir.parent.glob(f'{self.unit_dir.name}.*.partial_save') if p.is_dir()]
 
@@ -55,14 +53,14 @@ class Writer:
     for folder in self._saves_dirs():
       for save in folder.iterdir():
         if f'{folder.name}/{save.name}' not in names:
-          shutil.rmtree(save)
+          save.rmtree()
 
   def write(self, nested: Any) -> None:
     for item, part in self._items(nested).items():
       partial.save(self._partial(item), part)
     faults.at('writing')
 
-  def finish(self) -> dict[str, Path]:
+  def finish(self) -> dict[str, paths.Path]:
     """Finalizes the partial saves (every process); returns the PyTree folders written, as
     `Location.trees` gives them."""
     # The items that got leaves, this run or an earlier one that it resumes.
@@ -76,7 +74,7 @@ class Writer:
     if jax.process_index() == 0:
       if self.location.step is None:
         (self._partial(None) / PARTIAL_ITEM).rename(self.unit_dir)
-        shutil.rmtree(self._partial(None))
+        self._partial(None).rmtree()
       else:
         self._lay_out_step(items)
     self.barrier('laid_out')
@@ -93,7 +91,7 @@ class Writer:
       (self._partial(item) / PARTIAL_ITEM).rename(self.unit_dir / item)
     source_dir = self.location.step_dir
     for item in self.location.copied:
-      shutil.copytree(source_dir / item, self.unit_dir / item)
+      paths.copy_tree(source_dir / item, self.unit_dir / item)
     first = self._partial(items[0])
     metadata = json.loads((first / CHECKPOINT_METADATA).read_text())
     source = step_metadata(self.location)
@@ -105,6 +103,6 @@ class Writer:
     metadata['custom_metadata'] = {**(custom if isinstance(custom, dict) else {}),
                                    **self.custom_metadata}
     (self.unit_dir / CHECKPOINT_METADATA).write_text(json.dumps(metadata))
-    shutil.copy(first / COMMIT_FILE, self.unit_dir / COMMIT_FILE)
+    (first / COMMIT_FILE).copy(self.unit_dir / COMMIT_FILE)
     for item in items:
-      shutil.rmtree(self._partial(item))
+      self._partial(item).rmtree()

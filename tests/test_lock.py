@@ -10,15 +10,18 @@ import time
 
 import pytest
 
-from surgery_job import lock as lock_lib
+from surgery_job import lock as lock_lib, paths
 from surgery_job.errors import SurgeryError
 
 
 def write_lock(unit, **record):
+  """Puts down another run's lock, as a new file (as that run's write would be)."""
   path = unit.with_name(unit.name + lock_lib.SUFFIX)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time(),
-                              'heartbeat': time.time(), 'token': 'theirs', **record}))
+  aside = path.with_name(path.name + '.new')
+  aside.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time(),
+                               'heartbeat': time.time(), 'token': 'theirs', **record}))
+  os.replace(aside, path)
   return path
 
 
@@ -78,10 +81,12 @@ def test_waits_for_the_owner(tmp_path):
 
 def test_a_fresh_lock_put_down_during_a_take_over_is_not_stolen(tmp_path):
   unit = tmp_path / '3'
-  write_lock(unit, host='elsewhere', token='fresh')
-  taker = lock_lib.Lock(unit, timeout_seconds=60)
-  taker._take_over({'token': 'stale'})  # It read a stale lock that another run replaced since.
-  assert taker.owner()['token'] == 'fresh'
+  path = write_lock(unit, host='elsewhere', token='stale', heartbeat=time.time() - 90)
+  taker = paths.Lease(paths.of(path))
+  assert json.loads(taker.read())['token'] == 'stale'
+  write_lock(unit, host='elsewhere', token='fresh')  # A third run took the stale lock over first.
+  assert not taker.write_if_unchanged(b'{"token": "mine"}')
+  assert lock_lib.Lock(unit, timeout_seconds=60).owner()['token'] == 'fresh'
   assert [p.name for p in tmp_path.iterdir()] == ['3' + lock_lib.SUFFIX]
 
 
@@ -97,4 +102,4 @@ def test_the_heartbeat_refreshes_the_lock(tmp_path):
 
 def test_unwritable_place_is_a_clear_error(tmp_path):
   with pytest.raises(SurgeryError, match='cannot write beside /sys/surgery_job/3: Operation not permitted'):
-    lock_lib.Lock(lock_lib.Path('/sys/surgery_job/3'), timeout_seconds=60).acquire(wait_seconds=0)
+    lock_lib.Lock('/sys/surgery_job/3', timeout_seconds=60).acquire(wait_seconds=0)

@@ -31,7 +31,7 @@ def test_clean_up_interrupted_midway_leaves_a_folder_the_next_run_removes(tmp_pa
     patch.setattr(shutil, 'rmtree', killed_midway)
     with pytest.raises(KeyboardInterrupt):
       staging.remove()
-  assert calls == [staging.checkpoint]
+  assert calls == [str(staging.checkpoint)]
   assert (staging.root / output.MARKER).is_file()  # The marker goes last: the folder stays ours.
   staging.recover(OTHER)
   assert not staging.root.exists()

@@ -1,0 +1,106 @@
+"""Every path the job reads or writes, on a local disk or an object store, as one type: etils
+`epath`, which Orbax itself takes. `gs://bucket/run` and `/mnt/ckpt` go through the same calls;
+the few things an object store does differently (no rename, no hard link, sizes and times from
+the listing) are decided here, so the rest of the job never asks which one it has.
+
+Small objects that must change atomically (the lock) are read and written through tensorstore's
+key-value stores with a generation condition: a create that fails if the object exists, a
+replace that fails if it changed since it was read. The `file` and `gcs` drivers both keep that
+promise, so the lock is the same code on both.
+"""
+
+import os
+from typing import Union
+
+import tensorstore as ts
+from etils import epath
+
+from surgery_job.errors import SurgeryError
+
+Path = epath.Path
+PathLike = Union[str, os.PathLike]
+
+OBJECT_STORES = ('gs://',)  # Where a folder cannot be renamed: output is committed by a marker.
+# Orbax 0.12.8 has no array path for these (it fails with "Checkpoint path should be absolute").
+_UNSUPPORTED = {'s3://': 'Orbax has no s3:// array path in this version (tensorstore\'s s3 driver '
+                         'would need an endpoint in each spec that Orbax does not let a caller set)'}
+
+
+def of(path: PathLike, what: str = 'path') -> Path:
+  """`path` as the job's path type: local paths made absolute, `gs://` kept as it is. `what` names
+  the field in the error for a scheme the job cannot use."""
+  text = os.fspath(path)
+  for scheme, why in _UNSUPPORTED.items():
+    if text.startswith(scheme):
+      raise SurgeryError(f'{what} {text}: {scheme} is not supported: {why}; use gs:// or a '
+                         'mounted local path')
+  if '://' in text:
+    if not text.startswith(OBJECT_STORES):
+      raise SurgeryError(f'{what} {text}: unsupported scheme (supported: local paths, '
+                         f'{", ".join(OBJECT_STORES)})')
+    return Path(text.rstrip('/'))
+  return Path(os.path.abspath(text))
+
+
+def on_object_store(path: PathLike) -> bool:
+  return os.fspath(path).startswith(OBJECT_STORES)
+
+
+def real(path: PathLike) -> str:
+  """A name that is the same for every way of writing the same place (symlinks resolved)."""
+  return str(path) if on_object_store(path) else os.path.realpath(path)
+
+
+def inside(path: PathLike, parent: PathLike) -> bool:
+  path, parent = real(path).rstrip('/'), real(parent).rstrip('/')
+  return path == parent or path.startswith(parent + '/')
+
+
+def size(path: Path) -> int:
+  return os.stat(path).st_size if not on_object_store(path) else path.stat().length
+
+
+def files(folder: Path) -> list[Path]:
+  """Every file under `folder`, at any depth: one listing on an object store."""
+  if on_object_store(folder):
+    filesystem = epath.backend.fsspec_backend.fs(folder)
+    return [Path(f'gs://{name}') for name in filesystem.find(os.fspath(folder))]
+  return [Path(top) / name for top, _, names in os.walk(folder) for name in names]
+
+
+def copy_tree(source: Path, destination: Path) -> None:
+  for file in files(source):
+    target = destination / file.relative_to(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    file.copy(target)
+
+
+def kvstore(folder: PathLike) -> str:
+  """tensorstore's URL of the key-value store rooted at `folder`."""
+  text = os.fspath(folder)
+  return f'{text.rstrip("/")}/' if on_object_store(text) else f'file://{os.path.abspath(text)}/'
+
+
+class Lease:
+  """One small object changed only under a generation condition: it is created only where there
+  is none, and replaced or deleted only while it is still what this process last read or wrote."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    self._store = ts.KvStore.open(kvstore(path.parent)).result()
+    self.generation = None  # Of what this process last read or wrote.
+
+  def read(self) -> bytes | None:
+    """The object's bytes, None where there is none; remembers its generation."""
+    result = self._store.read(self.path.name).result()
+    self.generation = result.stamp.generation
+    return result.value if result.state == 'value' else None
+
+  def write_if_unchanged(self, data: bytes | None) -> bool:
+    """Writes `data` (None: deletes) if the object is still as last read or written; whether it
+    was."""
+    stamp = self._store.write(self.path.name, data, if_equal=self.generation).result()
+    if not stamp.generation:  # The condition failed: someone else changed it.
+      return False
+    self.generation = stamp.generation
+    return True
