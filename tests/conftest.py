@@ -1,6 +1,7 @@
-"""Eight fake CPU devices for the test process; fixtures with real Orbax checkpoints."""
+"""Eight fake CPU devices for the test process; fixtures with real Orbax checkpoints; a local GCS."""
 
 import os
+import re
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -8,6 +9,8 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 import pytest  # pylint: disable=wrong-import-position
 
 import checkpoints  # pylint: disable=wrong-import-position
+import gcs_emulator  # pylint: disable=wrong-import-position
+from etils import epath  # pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope='session')
@@ -18,3 +21,26 @@ def layered(tmp_path_factory):
                             checkpoints.mesh_2x4())
   checkpoints.save_manager(path, state, step=3)
   return path, checkpoints.flat_numpy(state)
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """A GCS emulator on 127.0.0.1 for the session (`gcs_emulator.Emulator`: `bucket` is
+  'gs://bucket', `env` what a job subprocess needs to use it). This process uses it too, through
+  plain Orbax and epath; its environment is put back afterwards."""
+  with gcs_emulator.running(tmp_path_factory.mktemp('gcs')) as emulator:
+    saved = {name: os.environ.get(name) for name in emulator.env}
+    gcs_emulator.use_in_this_process(emulator)
+    yield emulator
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
+@pytest.fixture
+def gs_path(gcs, request) -> epath.Path:
+  """This test's own folder on the emulator: gs://bucket/<test module>/<test name>."""
+  name = re.sub(r'[^\w.-]+', '_', request.node.name)
+  return epath.Path(gcs.bucket) / request.module.__name__ / name
