@@ -16,6 +16,8 @@ from pathlib import Path
 
 import jax
 
+from surgery_job import paths
+
 FAULT = 'SURGERY_JOB_FAULT'
 PAUSE = 'SURGERY_JOB_PAUSE'
 PAUSE_FILE = 'SURGERY_JOB_PAUSE_FILE'
@@ -42,11 +44,11 @@ def at(point: str) -> None:
       time.sleep(1)
 
 
-def corrupt_output(item_dir: Path) -> None:
+def corrupt_output(item_dir: paths.Path) -> None:
   """Flips a byte in the middle of the largest array data file (OCDBT's `d/`) just written."""
   if not os.environ.get(CORRUPT_OUTPUT) or jax.process_index() != 0:
     return
-  target = max((p for p in item_dir.glob('**/d/*') if p.is_file()), key=lambda p: p.stat().st_size)
+  target = max((p for p in paths.files(item_dir) if p.parent.name == 'd'), key=paths.size)
   data = bytearray(target.read_bytes())
   data[len(data) // 2] ^= 0xFF
   target.write_bytes(bytes(data))
