@@ -178,7 +178,8 @@ class Staging:
       if child.name != MARKER:
         child.rmtree() if child.is_dir() else child.unlink()
     (self.root / MARKER).unlink(missing_ok=True)
-    self.root.rmdir()
+    if self.root.exists():  # On an object store the folder went with its last object.
+      self.root.rmdir()
 
   def create(self, run_fingerprint: str) -> None:
     self.root.mkdir(parents=True)
@@ -205,7 +206,9 @@ class Staging:
       for commit_file in _commit_files(self.unit):
         commit_file.unlink(missing_ok=True)
       self.unit.rmtree()
-    staged = sorted(paths.files(self.checkpoint), key=lambda f: f.name == COMMIT_FILE)
+    # Commit files last, the unit's own (the shallowest) at the very end.
+    staged = sorted(paths.files(self.checkpoint),
+                    key=lambda f: (f.name == COMMIT_FILE, -len(f.parts) if f.name == COMMIT_FILE else 0))
     for index, source in enumerate(staged):
       if index and source.name == COMMIT_FILE and staged[index - 1].name != COMMIT_FILE:
         faults.at('rename')  # Everything but the commit files is in place.

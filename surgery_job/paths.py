@@ -17,10 +17,47 @@ from etils import epath
 
 from surgery_job.errors import SurgeryError
 
-Path = epath.Path
 PathLike = Union[str, os.PathLike]
-
 OBJECT_STORES = ('gs://',)  # Where a folder cannot be renamed: output is committed by a marker.
+
+
+class _ObjectStoreBackend(type(epath.backend.fsspec_backend)):
+  """gs:// through fsspec, with an object store's folders: a folder is any prefix, there once an
+  object is under it and gone with its last one. etils' fsspec backend treats folders as a disk
+  does (a rename needs its target's folder to exist; deleting a folder that is already empty
+  fails), and Orbax's partial-save merge, which renames into folders it has only just "made" and
+  then deletes the emptied ones, fails on it."""
+
+  def rename(self, path: PathLike, dst: PathLike) -> None:
+    if self.exists(dst):
+      raise FileExistsError(f'{dst} already exists. Cannot rename {path}.')
+    # Each object copied, then deleted: not atomic, which the output protocol allows for.
+    self.fs(path).mv(os.fspath(path), os.fspath(dst), recursive=True)
+
+  def replace(self, path: PathLike, dst: PathLike) -> None:
+    self.fs(path).mv(os.fspath(path), os.fspath(dst), recursive=True)
+
+  def rmtree(self, path: PathLike) -> None:
+    try:
+      super().rmtree(path)
+    except FileNotFoundError:
+      pass  # No object under it: on an object store, no folder either.
+
+
+_OBJECT_STORE_BACKEND = _ObjectStoreBackend()
+
+
+@epath.register_path_cls(OBJECT_STORES)
+class _ObjectStorePath(epath.gpath.PosixGPath):
+  """What `epath.Path('gs://...')` gives in this process, Orbax's own paths included."""
+
+  @property
+  def _backend(self):
+    return _OBJECT_STORE_BACKEND
+
+
+Path = epath.Path
+
 # Orbax 0.12.8 has no array path for these (it fails with "Checkpoint path should be absolute").
 _UNSUPPORTED = {'s3://': 'Orbax has no s3:// array path in this version (tensorstore\'s s3 driver '
                          'would need an endpoint in each spec that Orbax does not let a caller set)'}
@@ -60,19 +97,15 @@ def size(path: Path) -> int:
   return os.stat(path).st_size if not on_object_store(path) else path.stat().length
 
 
+def _filesystem(path: PathLike):
+  return epath.backend.fsspec_backend.fs(path)
+
+
 def files(folder: Path) -> list[Path]:
   """Every file under `folder`, at any depth: one listing on an object store."""
   if on_object_store(folder):
-    filesystem = epath.backend.fsspec_backend.fs(folder)
-    return [Path(f'gs://{name}') for name in filesystem.find(os.fspath(folder))]
+    return [Path(f'gs://{name}') for name in _filesystem(folder).find(os.fspath(folder))]
   return [Path(top) / name for top, _, names in os.walk(folder) for name in names]
-
-
-def copy_tree(source: Path, destination: Path) -> None:
-  for file in files(source):
-    target = destination / file.relative_to(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    file.copy(target)
 
 
 def kvstore(folder: PathLike) -> str:

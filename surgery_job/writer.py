@@ -6,13 +6,23 @@ import json
 from typing import Any, Callable
 
 import jax
-from orbax.checkpoint.experimental.v1 import partial
+from orbax.checkpoint.experimental import v1
+from orbax.checkpoint.experimental.v1 import options, partial
 
 from surgery_job import faults, paths
 from surgery_job.checkpoint import (CHECKPOINT_METADATA, COMMIT_FILE, STANDARD_HANDLER, Location,
                                     step_metadata)
 
 PARTIAL_ITEM = 'state'  # The item folder a partial save writes under the path it is given.
+
+
+def _context() -> v1.Context:
+  """Partial saves write into a temporary folder and rename it, wherever they go: on gs:// Orbax
+  would otherwise write in place with a commit file, which partial saves refuse. The staging
+  folder, not these renames, is what keeps an unfinished output out of readers' sight."""
+  context = v1.Context()
+  context.atomicity.mode = options.AtomicityMode.ATOMIC_RENAME
+  return context
 
 
 class Writer:
@@ -56,8 +66,9 @@ class Writer:
           save.rmtree()
 
   def write(self, nested: Any) -> None:
-    for item, part in self._items(nested).items():
-      partial.save(self._partial(item), part)
+    with _context():
+      for item, part in self._items(nested).items():
+        partial.save(self._partial(item), part)
     faults.at('writing')
 
   def finish(self) -> dict[str, paths.Path]:
@@ -68,8 +79,9 @@ class Writer:
                    for folder in self._saves_dirs())
     if self.location.step is None:
       items = [None]
-    for item in items:
-      partial.finalize(self._partial(item))
+    with _context():
+      for item in items:
+        partial.finalize(self._partial(item))
     self.barrier('finalized')
     if jax.process_index() == 0:
       if self.location.step is None:
@@ -77,12 +89,18 @@ class Writer:
         self._partial(None).rmtree()
       else:
         self._lay_out_step(items)
-    self.barrier('laid_out')
     if self.location.step is None:
-      return {'': self.unit_dir}
-    if self.location.items:
-      return {item: self.unit_dir / item for item in items}
-    return {'': self.unit_dir / self.location.item}
+      trees = {'': self.unit_dir}
+    elif self.location.items:
+      trees = {item: self.unit_dir / item for item in items}
+    else:
+      trees = {'': self.unit_dir / self.location.item}
+    if jax.process_index() == 0 and paths.on_object_store(self.unit_dir):
+      # Orbax reads a PyTree folder on an object store only once it holds its commit file.
+      for folder in trees.values():
+        (folder / COMMIT_FILE).write_text('')
+    self.barrier('laid_out')
+    return trees
 
   def _lay_out_step(self, items: list[str]) -> None:
     """The step folder as CheckpointManager writes it: one folder per item, the step's metadata."""
