@@ -14,9 +14,9 @@ setup(
         'absl-py>=2.5.1',
         'ml_collections>=1.1.0',
         'optax>=0.2.8',
-        'etils[epath-gcs]',
+        'etils[epath-gcs]>=1.15.0',
     ],
-    extras_require={'test': ['pytest>=8', 'pyyaml>=6', 'gcp-storage-emulator']},
+    extras_require={'test': ['pytest>=8', 'pyyaml>=6', 'gcp-storage-emulator>=2026.7.19']},
     entry_points={'console_scripts': [
         'surgery-job=surgery_job.main:run',
         'surgery-job-inspect=surgery_job.inspect:run',

@@ -202,12 +202,16 @@ def environment(url: str) -> dict:
 def use_in_this_process(emulator: Emulator) -> None:
   """Points this process's Orbax, tensorstore and epath at `emulator`, even after they were imported
   and used: gcsfs picks its filesystem class from the environment at import, fsspec reads its
-  FSSPEC_* settings at import, and both they and epath cache filesystem objects."""
+  FSSPEC_* settings at import, and both they and epath cache filesystem objects.
+
+  Unlike a job's, this process's gcsfs keeps no listings: it checks what other processes and
+  tensorstore wrote, which a cached listing of the same folder would not show."""
   os.environ.update(emulator.env)
   import fsspec  # pylint: disable=import-outside-toplevel
   import gcsfs.core  # pylint: disable=import-outside-toplevel
   from etils.epath import backend  # pylint: disable=import-outside-toplevel
   fsspec.config.set_conf_env(fsspec.config.conf)
+  fsspec.config.conf.setdefault('gcs', {})['use_listings_cache'] = False
   for protocol in ('gs', 'gcs'):  # The plain class: the HNS one was chosen if imported before.
     fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
   gcsfs.core.GCSFileSystem.clear_instance_cache()

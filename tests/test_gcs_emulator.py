@@ -65,3 +65,13 @@ def test_tensorstore_conditional_writes_create_once_and_swap_only_what_was_read(
   assert not store.write('lock', b'b', if_equal=held).result().generation  # Stale: not swapped.
   read = store.read('lock').result()
   assert (read.value, read.stamp.generation) == (b'a again', renewed)
+
+
+def test_this_process_lists_what_tensorstore_wrote_after_a_listing(gs_path):
+  (gs_path / 'a').write_text('a')
+  assert [p.name for p in gs_path.iterdir()] == ['a']
+  bucket, path = str(gs_path).removeprefix('gs://').split('/', 1)
+  store = ts.KvStore.open({'driver': 'gcs', 'bucket': bucket, 'path': f'{path}/'}).result()
+  store.write('b', b'b').result()
+  assert sorted(p.name for p in gs_path.iterdir()) == ['a', 'b']
+  assert (gs_path / 'b').exists()
