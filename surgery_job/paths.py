@@ -12,6 +12,7 @@ promise, so the lock is the same code on both.
 import os
 from typing import Union
 
+import fsspec
 import tensorstore as ts
 from etils import epath
 
@@ -45,6 +46,9 @@ class _ObjectStoreBackend(type(epath.backend.fsspec_backend)):
 
 
 _OBJECT_STORE_BACKEND = _ObjectStoreBackend()
+# Listings fresh every time: Orbax writes arrays through tensorstore and other processes write
+# too, none of which a cached listing would see.
+fsspec.config.conf.setdefault('gs', {})['use_listings_cache'] = False
 
 
 @epath.register_path_cls(OBJECT_STORES)

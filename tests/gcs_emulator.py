@@ -204,8 +204,8 @@ def use_in_this_process(emulator: Emulator) -> None:
   and used: gcsfs picks its filesystem class from the environment at import, fsspec reads its
   FSSPEC_* settings at import, and both they and epath cache filesystem objects.
 
-  Unlike a job's, this process's gcsfs keeps no listings: it checks what other processes and
-  tensorstore wrote, which a cached listing of the same folder would not show."""
+  As in the job (surgery_job/paths.py), this process keeps no gcsfs listings: it checks what other
+  processes and tensorstore wrote, which a cached listing of the same folder would not show."""
   os.environ.update(emulator.env)
   import fsspec  # pylint: disable=import-outside-toplevel
   import gcsfs.core  # pylint: disable=import-outside-toplevel

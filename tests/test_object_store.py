@@ -1,0 +1,212 @@
+"""gs:// input and output on a local GCS emulator: the same surgery as on a local disk, read back
+with plain Orbax, and the output protocol's promises where there is no rename."""
+
+import json
+import subprocess
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+from jax.sharding import PartitionSpec as P
+
+import checkpoints
+from jobs import REPO, job_command, job_env, ok, run_job, write_config
+from test_bad_input import assert_bad_input
+from test_multiprocess import launch
+from test_ops import SPLIT, STACK, bf16
+
+COMMIT_FILE = 'commit_success.txt'
+STAGING = '3.orbax-checkpoint-tmp-surgery'
+
+# One op of every family, chained: split and fuse QKV, scan, pad, cast with the moments, rename,
+# copy, add, transpose, scale, map, reset the moments, drop, set the step.
+EVERY_FAMILY = [
+    SPLIT,
+    dict(op='concat', sources=[r'layers_(\d+)/attn/q/kernel', r'layers_(\d+)/attn/k/kernel',
+                               r'layers_(\d+)/attn/v/kernel'], axis=1, target=r'layers_\1/attn/qkv/kernel'),
+    STACK,
+    dict(op='pad', pattern='embed/embedding', axis=0, size=20, init='normal'),
+    dict(op='cast', pattern='head/kernel', dtype='bfloat16', optimizer=True),
+    dict(op='rename', pattern='head/(.*)', replacement=r'lm_head/\1'),
+    dict(op='copy', source='lm_head/bias', target='extra/bias'),
+    dict(op='add', path='extra/kernel', shape=[8, 4], init='normal'),
+    dict(op='transpose', pattern='lm_head/kernel', axes=[1, 0]),
+    dict(op='scale', pattern='extra/bias', factor=0.5),
+    dict(op='map', pattern='lm_head/bias', fn='jax.numpy:negative'),
+    dict(op='reset_optimizer', pattern='embed/.*'),
+    dict(op='drop', pattern='layers/mlp/bias'),
+    dict(op='set_step', value=100),
+]
+
+
+@pytest.fixture(scope='module')
+def gs_input(gcs, layered):
+  """The layered CheckpointManager checkpoint (step 3), saved to the emulator by plain Orbax."""
+  path = epath.Path(gcs.bucket) / 'inputs' / 'layered'
+  checkpoints.save_manager(path, sharded_state(), step=3)
+  return path, layered[1]
+
+
+def sharded_state() -> dict:
+  return checkpoints.shard(checkpoints.train_state(checkpoints.layered_params()),
+                           checkpoints.mesh_2x4())
+
+
+@pytest.fixture(scope='module')
+def every_family_on_disk(layered, tmp_path_factory):
+  """EVERY_FAMILY run on the local disk: what the same run on gs:// must write, bit for bit."""
+  directory = tmp_path_factory.mktemp('every_family')
+  config = write_config(directory, {'transforms': EVERY_FAMILY})
+  ok(run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={directory / "out"}'))
+  item = directory / 'out' / '3' / 'default'
+  return config, checkpoints.flat_numpy(checkpoints.restore_plain(item)), checkpoints.saved_specs(item)
+
+
+def assert_same(got: dict, want: dict) -> None:
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert got[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def read(item_dir) -> dict:
+  return checkpoints.flat_numpy(checkpoints.restore_plain(item_dir))
+
+
+def test_every_op_family_on_gs_equals_the_local_disk(gs_input, every_family_on_disk, gs_path, gcs):
+  config, want, want_specs = every_family_on_disk
+  in_path, x = gs_input
+  out = gs_path / 'out'
+  ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}',
+             env=gcs.env))
+  assert checkpoints.visible_steps(out) == [3]
+  got = read(out / '3' / 'default')
+  assert_same(got, want)
+  assert checkpoints.saved_specs(out / '3' / 'default') == want_specs
+  # The chain did what it says, read from gs://.
+  np.testing.assert_array_equal(got['params/lm_head/kernel'], bf16(x['params/head/kernel']).T)
+  np.testing.assert_array_equal(got['params/lm_head/bias'], -x['params/head/bias'])
+  assert got['params/layers/mlp/kernel'].shape == (3, 8, 16) and int(got['step']) == 100
+  assert want_specs['params/layers/mlp/kernel'] == P(None, 'data', 'model')
+  # Orbax's marker of a finished save on an object store, in the step and in its item; no
+  # staging folder, no lock, no folder placeholders left behind.
+  assert (out / '3' / COMMIT_FILE).exists() and (out / '3' / 'default' / COMMIT_FILE).exists()
+  assert sorted(p.name for p in out.iterdir()) == ['3']
+  report = json.loads((out / '3' / 'surgery_report.json').read_text())
+  assert report['validation']['ok'] and report['output']['path'] == str(out)
+  # Again: already done, nothing rewritten.
+  again = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}',
+                  env=gcs.env)
+  ok(again)
+  assert 'Already done' in again.stderr
+
+
+def test_a_single_pytree_local_in_gs_out_and_gs_in_local_out(layered, gs_path, tmp_path, gcs):
+  in_path, x = layered
+  single = tmp_path / 'single'
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(single, sharded_state())
+  serving = gs_path / 'serving'
+  config = REPO / 'configs' / 'params_only_bf16.py'
+  ok(run_job(config, f'--config.input.path={single}', f'--config.output.path={serving}',
+             env=gcs.env))
+  assert (serving / COMMIT_FILE).exists()
+  want = {k: bf16(v) if k.startswith('params/') else v for k, v in x.items()
+          if k.startswith('params/') or k == 'step'}
+  assert_same(read(serving), want)
+  # And back: gs:// in, the local disk out.
+  back = tmp_path / 'back'
+  ok(run_job(write_config(tmp_path, {'transforms': [dict(op='cast', pattern='.*', dtype='float32')]}),
+             f'--config.input.path={serving}', f'--config.output.path={back}', env=gcs.env))
+  assert_same(read(back), {k: v.astype(np.float32) if k.startswith('params/') else v
+                           for k, v in want.items()})
+
+
+def test_two_processes_on_gs(gs_input, every_family_on_disk, gs_path, tmp_path, gcs):
+  config, want, _ = every_family_on_disk
+  in_path, _ = gs_input
+  out = gs_path / 'out'
+  ok(launch(2, f'--config={config}', f'--config.input.path={in_path}',
+            f'--config.output.path={out}', log_dir=tmp_path / 'logs', env=gcs.env))
+  assert_same(read(out / '3' / 'default'), want)
+
+
+def start_paused(config, in_path, out, point: str, pause_file, gcs) -> subprocess.Popen:
+  process = subprocess.Popen(
+      job_command(config, f'--config.input.path={in_path}', f'--config.output.path={out}',
+                  '--config.output.overwrite=True'),
+      cwd=REPO, env=job_env(env={**gcs.env, 'SURGERY_JOB_PAUSE': point,
+                                 'SURGERY_JOB_PAUSE_FILE': str(pause_file)}),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while not pause_file.exists():
+    assert process.poll() is None, process.stderr.read()[-3000:]
+    assert time.monotonic() < deadline, f'never reached {point}'
+    time.sleep(0.1)
+  return process
+
+
+def test_sigkill_in_the_commit_hides_the_output_until_a_rerun_finishes_it(
+    gs_input, every_family_on_disk, gs_path, tmp_path, gcs):
+  config, want, _ = every_family_on_disk
+  in_path, x = gs_input
+  out = gs_path / 'out'
+  # An older output of another surgery, replaced with overwrite.
+  ok(run_job(write_config(tmp_path, {'transforms': [dict(op='drop', pattern='head/.*')]}, 'old.py'),
+             f'--config.input.path={in_path}', f'--config.output.path={out}', env=gcs.env))
+  old = read(out / '3' / 'default')
+  # Killed once every object is in place but the commit files: readers see no step 3.
+  process = start_paused(config, in_path, out, 'rename', tmp_path / 'paused', gcs)
+  process.kill()
+  process.wait(timeout=60)
+  assert (out / '3' / 'default' / '_METADATA').exists() and not (out / '3' / COMMIT_FILE).exists()
+  assert checkpoints.visible_steps(out) == []
+  with pytest.raises(ValueError, match='Found incomplete checkpoint'):
+    ocp.StandardCheckpointer().restore(out / '3' / 'default')
+  # The rerun finishes the commit from the validated staging folder, then finds it done.
+  rerun = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}',
+                  '--config.output.overwrite=True', env=gcs.env)
+  ok(rerun)
+  assert 'Already done' in rerun.stderr
+  assert checkpoints.visible_steps(out) == [3]
+  assert_same(read(out / '3' / 'default'), want)
+  assert sorted(p.name for p in out.iterdir()) == ['3'] and old.keys() != want.keys()
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_validates(gs_input, gs_path, tmp_path, gcs):
+  in_path, x = gs_input
+  out = gs_path / 'out'
+  ok(run_job(write_config(tmp_path, {'transforms': [dict(op='drop', pattern='head/.*')]}, 'old.py'),
+             f'--config.input.path={in_path}', f'--config.output.path={out}', env=gcs.env))
+  old = read(out / '3' / 'default')
+  failed = run_job(write_config(tmp_path, {'transforms': [dict(op='set_step', value=9)]}),
+                   f'--config.input.path={in_path}', f'--config.output.path={out}',
+                   '--config.output.overwrite=True',
+                   env={**gcs.env, 'SURGERY_JOB_CORRUPT_OUTPUT': '1'})
+  assert failed.returncode != 0 and 'validation failed' in failed.stderr
+  assert checkpoints.visible_steps(out) == [3]
+  assert_same(read(out / '3' / 'default'), old)
+  assert 'params/head/kernel' not in old
+
+
+def test_two_runs_on_one_gs_output_one_waits_out_the_lock(gs_path):
+  from surgery_job import lock as lock_lib  # pylint: disable=import-outside-toplevel
+  unit = gs_path / 'out' / '3'
+  first = lock_lib.Lock(str(unit), timeout_seconds=60)
+  first.acquire(wait_seconds=0)
+  second = lock_lib.Lock(str(unit), timeout_seconds=60)
+  with pytest.raises(Exception, match=r'is being written by another run \(host'):
+    second.acquire(wait_seconds=0)
+  first.release()
+  second.acquire(wait_seconds=0)
+  assert second.held() and not first.held()
+  second.release()
+  assert not (gs_path / 'out' / ('3' + lock_lib.SUFFIX)).exists()
+
+
+def test_s3_is_a_one_line_error(layered, tmp_path):
+  result = run_job(write_config(tmp_path, {'transforms': []}), f'--config.input.path={layered[0]}',
+                   '--config.output.path=s3://bucket/out')
+  assert_bad_input(result, 'output.path s3://bucket/out: s3:// is not supported')
