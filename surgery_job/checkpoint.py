@@ -72,6 +72,8 @@ def _step_folders(root: paths.Path) -> dict[int, list[paths.Path]]:
 def _uncommitted(step_dir: paths.Path, commit_files: bool) -> str | None:
   """Why `step_dir` is not a finished save, or None when it is. `commit_files`: the directory's
   saves mark themselves finished with commit_success.txt, as Orbax's do."""
+  if paths.on_object_store(step_dir) and not (step_dir / COMMIT_FILE).exists():
+    return f'has no {COMMIT_FILE} (an unfinished save)'  # Orbax's own test there, said plainly.
   if not ocp.path.step.is_path_finalized(step_dir):
     return 'is an unfinished Orbax save (a temporary folder)'
   if not _items(step_dir):
@@ -92,6 +94,9 @@ def locate(path: str, step: Any, item: str | None) -> Location:
   if _is_pytree(root):
     if isinstance(step, int):
       raise SurgeryError(f'input.step is {step} but {root} is a single PyTree checkpoint')
+    if paths.on_object_store(root) and not (root / COMMIT_FILE).exists():
+      raise SurgeryError(f'input.path {root} is an unfinished save: it has no {COMMIT_FILE}, '
+                         'which Orbax writes last on an object store')
     return Location(root, None, None)
   committed, skipped = _scan_steps(root)
   if not committed and not skipped:
@@ -124,17 +129,20 @@ def _scan_steps(root: paths.Path) -> tuple[dict[int, paths.Path], dict[int, str]
   """({committed step: its folder}, {other step: why it is not committed}) of a CheckpointManager
   directory."""
   folders = _step_folders(root)
-  commit_files = any((p / COMMIT_FILE).is_file() for paths in folders.values() for p in paths)
+  # On an object store every finished Orbax save has its commit file; elsewhere only some writers
+  # put one down, and then all of that directory's finished saves have it.
+  commit_files = paths.on_object_store(root) or any(
+      (p / COMMIT_FILE).is_file() for found in folders.values() for p in found)
   committed, skipped = {}, {}
-  for number, paths in folders.items():
-    done = [p for p in paths if _uncommitted(p, commit_files) is None]
+  for number, found in folders.items():
+    done = [p for p in found if _uncommitted(p, commit_files) is None]
     if len(done) > 1:
       raise SurgeryError(f'step {number} of {root} has several folders: '
                          f'{", ".join(sorted(p.name for p in done))}')
     if done:
       committed[number] = done[0]
     else:
-      skipped[number] = f'{paths[0]} {_uncommitted(paths[0], commit_files)}'
+      skipped[number] = f'{found[0]} {_uncommitted(found[0], commit_files)}'
   return committed, skipped
 
 

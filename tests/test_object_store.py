@@ -210,3 +210,22 @@ def test_s3_is_a_one_line_error(layered, tmp_path):
   result = run_job(write_config(tmp_path, {'transforms': []}), f'--config.input.path={layered[0]}',
                    '--config.output.path=s3://bucket/out')
   assert_bad_input(result, 'output.path s3://bucket/out: s3:// is not supported')
+
+
+def test_an_unfinished_save_on_gs_is_not_read(gs_path, gcs, tmp_path):
+  config = write_config(tmp_path, {'transforms': []})
+  single = gs_path / 'single'
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(single, sharded_state())
+  (single / COMMIT_FILE).unlink()
+  assert_bad_input(run_job(config, f'--config.input.path={single}',
+                           f'--config.output.path={tmp_path / "out"}', env=gcs.env),
+                   f'input.path {single} is an unfinished save: it has no {COMMIT_FILE}')
+  manager_dir = gs_path / 'manager'
+  checkpoints.save_manager(manager_dir, sharded_state(), step=3)
+  (manager_dir / '3' / COMMIT_FILE).unlink()
+  assert_bad_input(run_job(config, f'--config.input.path={manager_dir}',
+                           f'--config.output.path={tmp_path / "out"}', env=gcs.env),
+                   f'input.path {manager_dir} holds no committed step: {manager_dir / "3"} has no '
+                   f'{COMMIT_FILE}')
+  assert not (tmp_path / 'out').exists()
