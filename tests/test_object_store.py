@@ -3,6 +3,7 @@ with plain Orbax, and the output protocol's promises where there is no rename.""
 
 import json
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -96,6 +97,11 @@ def test_every_op_family_on_gs_equals_the_local_disk(gs_input, every_family_on_d
   assert sorted(p.name for p in out.iterdir()) == ['3']
   report = json.loads((out / '3' / 'surgery_report.json').read_text())
   assert report['validation']['ok'] and report['output']['path'] == str(out)
+  # surgery-job-inspect reads it where it is.
+  inspected = subprocess.run([sys.executable, '-m', 'surgery_job.inspect', str(out), '--json'],
+                             env=job_env(env=gcs.env), capture_output=True, text=True, timeout=120)
+  ok(inspected)
+  assert set(json.loads(inspected.stdout)['leaves']) == set(want)
   # Again: already done, nothing rewritten.
   again = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}',
                   env=gcs.env)
