@@ -3,7 +3,7 @@
 - `SURGERY_JOB_FAULT=POINT@PROCESS`: raise at that point on that process (`POINT` alone: on all).
 - `SURGERY_JOB_PAUSE=POINT@PROCESS` and `SURGERY_JOB_PAUSE_FILE=PATH`: at that point, write PATH
   and wait forever, so that a test can kill the process at a known moment.
-- `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip one byte of the written checkpoint before validation.
+- `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip a byte of each data file written, before validation.
 
 Points: each phase's name at its start (read, mesh, plan, restore, transform, write, validate,
 commit), `writing` while Orbax writes, `group_written` once a group's save is on record, `rename`
@@ -45,10 +45,13 @@ def at(point: str) -> None:
 
 
 def corrupt_output(item_dir: paths.Path) -> None:
-  """Flips a byte in the middle of the largest array data file (OCDBT's `d/`) just written."""
+  """Flips a byte in the middle of every data file (OCDBT's `d/` folders) just written: which of
+  them readers read (a process's values, or the merged tree's nodes with small values inline)
+  depends on the sizes."""
   if not os.environ.get(CORRUPT_OUTPUT) or jax.process_index() != 0:
     return
-  target = max((p for p in paths.files(item_dir) if p.parent.name == 'd'), key=paths.size)
-  data = bytearray(target.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  target.write_bytes(bytes(data))
+  for target in paths.files(item_dir):
+    if target.parent.name == 'd':
+      data = bytearray(target.read_bytes())
+      data[len(data) // 2] ^= 0xFF
+      target.write_bytes(bytes(data))
