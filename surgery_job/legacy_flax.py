@@ -34,10 +34,8 @@ class Source(checkpoint.Location):
 
   @property
   def item_dir(self) -> epath.Path:
+    """The file: what messages name."""
     return self.root
-
-  def trees(self) -> dict[str, epath.Path]:
-    return {'': self.root}
 
 
 def _step_files(folder: epath.Path) -> dict[int, epath.Path]:

@@ -17,6 +17,7 @@ from jobs import REPO, ok, run_job, surgery, write_config
 from surgery_job import example, legacy_flax, memory, plan as plan_lib, transforms, tree
 from surgery_job.transforms import Leaf
 from test_memory import fake_cgroup
+from test_multiprocess import launch
 
 LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8  # flax.optim.Adam's defaults, and optax.adam's.
 STEP = 7
@@ -228,3 +229,24 @@ def test_the_budget_counts_the_decoded_file(msgpack_dir, tmp_path, fits):
     assert result.returncode == 2
     assert (f'beside the {held / 1e9:.3f} GB of the msgpack input held in memory, over the memory '
             'budget') in result.stderr.strip().splitlines()[-1]
+
+
+def test_two_processes_convert_with_shards_on_both(msgpack_dir, tmp_path):
+  folder, old = msgpack_dir
+  config = tmp_path / 'sharded.py'
+  config.write_text(f'from configs.legacy_flax_optim_to_optax import get_config as convert\n\n\n'
+                    'def get_config():\n  config = convert()\n'
+                    "  config.partition_rules = [('Dense_0/kernel', ('data', None))]\n"
+                    '  return config\n')
+  out = tmp_path / 'out'
+  ok(launch(2, f'--config={config}', f'--config.input.path={folder}', f'--config.output.path={out}',
+            log_dir=tmp_path / 'logs'))
+  item_dir = out / str(STEP) / 'default'
+  assert len(list(item_dir.glob('ocdbt.process_*'))) == 2  # Each process wrote its shards.
+  specs = checkpoints.saved_specs(item_dir)
+  assert specs['params/Dense_0/kernel'] == specs['opt_state/0/nu/Dense_0/kernel'] == P('data')
+  params = {k.removeprefix('target/'): v for k, v in old.items() if k.startswith('target/')}
+  restored = restore_converted(out, params)
+  np.testing.assert_array_equal(restored['params']['Dense_0']['kernel'], old['target/Dense_0/kernel'])
+  np.testing.assert_array_equal(restored['opt_state'][0].nu['Dense_0']['kernel'],
+                                old['state/param_states/Dense_0/kernel/grad_sq_ema'])
