@@ -250,3 +250,20 @@ def test_two_processes_convert_with_shards_on_both(msgpack_dir, tmp_path):
   np.testing.assert_array_equal(restored['params']['Dense_0']['kernel'], old['target/Dense_0/kernel'])
   np.testing.assert_array_equal(restored['opt_state'][0].nu['Dense_0']['kernel'],
                                 old['state/param_states/Dense_0/kernel/grad_sq_ema'])
+
+
+def test_an_optimizer_field_in_a_file_without_a_step_becomes_one_pytree(msgpack_dir, tmp_path):
+  folder, old = msgpack_dir
+  state = serialization.msgpack_restore((folder / f'checkpoint_{STEP}').read_bytes())
+  source = tmp_path / 'model.msgpack'
+  source.write_bytes(serialization.to_bytes({'optimizer': state}))
+  out = tmp_path / 'out'
+  ok(run_job(f'{CONVERT}:optimizer/', f'--config.input.path={source}', f'--config.output.path={out}'))
+  got = checkpoints.flat_numpy(checkpoints.restore_plain(out))
+  assert sorted(got) == sorted(['step', 'opt_state/0/count'] + [
+      k.replace('target/', 'params/') for k in old if k.startswith('target/')] + [
+      k.replace('state/param_states/', f'opt_state/0/{"mu" if k.endswith("/grad_ema") else "nu"}/')
+      .rsplit('/', 1)[0] for k in old if k.startswith('state/param_states/')])
+  np.testing.assert_array_equal(got['opt_state/0/nu/Conv_1/kernel'],
+                                old['state/param_states/Conv_1/kernel/grad_sq_ema'])
+  assert int(got['opt_state/0/count']) == STEP
