@@ -4,13 +4,14 @@
       --config.input.path=CKPT_DIR_OR_FILE --config.output.path=OUT
 
 The input is the guide's `flax.optim` state dict, as `flax.training.checkpoints` saved it
-(`checkpoint_<step>` msgpack files, the latest one unless `input.step` is set): `target/...`, `state/step` and `state/param_states/<param path>/grad_ema`, `.../grad_sq_ema`.
-The argument is a prefix, for an Optimizer saved as a field (`optimizer/`); default none.
+(`checkpoint_<step>` msgpack files, the latest one unless `input.step` is set): `target/...`,
+`state/step` and `state/param_states/<param path>/grad_ema`, `.../grad_sq_ema`. The argument is a
+prefix, for an Optimizer saved as a field (`optimizer/`); default none.
 
 The output holds `params` (from `target`), `opt_state` as `optax.adam`'s state (`count` from
 `state/step`, `mu` from `grad_ema`, `nu` from `grad_sq_ema`, and optax's EmptyState) and `step`:
-it restores with plain Orbax into `{'params': params, 'opt_state': jax.eval_shape(optax.adam(lr).init,
-params), 'step': ...}`. flax.optim's Adam and optax's keep the same moments and bias correction, so
+it restores with plain Orbax into `{'params': params, 'opt_state':
+jax.eval_shape(optax.adam(lr).init, params), 'step': ...}`. flax.optim's Adam and optax's keep the same moments and bias correction, so
 training goes on as it would have. Run other surgery on either side of it (moments follow the params
 in both layouts), not in the same run: this one moves every leaf out of the params.
 """

@@ -19,8 +19,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # step) or 'new' (every committed step the output does not have yet).
   config.input.step = config_dict.placeholder(object)
   config.input.item = config_dict.placeholder(str)  # None: every item of the step; a name: that one.
-  # 'orbax' or 'flax_msgpack' (`checkpoint_<step>` files of flax.training.checkpoints); None: a file,
-  # or a folder of such files with no Orbax checkpoint, is msgpack, anything else Orbax.
+  # 'orbax' or 'flax_msgpack' (`checkpoint_<step>` files of flax.training.checkpoints); None: such a
+  # file (or one starting with a msgpack map), or a folder of them with no Orbax checkpoint, is
+  # msgpack, anything else Orbax.
   config.input.format = config_dict.placeholder(str)
 
   config.output = ml_collections.ConfigDict()
@@ -129,7 +130,8 @@ def _op_fields(index: int, op: Any) -> dict:
 def _sequence(index: int, pair: Any) -> tuple[str, int]:
   if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str)
       or not pair[0] or not _is_step(pair[1]) or not pair[1]):
-    raise SurgeryError(f'config: output.sequences[{index}] must be a (key, length) pair, got {pair!r}')
+    raise SurgeryError(f'config: output.sequences[{index}] must be a (key, length) pair, '
+                       f'got {pair!r}')
   return pair[0], pair[1]
 
 

@@ -48,7 +48,8 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   # every op names the dtypes it creates, so nothing else changes.
   jax.config.update('jax_enable_x64', True)
   out_root = Path(config.output.path).absolute() if config.output.path else None
-  reader = legacy_flax if legacy_flax.is_msgpack(config.input.path, config.input.format) else checkpoint
+  msgpack = legacy_flax.is_msgpack(config.input.path, config.input.format)
+  reader = legacy_flax if msgpack else checkpoint
 
   def choose_steps(step_spec) -> list:
     # The output is listed once per choice, not once per input step.

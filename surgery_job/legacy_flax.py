@@ -24,6 +24,8 @@ from surgery_job.errors import SurgeryError
 FORMAT = 'flax_msgpack'
 ITEM = 'default'  # The output's item, as a CheckpointManager names a single item.
 _NAME = re.compile(r'checkpoint_(\d+)')  # flax.training.checkpoints' default prefix.
+# The first byte of a msgpack map (fixmap, map 16, map 32): a Flax state dict's.
+_MAP_STARTS = {bytes([b]) for b in (*range(0x80, 0x90), 0xde, 0xdf)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +46,22 @@ def _step_files(folder: epath.Path) -> dict[int, epath.Path]:
 
 
 def is_msgpack(path: str, input_format: str | None) -> bool:
-  """Whether `input.path` is read as msgpack: `input.format`, else what the path holds. A file is
-  msgpack (Orbax writes folders); so is a folder of `checkpoint_<step>` files with no Orbax
-  checkpoint in it (no `_METADATA`, no step folders)."""
+  """Whether `input.path` is read as msgpack: `input.format`, else what the path holds. A file named
+  `checkpoint_<step>`, or starting as a msgpack map does, is msgpack (Orbax writes folders); so is a
+  folder of `checkpoint_<step>` files with no Orbax checkpoint in it (no `_METADATA`, no step
+  folders)."""
   if input_format is not None:
     return input_format == FORMAT
   root = epath.Path(path)
   if root.is_file():
-    return True
+    if _NAME.fullmatch(root.name):
+      return True
+    with root.open('rb') as f:
+      return f.read(1) in _MAP_STARTS
   if not root.is_dir() or (root / '_METADATA').exists():
     return False
-  return bool(_step_files(root)) and not any(p.is_dir() and _orbax_step(p.name) for p in root.iterdir())
+  return bool(_step_files(root)) and not any(
+      p.is_dir() and _orbax_step(p.name) for p in root.iterdir())
 
 
 def _orbax_step(name: str) -> bool:
@@ -66,7 +73,8 @@ def _orbax_step(name: str) -> bool:
 
 
 def _steps(root: epath.Path) -> dict[int | None, epath.Path]:
-  """{step: file} of `input.path`: one file (its step from its name, None without one) or a folder."""
+  """{step: file} of `input.path`: one file (its step from its name, None without one), or the
+  files of a folder."""
   if not root.exists():
     raise SurgeryError(f'input.path {root} does not exist')
   if root.is_file():
@@ -74,7 +82,8 @@ def _steps(root: epath.Path) -> dict[int | None, epath.Path]:
     return {int(found.group(1)) if found else None: root}
   files = _step_files(root)
   if not files:
-    raise SurgeryError(f'input.path {root} holds no checkpoint_<step> file (input.format is {FORMAT})')
+    raise SurgeryError(f'input.path {root} holds no checkpoint_<step> file '
+                       f'(input.format is {FORMAT})')
   return files
 
 
@@ -96,7 +105,7 @@ def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[
 
 
 def locate(path: str, step: Any, item: str | None) -> Source:
-  """The file `input.path` and `input.step` name: a file, or the latest (or chosen) step of a folder."""
+  """The file `input.path` and `input.step` name: a file, or a folder's latest (or chosen) step."""
   if item is not None:
     raise SurgeryError(f'input.item is {item!r} but a {FORMAT} checkpoint has no items')
   root = epath.Path(path).absolute()
@@ -132,7 +141,8 @@ def read_metadata(source: Source) -> dict[str, Any]:
     source.arrays[key] = np.asarray(leaf)
   if not source.arrays:
     raise SurgeryError(f'{source.root} is not a Flax checkpoint: it holds no arrays')
-  return tree.unflatten({k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in source.arrays.items()}, {})
+  shapes = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in source.arrays.items()}
+  return tree.unflatten(shapes, {})
 
 
 def held_bytes(source: checkpoint.Location) -> int:

@@ -201,10 +201,12 @@ def test_bad_msgpack_input_is_one_line_and_writes_nothing(msgpack_dir, tmp_path,
   assert not out.exists()
 
 
-def test_msgpack_is_detected_and_steps_listed(msgpack_dir, layered):
+def test_msgpack_is_detected_and_steps_listed(msgpack_dir, layered, tmp_path):
   folder, _ = msgpack_dir
   assert legacy_flax.is_msgpack(str(folder), None)
   assert legacy_flax.is_msgpack(str(folder / 'checkpoint_3'), None)
+  (tmp_path / 'notes.txt').write_text('not a checkpoint')
+  assert not legacy_flax.is_msgpack(str(tmp_path / 'notes.txt'), None)  # Orbax's error names it.
   assert not legacy_flax.is_msgpack(str(layered[0]), None)
   assert not legacy_flax.is_msgpack(str(folder), 'orbax')
   assert legacy_flax.select_steps(str(folder), 'all', lambda step: False) == [3, STEP]

@@ -64,7 +64,9 @@ def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = 
       if state.full_keys:  # Keyed by the parameter's full key: its mirror's is under `root`.
         return key[len(FULL):] if root is None else tree_lib.mirror_key(
             root, tree_lib.relative(key[len(FULL):], state.params_root))
-      return tree_lib.join(state.params_root, key) if root is None else tree_lib.mirror_key(root, key)
+      if root is None:
+        return tree_lib.join(state.params_root, key)
+      return tree_lib.mirror_key(root, key)
 
     def edit(tree, root=None):
       out = {}
