@@ -19,6 +19,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # step) or 'new' (every committed step the output does not have yet).
   config.input.step = config_dict.placeholder(object)
   config.input.item = config_dict.placeholder(str)  # None: every item of the step; a name: that one.
+  # 'orbax' or 'flax_msgpack' (`checkpoint_<step>` files of flax.training.checkpoints); None: such a
+  # file (or one starting with a msgpack map), or a folder of them with no Orbax checkpoint, is
+  # msgpack, anything else Orbax.
+  config.input.format = config_dict.placeholder(str)
 
   config.output = ml_collections.ConfigDict()
   config.output.path = config_dict.placeholder(str)  # Same layout as the input.
@@ -30,6 +34,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Fields set in the output step's `custom_metadata`, over those of the input step (MaxText, for
   # one, keeps `scan_layers` there).
   config.output.custom_metadata = ml_collections.ConfigDict()
+  # (key, length) pairs: subtrees written as sequences, as Orbax saves tuples (optax states), for
+  # outputs whose input was not one (a converted flax.optim state); items without leaves are None.
+  config.output.sequences = []
 
   # Follow a training run: convert each new committed input step as it appears.
   config.watch = ml_collections.ConfigDict()
@@ -76,6 +83,10 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   budget = config.memory.host_budget_gb
   if budget is not None and budget < 0:
     raise SurgeryError(f'config: memory.host_budget_gb must be positive, or 0 for none, got {budget}')
+  if config.input.format not in (None, 'orbax', 'flax_msgpack'):
+    raise SurgeryError(f"config: input.format must be 'orbax', 'flax_msgpack' or None, "
+                       f'got {config.input.format!r}')
+  config.output.sequences = [_sequence(i, s) for i, s in enumerate(config.output.sequences)]
   step = config.input.step
   if not (step in (None, 'latest', 'all', 'new') or _is_step(step) or (
       isinstance(step, (list, tuple)) and step and all(_is_step(s) for s in step))):
@@ -114,6 +125,14 @@ def _op_fields(index: int, op: Any) -> dict:
   if not isinstance(op, (dict, ml_collections.ConfigDict)):
     raise SurgeryError(f"op {index}: expected a dict with an 'op' field, got {op!r}")
   return _as_dict(op)
+
+
+def _sequence(index: int, pair: Any) -> tuple[str, int]:
+  if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str)
+      or not pair[0] or not _is_step(pair[1]) or not pair[1]):
+    raise SurgeryError(f'config: output.sequences[{index}] must be a (key, length) pair, '
+                       f'got {pair!r}')
+  return pair[0], pair[1]
 
 
 def _rule(index: int, rule: Any) -> tuple[str, tuple]:

@@ -9,9 +9,9 @@ import ml_collections
 from absl import logging
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
-                         distributed, faults, keys, memory, output, paths, plan as plan_lib,
-                         report as report_lib, sharding, stopping, transforms, tree, validate,
-                         writer as writer_lib)
+                         distributed, faults, keys, legacy_flax, memory, output, paths,
+                         plan as plan_lib, report as report_lib, sharding, stopping, transforms,
+                         tree, validate, writer as writer_lib)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
 
@@ -47,6 +47,8 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   # every op names the dtypes it creates, so nothing else changes.
   jax.config.update('jax_enable_x64', True)
   out_root = paths.of(config.output.path, 'output.path') if config.output.path else None
+  msgpack = legacy_flax.is_msgpack(config.input.path, config.input.format)
+  reader = legacy_flax if msgpack else checkpoint
 
   def choose_steps(step_spec) -> list:
     # The output is listed once per choice, not once per input step.
@@ -56,7 +58,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
     def exported(step: int) -> bool:
       """Whether the output has `step`, or had it and let it go (older than every step it keeps)."""
       return step in kept or (keep is not None and len(kept) >= keep and step < min(kept))
-    return checkpoint.select_steps(config.input.path, step_spec, exported)
+    return reader.select_steps(config.input.path, step_spec, exported)
 
   def agree_on_steps(step_spec):
     return distributed.agree('steps', lambda: choose_steps(step_spec), barrier_timeout_seconds)
@@ -114,8 +116,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   phases = Phases()
 
   with phases('read'):
-    source = checkpoint.locate(config.input.path, step, config.input.item)
-    skeleton = checkpoint.read_metadata(source)
+    msgpack = legacy_flax.is_msgpack(config.input.path, config.input.format)
+    reader = legacy_flax if msgpack else checkpoint
+    source = reader.locate(config.input.path, step, config.input.item)
+    skeleton = reader.read_metadata(source)
     metadata = tree.flatten(skeleton)
     try:
       layout = tree.find_layout(list(metadata), config.params_root)
@@ -132,18 +136,27 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
                    jax.process_count())
 
   with phases('plan'):
-    # Each leaf is restored with the spec it was saved with, fitted to this job's mesh.
-    key_impls = checkpoint.joined({
-        prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
-            source.trees().items(), checkpoint.per_tree(source.trees(), metadata).values())})
-    inputs = plan_lib.abstract_inputs(metadata, key_impls, mesh)
+    if msgpack:
+      inputs = legacy_flax.abstract_inputs(metadata, layout, mesh, config.partition_rules)
+    else:
+      # Each leaf is restored with the spec it was saved with, fitted to this job's mesh.
+      key_impls = checkpoint.joined({
+          prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
+              source.trees().items(), checkpoint.per_tree(source.trees(), metadata).values())})
+      inputs = plan_lib.abstract_inputs(metadata, key_impls, mesh)
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
+    try:
+      out_skeleton = tree.with_sequences(skeleton, config.output.sequences, list(plan.outputs))
+    except ValueError as e:
+      raise SurgeryError(f'config: {e}') from None
 
   budget_bytes, default_budget = _budget(config.memory.host_budget_gb)
-  groups = plan.groups(budget_bytes)
+  # A msgpack input stays in host memory while the groups stream: they share what it leaves.
+  held = legacy_flax.held_bytes(source)
+  groups = plan.groups(None if budget_bytes is None else budget_bytes - held)
   if default_budget:
-    _check_fits(groups, budget_bytes, default_budget)
+    _check_fits(groups, budget_bytes, default_budget, held)
   if config.dry_run:
     if jax.process_index() == 0:
       print(describe(plan, groups, source, target))
@@ -153,8 +166,8 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   # Process 0 holds the output's lock until the end of the step, however the process ends.
   with distributed.before_exit(claim.release) if jax.process_index() == 0 else contextlib.nullcontext():
     try:
-      return _claimed(config, claim, source, skeleton, inputs, plan, groups, budget_bytes, phases,
-                      run_fingerprint, barrier, barrier_timeout_seconds)
+      return _claimed(config, claim, source, (skeleton, out_skeleton), inputs, plan, groups,
+                      budget_bytes, phases, run_fingerprint, barrier, barrier_timeout_seconds)
     except SurgeryError:
       if jax.process_index() == 0 and not stopping.requested.is_set():
         claim.discard()
@@ -164,9 +177,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
         claim.release()
 
 
-def _claimed(config, claim: output.Claim, source, skeleton, inputs, plan, groups, budget_bytes,
+def _claimed(config, claim: output.Claim, source, skeletons, inputs, plan, groups, budget_bytes,
              phases, run_fingerprint: str, barrier, barrier_timeout_seconds: int) -> dict:
-  """The step once its output is claimed: already done, or written, validated and committed."""
+  """The step once its output is claimed: already done, or written, validated and committed.
+  `skeletons`: the input's tree and the output's (see `_write_and_validate`)."""
   target, staging = claim.target, claim.staging
   state = distributed.agree('claim', lambda: claim.acquire(
       run_fingerprint, config.output.overwrite, config.output.wait_seconds), barrier_timeout_seconds)
@@ -179,7 +193,7 @@ def _claimed(config, claim: output.Claim, source, skeleton, inputs, plan, groups
     staging.create(run_fingerprint)
   barrier('staged')
   cast_errors = {}
-  reused = _write_and_validate(source, skeleton, inputs, plan, groups, staging, phases, barrier,
+  reused = _write_and_validate(source, skeletons, inputs, plan, groups, staging, phases, barrier,
                                budget_bytes, staging.written_groups() if state == 'resume' else None,
                                config.output.custom_metadata.to_dict(), cast_errors)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
@@ -207,24 +221,29 @@ def _budget(host_budget_gb: float | None) -> tuple[int | None, str]:
   return budget, how
 
 
-def _check_fits(groups, budget: int, how: str) -> None:
-  """Under the default budget, a group larger than it is refused before any data moves."""
+def _check_fits(groups, budget: int, how: str, held: int) -> None:
+  """Under the default budget, a group larger than it (with the `held` bytes of a msgpack input
+  beside it) is refused before any data moves."""
   largest = max(groups, key=lambda group: group.host_bytes)
-  if largest.host_bytes > budget:
+  if largest.host_bytes + held > budget:
     raise SurgeryError(
         f'not enough memory: {len(largest.outputs)} leaves read together '
         f'({", ".join(largest.outputs[:3])}{" ..." if len(largest.outputs) > 3 else ""}) need '
-        f'{largest.host_bytes / 1e9:.3f} GB of arrays per process, over the memory budget of '
+        f'{largest.host_bytes / 1e9:.3f} GB of arrays per process'
+        + (f' beside the {held / 1e9:.3f} GB of the msgpack input held in memory' if held else '')
+        + ', over the memory budget of '
         f'{budget / 1e9:.3f} GB ({how}); give the job more memory or devices, or set '
         'memory.host_budget_gb')
 
 
-def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.Staging, phases,
+def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output.Staging, phases,
                         barrier, budget_bytes, written: dict | None,
                         custom_metadata: dict, cast_errors: dict) -> list[int]:
   """Restores, transforms and writes each group into the staging folder, then reads it all back.
+  `skeletons`: the input's tree (lists where it has them) and the output's (`output.sequences`).
   Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
   are; returns their indices. Fills `cast_errors` with what each cast of a computed group lost."""
+  skeleton, out_skeleton = skeletons
   streamed = len(groups) > 1
   writer = writer_lib.Writer(staging.checkpoint, source, barrier, custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
@@ -248,7 +267,9 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
                       budget_bytes / 1e9)
     with phases('restore', log=not streamed):
       try:
-        restored = checkpoint.restore(source.trees(), skeleton, {k: inputs[k] for k in group.inputs})
+        wanted = {k: inputs[k] for k in group.inputs}
+        restored = (legacy_flax.restore(source, wanted) if isinstance(source, legacy_flax.Source)
+                    else checkpoint.restore(source.trees(), skeleton, wanted))
       except Exception as e:  # pylint: disable=broad-except
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
@@ -261,7 +282,7 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
     with phases('write', log=not streamed):
       digests = validate.digests(outputs)
       saves = writer.saves() if jax.process_index() == 0 else set()
-      writer.write(tree.unflatten(outputs, skeleton))
+      writer.write(tree.unflatten(outputs, out_skeleton))
       barrier(f'group_{index}_written')
       if jax.process_index() == 0:
         staging.add_group(group.outputs, digests, sorted(writer.saves() - saves))
@@ -278,14 +299,14 @@ def _write_and_validate(source, skeleton, inputs, plan, groups, staging: output.
     faults.corrupt_output(staging.checkpoint)
     barrier('written')
   with phases('validate'):
-    _validate(written_trees, staging.checkpoint, skeleton, plan, groups, expected)
+    _validate(written_trees, staging.checkpoint, out_skeleton, plan, groups, expected)
   return reused
 
 
 def _validate(trees: dict[str, paths.Path], unit_dir: paths.Path, skeleton, plan: plan_lib.Plan, groups,
               expected: dict) -> None:
   """Reads the written checkpoint back, group by group, with the planned shardings; the digest of
-  every leaf must equal the one taken of the computed array."""
+  every leaf must equal the one taken of the computed array. `skeleton`: the output's."""
   out_skeleton = tree.unflatten({k: plan.abstract_output(k) for k in plan.outputs}, skeleton)
   bad = []
   for group in groups:

@@ -159,7 +159,7 @@ def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None
 def assemble(layout: tree.Layout, state: State) -> dict[str, Leaf]:
   flat = {tree.join(layout.params_root, k): leaf for k, leaf in state.params.items()}
   for root, mirror in state.mirrors.items():
-    flat.update({tree.join(root, k): leaf for k, leaf in mirror.items()})
+    flat.update({tree.mirror_key(root, k): leaf for k, leaf in mirror.items()})
   flat.update(state.others)
   return flat
 
@@ -187,8 +187,7 @@ def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct],
     shape, dtype = out_shapes[key].shape, out_shapes[key].dtype
     spec = rule_spec
     if spec is None:
-      names = [tree.relative(key, r) for r in (layout.params_root, *layout.mirror_roots)]
-      spec = sharding.rule_spec(rules, key, [n for n in names if n], shape, mesh)
+      spec = sharding.rule_spec(rules, key, layout.names(key), shape, mesh)
     spec = sharding.fit_spec(spec, shape, mesh, key)
     source = passthrough.get(key)
     if source is not None and in_specs[source] != spec:

@@ -3,7 +3,9 @@
 Keys follow the Flax model-surgery guide: `params/Conv_0/kernel`, `opt_state/0/mu/Conv_0/kernel`, `step`.
 A mirror is any outermost subtree outside the params whose keys are params' keys (optax `mu`, `nu`,
 `trace`, ...; an NNX optimizer's moments cover the `nnx.Param`s only, not rng state or batch
-stats): structural ops apply to mirrors as they apply to params.
+stats), or one whose keys are params' keys each followed by a slot (`flax.optim`:
+`state/param_states/Conv_0/bias/grad_ema`): each slot is a mirror, named with `*` standing for the
+parameter (`state/param_states/*/grad_ema`). Structural ops apply to mirrors as they apply to params.
 """
 
 import dataclasses
@@ -13,6 +15,9 @@ import jax
 from flax import traverse_util
 
 SEP = '/'
+PARAM = '*'  # Stands for the parameter's path in the name of a mirror whose slot follows it.
+# Params roots other than `params`: flax.optim's Optimizer, saved alone or as a field.
+FLAX_OPTIM_ROOTS = ('target', 'optimizer/target')
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -37,6 +42,35 @@ def _restore_sequences(node: Any, skeleton: Any) -> Any:
   return {k: _restore_sequences(v, children.get(k)) for k, v in node.items()}
 
 
+def with_sequences(skeleton: Any, sequences, keys) -> Any:
+  """`skeleton` with the node at each (key, length) of `sequences` a list of `length` items, as
+  Orbax saves a tuple (an optax state: `[ScaleByAdamState, EmptyState]` is `[{...}, None]`), for
+  `unflatten` to nest `keys` into; items without leaves stay None."""
+  for node, length in sequences:
+    items = {rel.split(SEP, 1)[0] for key in keys if (rel := relative(key, node))}
+    if not items:
+      raise ValueError(f'output.sequences names {node!r}, which holds no output leaf')
+    outside = sorted(items - {str(i) for i in range(length)})
+    if outside:
+      raise ValueError(f'output.sequences makes {node!r} a sequence of {length} items, but it '
+                       f'holds {join(node, outside[0])!r}')
+    skeleton = _set_sequence(skeleton, node.split(SEP), length)
+  return skeleton
+
+
+def _set_sequence(node: Any, parts: list[str], length: int) -> Any:
+  if not parts:
+    old = list(node) if isinstance(node, (list, tuple)) else []
+    return [old[i] if i < len(old) else None for i in range(length)]
+  head, rest = parts[0], parts[1:]
+  if isinstance(node, (list, tuple)):
+    return [_set_sequence(item, rest, length) if str(i) == head else item
+            for i, item in enumerate(node)]
+  children = dict(node) if isinstance(node, dict) else {}
+  children[head] = _set_sequence(children.get(head), rest, length)
+  return children
+
+
 def join(*parts: str) -> str:
   return SEP.join(p for p in parts if p)
 
@@ -48,11 +82,36 @@ def relative(key: str, root: str) -> str | None:
   return key[len(root) + 1:] if key.startswith(root + SEP) else None
 
 
+def mirror_key(mirror: str, rel: str) -> str:
+  """The full key of parameter `rel`'s leaf in `mirror` (a root, or a name holding `*`)."""
+  parts = mirror.split(SEP)
+  if PARAM not in parts:
+    return join(mirror, rel)
+  return join(*(rel if part == PARAM else part for part in parts))
+
+
+def mirror_relative(key: str, mirror: str) -> str | None:
+  """The parameter path of `key` in `mirror`, or None when `key` is not one of its leaves."""
+  root, star, slot = mirror.partition(SEP + PARAM + SEP)
+  if not star:
+    return relative(key, mirror)
+  rel = relative(key, root)
+  if rel is None or not rel.endswith(SEP + slot):
+    return None
+  return rel[:-len(slot) - 1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where the params sit in the flat tree, and which subtrees mirror them."""
   params_root: str
   mirror_roots: tuple[str, ...]
+
+  def names(self, key: str) -> list[str]:
+    """`key`'s path under params_root and its parameter's path in each mirror it belongs to."""
+    names = [relative(key, self.params_root),
+             *(mirror_relative(key, root) for root in self.mirror_roots)]
+    return [name for name in names if name]
 
   def split(self, flat: Mapping[str, Any]):
     """Splits into (params, {mirror_root: mirror}, others), params and mirrors keyed relatively."""
@@ -63,18 +122,19 @@ class Layout:
       if rel is not None:
         params[rel] = leaf
         continue
-      root = next((r for r in self.mirror_roots if relative(key, r) is not None), None)
+      root = next((r for r in self.mirror_roots if mirror_relative(key, r) is not None), None)
       if root is None:
         others[key] = leaf
       else:
-        mirrors[root][relative(key, root)] = leaf
+        mirrors[root][mirror_relative(key, root)] = leaf
     return params, mirrors, others
 
 
 def find_layout(keys: list[str], params_root: str | None) -> Layout:
-  """Finds the params root (default `params`, else the whole tree) and the subtrees mirroring it."""
+  """Finds the params root (default `params`, else flax.optim's `target` or `optimizer/target` beside
+  its `state`, else the whole tree) and the subtrees mirroring it."""
   if params_root is None:
-    params_root = 'params' if any(relative(k, 'params') is not None for k in keys) else ''
+    params_root = _default_root(keys)
   param_keys = {rel for k in keys if (rel := relative(k, params_root)) is not None}
   if not param_keys:
     raise ValueError(f'params_root {params_root!r} holds no leaves')
@@ -87,7 +147,32 @@ def find_layout(keys: list[str], params_root: str | None) -> Layout:
     parts = key.split(SEP)
     for depth in range(1, len(parts)):
       under.setdefault(SEP.join(parts[:depth]), set()).add(SEP.join(parts[depth:]))
-  candidates = {root for root, rels in under.items() if rels <= param_keys}
-  mirror_roots = tuple(sorted(root for root in candidates if not any(
-      relative(root, other) for other in candidates if other != root)))
+  slots = {root: _slots(rels, param_keys) for root, rels in under.items()}
+  candidates = {root for root, rels in under.items() if rels <= param_keys or slots[root]}
+  outermost = sorted(root for root in candidates if not any(
+      relative(root, other) for other in candidates if other != root))
+  mirror_roots = tuple(name for root in outermost for name in (
+      [root] if under[root] <= param_keys else [join(root, PARAM, slot) for slot in slots[root]]))
   return Layout(params_root, mirror_roots)
+
+
+def _default_root(keys: list[str]) -> str:
+  def holds(root):
+    return any(relative(k, root) is not None for k in keys)
+  if holds('params'):
+    return 'params'
+  for root in FLAX_OPTIM_ROOTS:
+    if holds(root) and holds(join(root.rpartition(SEP)[0], 'state')):
+      return root
+  return ''
+
+
+def _slots(rels: set[str], param_keys: set[str]) -> list[str]:
+  """The slots when every key of `rels` is a parameter's key followed by one part, else []."""
+  slots = set()
+  for rel in rels:
+    param, _, slot = rel.rpartition(SEP)
+    if param not in param_keys:
+      return []
+    slots.add(slot)
+  return sorted(slots)

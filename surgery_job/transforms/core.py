@@ -71,7 +71,7 @@ def _refuse_mirror_leaves(state: State, patterns: list[str]) -> None:
   """Optimizer mirrors follow their parameters; a full-key pattern naming one would be ignored."""
   for root, mirror in state.mirrors.items():
     for key in mirror:
-      full = FULL + tree_lib.join(root, key)
+      full = FULL + tree_lib.mirror_key(root, key)
       for pattern in patterns:
         try:
           hit = re.fullmatch(pattern, full)
@@ -147,8 +147,9 @@ def check_mirror_shapes(state: State, keys, op: str) -> None:
       param_shape, mirror_shape = state.params[key].value.shape, tree[key].value.shape
       if mirror_shape != param_shape:
         raise SurgeryError(
-            f'{op} of {key!r}: optimizer state {root}/{key} has shape {mirror_shape}, unlike the '
-            f'parameter {param_shape}; add reset_optimizer or drop_optimizer before this op')
+            f'{op} of {key!r}: optimizer state {tree_lib.mirror_key(root, key)} has shape '
+            f'{mirror_shape}, unlike the parameter {param_shape}; add reset_optimizer or '
+            'drop_optimizer before this op')
 
 
 def rebuilt(tree: Tree, changes: Mapping[str, tuple[str, Leaf] | None]) -> Tree:

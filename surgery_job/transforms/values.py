@@ -62,9 +62,11 @@ def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = 
 
     def full_key(root, key):
       if state.full_keys:  # Keyed by the parameter's full key: its mirror's is under `root`.
-        return key[len(FULL):] if root is None else tree_lib.join(
+        return key[len(FULL):] if root is None else tree_lib.mirror_key(
             root, tree_lib.relative(key[len(FULL):], state.params_root))
-      return tree_lib.join(state.params_root if root is None else root, key)
+      if root is None:
+        return tree_lib.join(state.params_root, key)
+      return tree_lib.mirror_key(root, key)
 
     def edit(tree, root=None):
       out = {}
