@@ -20,10 +20,10 @@ does every step below for a unit U; the other processes wait at barriers and wri
    - Object store (gs://), where a folder cannot be renamed: `COMMITTING` goes into the staging
      folder (the new checkpoint is validated; from here the commit only goes forward). The commit
      file of an older U is deleted first, which hides it from every reader at once, then the rest
-     of it. `checkpoint/` is copied to U with the commit files (`commit_success.txt`, Orbax's
-     marker on object stores) last, and the staging folder is removed, its marker last. A run
-     stopped midway leaves U without a commit file, which readers skip, and the next run finishes
-     the copy from the staging folder.
+     of it. `checkpoint/` is moved to U object by object (each copy made by the store) with the
+     commit files (`commit_success.txt`, Orbax's marker on object stores) last, and the staging
+     folder is removed, its marker last. A run stopped midway leaves U without a commit file,
+     which readers skip, and the next run finishes the move from the staging folder.
 7. Release the lock.
 
 A run that fails or is stopped leaves its staging folder for the next run on U and releases its
@@ -137,7 +137,7 @@ class Staging:
       raise SurgeryError(f'{self.root} exists but was not made by surgery_job; remove it or '
                          'choose another output.path')
     if (self.root / COMMITTING).exists():
-      self._copy_into_place()
+      self._move_into_place()
       return False
     if self.displaced.exists() and not self.unit.exists():
       self.displaced.rename(self.unit)
@@ -190,8 +190,8 @@ class Staging:
   def commit(self) -> None:
     """Puts the validated checkpoint in place of the unit; an older output goes only now."""
     if paths.on_object_store(self.unit):
-      (self.root / COMMITTING).write_text('')
-      self._copy_into_place()
+      (self.root / COMMITTING).write_text(_REPLACING)
+      self._move_into_place()
       return
     if self.unit.exists():
       self.unit.rename(self.displaced)
@@ -199,25 +199,29 @@ class Staging:
     self.checkpoint.rename(self.unit)
     self.remove()
 
-  def _copy_into_place(self) -> None:
-    """The object-store commit, from wherever an earlier run stopped: the old unit hidden and
-    deleted, the staged checkpoint copied, its commit files last."""
-    if self.unit.exists():
-      for commit_file in _commit_files(self.unit):
-        commit_file.unlink(missing_ok=True)
-      self.unit.rmtree()
-    # Commit files last, the unit's own (the shallowest) at the very end.
-    staged = sorted(paths.files(self.checkpoint),
-                    key=lambda f: (f.name == COMMIT_FILE, -len(f.parts) if f.name == COMMIT_FILE else 0))
+  def _move_into_place(self) -> None:
+    """The object-store commit, from wherever an earlier run stopped (`COMMITTING` says where): an
+    older unit hidden, then deleted; the staged checkpoint moved object by object (server side),
+    its commit files last."""
+    committing = self.root / COMMITTING
+    if committing.read_text() == _REPLACING:
+      if self.unit.exists():  # Nothing moved yet: everything here is the older output.
+        for commit_file in _commit_files(self.unit):
+          commit_file.unlink(missing_ok=True)
+        self.unit.rmtree()
+      committing.write_text(_MOVING)
+    # What an earlier run moved is in place already; the commit files go last, the unit's own
+    # (the shallowest) at the very end.
+    staged = sorted(paths.files(self.checkpoint), key=lambda f: (
+        f.name == COMMIT_FILE, -len(f.parts) if f.name == COMMIT_FILE else 0))
     for index, source in enumerate(staged):
-      if index and source.name == COMMIT_FILE and staged[index - 1].name != COMMIT_FILE:
+      if source.name == COMMIT_FILE and (index == 0 or staged[index - 1].name != COMMIT_FILE):
         faults.at('rename')  # Everything but the commit files is in place.
-      destination = self.unit / source.relative_to(self.checkpoint)
-      destination.parent.mkdir(parents=True, exist_ok=True)
-      source.copy(destination)
-    if COMMIT_FILE not in {f.name for f in staged}:  # A single PyTree checkpoint has none of its own.
-      (self.unit / COMMIT_FILE).write_text('')
+      paths.move(source, self.unit / source.relative_to(self.checkpoint))
     self.remove()
+
+
+_REPLACING, _MOVING = 'replacing', 'moving'  # The object-store commit's two stages.
 
 
 class Claim:

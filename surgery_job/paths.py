@@ -112,6 +112,23 @@ def files(folder: Path) -> list[Path]:
   return [Path(top) / name for top, _, names in os.walk(folder) for name in names]
 
 
+def move(source: Path, destination: Path) -> None:
+  """Moves one file; on an object store the copy is made by the store, no data comes through."""
+  if on_object_store(source):
+    _filesystem(source).mv(os.fspath(source), os.fspath(destination))
+  else:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, destination)
+
+
+def copy_tree(source: Path, destination: Path) -> None:
+  """Copies every file under `source` to the same place under `destination`."""
+  for file in files(source):
+    target = destination / file.relative_to(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    file.copy(target)
+
+
 def kvstore(folder: PathLike) -> str:
   """tensorstore's URL of the key-value store rooted at `folder`."""
   text = os.fspath(folder)
