@@ -100,11 +100,14 @@ def main() -> None:
                 for a, b in (('local', 'local'), ('gs', 'gs'), ('local', 'gs'), ('gs', 'local'))}
     rows = median_runs(commands, args.runs, emulator)
     print(f'\njob, rename: median of {args.runs}, interleaved (emulator figures)\n')
-    print('| run | wall s | read MB/s | phases (s) | emulator requests |')
-    print('|---|---|---|---|---|')
+    # The report is written before the commit, so its phases leave out the commit (on gs:// a copy
+    # of every object into place) as well as the process's start and end.
+    print('| run | wall s | read MB/s | phases (s) | not in phases s | emulator requests |')
+    print('|---|---|---|---|---|---|')
     for name, row in rows.items():
       phases = ', '.join(f'{k} {v:.1f}' for k, v in row['phases'].items() if v >= 0.05)
       print(f"| {name} | {row['wall']:.1f} | {size / 1e6 / row['wall']:.0f} | {phases} | "
+            f"{row['wall'] - sum(row['phases'].values()):.1f} | "
             f"{row['requests']['total']}: {by_kind(row['requests']) or '-'} |")
 
     print('\ndry run (read phase and plan: metadata only) from gs://, same size (emulator figures)\n')
