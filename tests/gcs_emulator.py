@@ -3,6 +3,13 @@ tensorstore's gcs driver (Orbax's arrays) and gcsfs (epath) need from GCS and th
 an `x-goog-generation` header, `ifGenerationMatch`/`ifGenerationNotMatch`, `startOffset`/`endOffset`
 on listings, `moveTo`, and one request at a time on its storage.
 
+It also counts the requests it answers with a handler, by method and kind (`GET list`, `GET metadata`,
+`GET read`, `POST upload`, `DELETE delete`, `POST copy`, `POST move`, `POST batch`, ...; each
+operation inside a batch also under `batched`): `GET /_surgery_job/requests` answers
+`{"total": N, "requests": {kind: n}, "batched": {method: n}}`, and `?reset=1` zeros them after
+answering (`Emulator.request_counts`). Object stores bill and wait per request; the counts show how
+many a job makes.
+
 `python tests/gcs_emulator.py --bucket NAME` binds a free port, prints it and serves until killed (or
 until the process that started it is gone). `running()` does that in a subprocess: the job and the
 tests are separate processes, and a server thread in the test process would compete with it for the
@@ -10,6 +17,7 @@ GIL.
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -29,6 +37,11 @@ HOST = '127.0.0.1'  # Never another address: the emulator has no authentication.
 # Where google-auth and tensorstore would look for a GCE metadata server: port 1 on 127.0.0.1, where
 # nothing listens (binding it needs root), so any probe is refused at once instead of timing out.
 NO_METADATA_SERVER = f'{HOST}:1'
+COUNTS_PATH = '/_surgery_job/requests'
+# Handler -> kind of request; others are counted under their handler's name.
+KINDS = {'ls': 'list', 'get': 'metadata', 'download': 'read', 'insert': 'upload',
+         'upload_partial': 'upload', 'xml_upload': 'upload', 'copy': 'copy', 'rewrite': 'copy',
+         '_health_check': 'health check'}
 
 
 def _serve(bucket: str, parent_pid: int) -> None:
@@ -139,14 +152,37 @@ def _serve(bucket: str, parent_pid: int) -> None:
     storage.delete_file(params['bucket_name'], params['object_id'])
     response.json(moved)
 
+  counts_lock = threading.Lock()
+  served, batched = collections.Counter(), collections.Counter()
+
+  def counted(method: str, kind: str, handler):
+    @functools.wraps(handler)
+    def run(request, response, storage, *args, **kwargs):
+      media = request.query.get('alt') == ['media']  # objects.get serves data with alt=media.
+      with counts_lock:
+        served[f'{method} {"read" if kind == "metadata" and media else kind}'] += 1
+        if kind == 'batch':
+          batched.update(item.get('method') for item in request.data)
+      return handler(request, response, storage, *args, **kwargs)
+    return run
+
+  def counts(request, response, storage):  # pylint: disable=unused-argument
+    with counts_lock:
+      response.json({'total': sum(served.values()), 'requests': dict(served),
+                     'batched': dict(batched)})
+      if request.query.get('reset') == ['1']:
+        served.clear()
+        batched.clear()
+
   api = emulator.settings.API_ENDPOINT
   move_route = (rf'^{api}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/'
                 r'(?P<dest_object_id>.*[^/]+)$', {'POST': move})
-  routes = []
+  routes = [(rf'^{COUNTS_PATH}$', {'GET': counts})]  # Before the public file route matches it.
   for pattern, methods in (move_route, *emulator.HANDLERS):
-    methods = {method: ranged_ls if handler is objects.ls else handler
-               for method, handler in methods.items()}
-    routes.append((pattern, {method: fixed(handler) for method, handler in methods.items()}))
+    routes.append((pattern, {
+        method: counted(method, KINDS.get(handler.__name__, handler.__name__),
+                        fixed(ranged_ls if handler is objects.ls else handler))
+        for method, handler in methods.items()}))
   emulator.HANDLERS = tuple(routes)  # Looked up by the emulator's Router on every request.
 
   storage = Storage(use_memory_fs=True)
@@ -182,6 +218,11 @@ class Emulator:
   url: str
   bucket: str
   env: dict
+
+  def request_counts(self, reset: bool = False) -> dict:
+    """The requests served so far (see the module docstring); `reset` zeros them after."""
+    with urllib.request.urlopen(f'{self.url}{COUNTS_PATH}{"?reset=1" if reset else ""}') as answer:
+      return json.load(answer)
 
 
 def environment(url: str) -> dict:

@@ -1,4 +1,4 @@
-"""The throughput benchmark runs end to end on a tiny checkpoint (its figures are not checked)."""
+"""The benchmarks run end to end on a tiny checkpoint (their figures are not checked)."""
 
 import subprocess
 import sys
@@ -14,4 +14,15 @@ def test_throughput_benchmark_runs(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   for row in ('| (a) naive Orbax script |', '| (b) job, rename |', '| (c) job, params_only_bf16 |',
               '| (d) cp -r + sync |', 'b/a = ', '| 14 |'):
+    assert row in result.stdout, result.stdout
+
+
+def test_object_store_benchmark_runs(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'bench' / 'object_store.py'), f'--dir={tmp_path / "bench"}',
+       '--mib=2', '--runs=1', '--leaves=60'],
+      cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for row in ('EMULATOR FIGURES', '| local -> local |', '| gs -> gs |', '| local -> gs |',
+              '| gs -> local |', '| 32 |', '| 62 |'):
     assert row in result.stdout, result.stdout

@@ -75,3 +75,14 @@ def test_this_process_lists_what_tensorstore_wrote_after_a_listing(gs_path):
   store.write('b', b'b').result()
   assert sorted(p.name for p in gs_path.iterdir()) == ['a', 'b']
   assert (gs_path / 'b').exists()
+
+
+def test_the_emulator_counts_the_requests_it_serves_by_kind(gs_path, gcs):
+  gcs.request_counts(reset=True)
+  (gs_path / 'a').write_text('a')
+  assert (gs_path / 'a').read_text() == 'a'
+  assert [p.name for p in gs_path.iterdir()] == ['a']
+  counts = gcs.request_counts(reset=True)
+  assert counts['total'] == sum(counts['requests'].values())
+  assert {'POST upload', 'GET read', 'GET list'} <= set(counts['requests']), counts
+  assert gcs.request_counts()['total'] == 0
