@@ -52,33 +52,37 @@ class Location:
 
 
 def _is_pytree(path: paths.Path) -> bool:
-  return (path / '_METADATA').is_file()
+  return paths.is_file(path / '_METADATA')
+
+
+def _folders(parent: paths.Path) -> list[paths.Path]:
+  return sorted(parent / name for name, (is_dir, _) in paths.listing(parent).items() if is_dir)
 
 
 def _items(step_dir: paths.Path) -> list[str]:
-  return sorted(p.name for p in step_dir.iterdir() if _is_pytree(p))
+  return [p.name for p in _folders(step_dir) if _is_pytree(p)]
 
 
 def _step_folders(root: paths.Path) -> dict[int, list[paths.Path]]:
   """Step number -> the folders Orbax would name for it: `3`, `0003`, `step_3`, temporaries."""
   folders = {}
-  for path in root.iterdir():
-    if path.is_dir():
-      with contextlib.suppress(ValueError):
-        folders.setdefault(ocp.path.step.step_from_checkpoint_name(path.name), []).append(path)
+  for path in _folders(root):
+    with contextlib.suppress(ValueError):
+      folders.setdefault(ocp.path.step.step_from_checkpoint_name(path.name), []).append(path)
   return folders
 
 
 def _uncommitted(step_dir: paths.Path, commit_files: bool) -> str | None:
   """Why `step_dir` is not a finished save, or None when it is. `commit_files`: the directory's
   saves mark themselves finished with commit_success.txt, as Orbax's do."""
-  if paths.on_object_store(step_dir) and not (step_dir / COMMIT_FILE).exists():
-    return f'has no {COMMIT_FILE} (an unfinished save)'  # Orbax's own test there, said plainly.
-  if not ocp.path.step.is_path_finalized(step_dir):
+  if paths.on_object_store(step_dir):
+    if not (step_dir / COMMIT_FILE).exists():  # Orbax's own test there, said plainly.
+      return f'has no {COMMIT_FILE} (an unfinished save)'
+  elif not ocp.path.step.is_path_finalized(step_dir):
     return 'is an unfinished Orbax save (a temporary folder)'
   if not _items(step_dir):
     return 'holds no checkpoint item (no folder with a _METADATA file)'
-  if commit_files and not (step_dir / COMMIT_FILE).is_file():
+  if commit_files and not paths.is_file(step_dir / COMMIT_FILE):
     return f'has no {COMMIT_FILE} (an unfinished save)'
   return None
 
@@ -113,13 +117,13 @@ def locate(path: str, step: Any, item: str | None) -> Location:
   elif step not in committed:
     raise SurgeryError(f'input.step {step} not found in {root} (steps: {sorted(committed)})')
   step_dir = committed[step]
-  folders = sorted(p for p in step_dir.iterdir() if p.is_dir())
-  items = [p.name for p in folders if _is_pytree(p)]
+  pytree = {p.name: _is_pytree(p) for p in _folders(step_dir)}
+  items = [name for name, is_pytree in pytree.items() if is_pytree]
   if item is not None:
     if item not in items:
       raise SurgeryError(f'input.item {item!r} not found in step {step} of {root} (items: {items})')
     return Location(root, step, item, step_folder=step_dir.name)
-  copied = tuple(p.name for p in folders if not _is_pytree(p))
+  copied = tuple(name for name, is_pytree in pytree.items() if not is_pytree)
   if len(items) == 1:
     return Location(root, step, items[0], copied=copied, step_folder=step_dir.name)
   return Location(root, step, None, tuple(items), copied, step_dir.name)
@@ -132,7 +136,7 @@ def _scan_steps(root: paths.Path) -> tuple[dict[int, paths.Path], dict[int, str]
   # On an object store every finished Orbax save has its commit file; elsewhere only some writers
   # put one down, and then all of that directory's finished saves have it.
   commit_files = paths.on_object_store(root) or any(
-      (p / COMMIT_FILE).is_file() for found in folders.values() for p in found)
+      paths.is_file(p / COMMIT_FILE) for found in folders.values() for p in found)
   committed, skipped = {}, {}
   for number, found in folders.items():
     done = [p for p in found if _uncommitted(p, commit_files) is None]

@@ -112,6 +112,29 @@ def files(folder: Path) -> list[Path]:
   return [Path(top) / name for top, _, names in os.walk(folder) for name in names]
 
 
+def listing(folder: Path) -> dict[str, tuple[bool, int]]:
+  """{name: (is a folder, size)} of what is directly in `folder` ({} where there is none): one
+  request on an object store, where asking each entry would be one or more each."""
+  if on_object_store(folder):
+    try:
+      found = _filesystem(folder).ls(os.fspath(folder), detail=True)
+    except FileNotFoundError:
+      return {}
+    return {entry['name'].rstrip('/').rsplit('/', 1)[-1]: (entry['type'] == 'directory',
+                                                           entry.get('size') or 0)
+            for entry in found if entry['name'].rstrip('/') != os.fspath(folder)[5:].rstrip('/')}
+  try:
+    with os.scandir(folder) as entries:
+      return {e.name: (e.is_dir(), 0 if e.is_dir() else e.stat().st_size) for e in entries}
+  except (FileNotFoundError, NotADirectoryError):
+    return {}
+
+
+def is_file(path: Path) -> bool:
+  """One request on an object store (epath's asks twice: exists, then not a folder)."""
+  return path.exists() if on_object_store(path) else os.path.isfile(path)
+
+
 def move(source: Path, destination: Path) -> None:
   """Moves one file; on an object store the copy is made by the store, no data comes through."""
   if on_object_store(source):

@@ -59,11 +59,15 @@ def damaged_file(item_dir: paths.Path) -> str | None:
   for key, path, end in stored_values(item_dir):
     if end > ends.get(path, (0, ''))[0]:
       ends[path] = (end, key)
+  folders = {}  # One listing per data folder, not a request or more per file.
   for path, (end, key) in sorted(ends.items()):
     array = key.rsplit('/', 1)[0]
-    if not path.is_file():
+    if path.parent not in folders:
+      folders[path.parent] = paths.listing(path.parent)
+    is_dir, size = folders[path.parent].get(path.name, (True, 0))
+    if is_dir:
       return f'checkpoint file {path} is missing (it holds array {array!r})'
-    if paths.size(path) < end:
-      return (f'checkpoint file {path} is truncated: {paths.size(path)} bytes, array {array!r} '
+    if size < end:
+      return (f'checkpoint file {path} is truncated: {size} bytes, array {array!r} '
               f'needs {end}')
   return None
