@@ -4,7 +4,6 @@ with plain Orbax, and the output protocol's promises where there is no rename.""
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -13,10 +12,11 @@ from etils import epath
 from jax.sharding import PartitionSpec as P
 
 import checkpoints
-from jobs import REPO, job_command, job_env, ok, run_job, write_config
+from jobs import REPO, job_env, ok, run_job, write_config
 from test_bad_input import assert_bad_input
 from test_multiprocess import launch
 from test_ops import SPLIT, STACK, bf16
+from test_safety import start_paused
 
 COMMIT_FILE = 'commit_success.txt'
 STAGING = '3.orbax-checkpoint-tmp-surgery'
@@ -139,21 +139,6 @@ def test_two_processes_on_gs(gs_input, every_family_on_disk, gs_path, tmp_path, 
   assert_same(read(out / '3' / 'default'), want)
 
 
-def start_paused(config, in_path, out, point: str, pause_file, gcs) -> subprocess.Popen:
-  process = subprocess.Popen(
-      job_command(config, f'--config.input.path={in_path}', f'--config.output.path={out}',
-                  '--config.output.overwrite=True'),
-      cwd=REPO, env=job_env(env={**gcs.env, 'SURGERY_JOB_PAUSE': point,
-                                 'SURGERY_JOB_PAUSE_FILE': str(pause_file)}),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 120
-  while not pause_file.exists():
-    assert process.poll() is None, process.stderr.read()[-3000:]
-    assert time.monotonic() < deadline, f'never reached {point}'
-    time.sleep(0.1)
-  return process
-
-
 def test_sigkill_in_the_commit_hides_the_output_until_a_rerun_finishes_it(
     gs_input, every_family_on_disk, gs_path, tmp_path, gcs):
   config, want, _ = every_family_on_disk
@@ -164,7 +149,8 @@ def test_sigkill_in_the_commit_hides_the_output_until_a_rerun_finishes_it(
              f'--config.input.path={in_path}', f'--config.output.path={out}', env=gcs.env))
   old = read(out / '3' / 'default')
   # Killed once every object is in place but the commit files: readers see no step 3.
-  process = start_paused(config, in_path, out, 'rename', tmp_path / 'paused', gcs)
+  process = start_paused(config, in_path, out, 'rename', tmp_path / 'paused',
+                         '--config.output.overwrite=True', env=gcs.env)
   process.kill()
   process.wait(timeout=60)
   assert (out / '3' / 'default' / '_METADATA').exists() and not (out / '3' / COMMIT_FILE).exists()
