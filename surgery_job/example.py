@@ -4,8 +4,6 @@
 item `default`), sharded over a ('data', 'model') mesh of all devices.
 """
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,8 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from surgery_job import paths
 
 
 class CNN(nn.Module):
@@ -64,7 +64,7 @@ def example_state(mesh: Mesh, seed: int = 0) -> dict:
 
 def save_example(path: str, step: int = 1, mesh: Mesh | None = None) -> dict:
   state = example_state(mesh or example_mesh())
-  with ocp.CheckpointManager(os.path.abspath(path)) as manager:
+  with ocp.CheckpointManager(paths.of(path)) as manager:
     manager.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state)))
     manager.wait_until_finished()
   return state
