@@ -2,12 +2,15 @@
 one place the job uses that experimental API): one save per group, then one ordinary checkpoint in
 the input's layout."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+from orbax.checkpoint import v1 as ocp_v1
+from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 from orbax.checkpoint.experimental.v1 import partial
 
 from surgery_job import faults
@@ -15,6 +18,33 @@ from surgery_job.checkpoint import (CHECKPOINT_METADATA, COMMIT_FILE, STANDARD_H
                                     step_metadata)
 
 PARTIAL_ITEM = 'state'  # The item folder a partial save writes under the path it is given.
+
+
+def _filter_batch_requests(batch_requests, additions):
+  """Orbax's filter of a partial save's write requests, in one pass: its own compares every key
+  with every addition (about 20 s for 10,000 leaves). Keeps each value whose key has an addition
+  as a prefix, as Orbax's does."""
+  filtered = []
+  for request in batch_requests:
+    kept = [i for i, key in enumerate(request.keys)
+            if any(key[:n] in additions for n in range(1, len(key) + 1))]
+    if kept:
+      filtered.append(dataclasses.replace(
+          request, **{field: [getattr(request, field)[i] for i in kept]
+                      for field in ('keys', 'values', 'infos', 'args')}))
+  return filtered
+
+
+base_pytree_checkpoint_handler._filter_batch_requests = _filter_batch_requests  # pylint: disable=protected-access
+
+
+def _save_options() -> ocp_v1.Context:
+  """The arrays as `ocp.StandardCheckpointer` writes them: zarr v2 with zstd level 1. The v1 API's
+  default, zarr v3 with zstd level 3, took 1.7x as long to save 1 GiB here for the same size on
+  disk."""
+  context = ocp_v1.Context()
+  context.array.saving.use_zarr3 = False
+  return context
 
 
 class Writer:
@@ -58,8 +88,9 @@ class Writer:
           shutil.rmtree(save)
 
   def write(self, nested: Any) -> None:
-    for item, part in self._items(nested).items():
-      partial.save(self._partial(item), part)
+    with _save_options():
+      for item, part in self._items(nested).items():
+        partial.save(self._partial(item), part)
     faults.at('writing')
 
   def finish(self) -> dict[str, Path]:
@@ -70,8 +101,9 @@ class Writer:
                    for folder in self._saves_dirs())
     if self.location.step is None:
       items = [None]
-    for item in items:
-      partial.finalize(self._partial(item))
+    with _save_options():
+      for item in items:
+        partial.finalize(self._partial(item))
     self.barrier('finalized')
     if jax.process_index() == 0:
       if self.location.step is None:
