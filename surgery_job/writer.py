@@ -2,6 +2,7 @@
 one place the job uses that experimental API): one save per group, then one ordinary checkpoint in
 the input's layout."""
 
+import ast
 import dataclasses
 import json
 import shutil
@@ -12,6 +13,7 @@ import jax
 from orbax.checkpoint import v1 as ocp_v1
 from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 from orbax.checkpoint.experimental.v1 import partial
+from orbax.checkpoint.experimental.v1._src.partial import saving as partial_saving
 
 from surgery_job import faults
 from surgery_job.checkpoint import (CHECKPOINT_METADATA, COMMIT_FILE, STANDARD_HANDLER, Location,
@@ -35,7 +37,31 @@ def _filter_batch_requests(batch_requests, additions):
   return filtered
 
 
+_all_pairs_filter_conflicting_keys = partial_saving._filter_conflicting_keys  # pylint: disable=protected-access
+
+
+def _filter_conflicting_keys(tree_metadata: dict[str, Any]) -> dict[str, Any]:
+  """Orbax's clean-up of merged partial-save metadata (an entry that is a parent of another is
+  dropped), in one pass for keys written as tuples, as Orbax writes them: its own compares every
+  pair of keys at each group's merge (1.6 s for 1,000 leaves in 8 groups, 100 times that for
+  10,000). Other keys go to Orbax's."""
+  parsed = {}
+  for key in tree_metadata:
+    try:
+      parsed[key] = ast.literal_eval(key)
+    except (ValueError, SyntaxError):
+      parsed[key] = key
+  if not all(isinstance(path, tuple) for path in parsed.values()):
+    return _all_pairs_filter_conflicting_keys(tree_metadata)
+  parents = {path[:n] for path in parsed.values() for n in range(1, len(path))}
+  for key, path in parsed.items():
+    if path in parents:
+      del tree_metadata[key]
+  return tree_metadata
+
+
 base_pytree_checkpoint_handler._filter_batch_requests = _filter_batch_requests  # pylint: disable=protected-access
+partial_saving._filter_conflicting_keys = _filter_conflicting_keys  # pylint: disable=protected-access
 
 
 def _save_options() -> ocp_v1.Context:

@@ -21,3 +21,10 @@ def test_partial_save_filter_keeps_the_values_under_the_additions():
       request('arrays', [('params', 'a'), ('params', 'b', 'w'), ('step',)])]
   assert filter_requests(requests, {('params', 'b', 'w'), ('count',)}) == [
       request('arrays', [('params', 'b', 'w')]), request('scalars', [('count',)])]
+
+
+def test_merged_metadata_drops_entries_that_are_parents_of_others():
+  merged = {"('params', 'a')": 1, "('params', 'a', 'w')": 2, "('params', 'b')": 3, "('step',)": 4}
+  assert writer._filter_conflicting_keys(merged) == {  # pylint: disable=protected-access
+      "('params', 'a', 'w')": 2, "('params', 'b')": 3, "('step',)": 4}
+  assert writer._filter_conflicting_keys({'a': 1, 'a.b': 2}) == {'a.b': 2}  # pylint: disable=protected-access
