@@ -43,8 +43,8 @@ _all_pairs_filter_conflicting_keys = partial_saving._filter_conflicting_keys  # 
 def _filter_conflicting_keys(tree_metadata: dict[str, Any]) -> dict[str, Any]:
   """Orbax's clean-up of merged partial-save metadata (an entry that is a parent of another is
   dropped), in one pass for keys written as tuples, as Orbax writes them: its own compares every
-  pair of keys at each group's merge (1.6 s for 1,000 leaves in 8 groups, 100 times that for
-  10,000). Other keys go to Orbax's."""
+  pair of keys at each group's merge, a cost that grows with the square of the leaves (finalize
+  took 1.6 s for 1,000 leaves in 8 groups, 0.95 s with this). Other keys go to Orbax's."""
   parsed = {}
   for key in tree_metadata:
     try:
@@ -66,8 +66,8 @@ partial_saving._filter_conflicting_keys = _filter_conflicting_keys  # pylint: di
 
 def _save_options() -> ocp_v1.Context:
   """The arrays as `ocp.StandardCheckpointer` writes them: zarr v2 with zstd level 1. The v1 API's
-  default, zarr v3 with zstd level 3, took 1.7x as long to save 1 GiB here for the same size on
-  disk."""
+  default, zarr v3 with zstd level 3, spends more CPU for the same size on disk: saving 1 GiB took
+  2.0 s against 1.2 s on a busy 2-core machine."""
   context = ocp_v1.Context()
   context.array.saving.use_zarr3 = False
   return context
