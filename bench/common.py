@@ -13,10 +13,10 @@ MEASURE = ('import resource, subprocess, sys, time; start = time.perf_counter();
            'print(rc, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)')
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-  """(wall seconds, peak RSS in GiB) of `command`, run in a fresh process."""
-  out = subprocess.run([sys.executable, '-c', MEASURE, *command], env=ENV, capture_output=True,
-                       text=True, check=True).stdout.split()
+def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+  """(wall seconds, peak RSS in GiB) of `command`, run in a fresh process (`env` added to ENV)."""
+  out = subprocess.run([sys.executable, '-c', MEASURE, *command], env={**ENV, **(env or {})},
+                       capture_output=True, text=True, check=True).stdout.split()
   if out[0] != '0':
     raise SystemExit(f'failed (exit {out[0]}): {" ".join(command)}')
   return float(out[1]), int(out[2]) * 1024 / GIB

@@ -11,7 +11,10 @@ interleaved, the median of `--runs` runs of:
   (b) the job, renaming every param (every leaf passed through; validated);
   (c) the job, `configs/params_only_bf16.py`;
   (d) `cp -r` + `sync` of the checkpoint: the disk's practical limit.
-A second table times (b) on checkpoints of the same size cut into `--leaves` leaves.
+A second table times (b) on checkpoints of the same size cut into `--leaves` leaves. A third runs
+(b) with no `memory.host_budget_gb` under a faked cgroup limit of `--cgroup_gb` GB, so that the
+default budget it picks cuts the checkpoint into groups, and compares its peak RSS with 1.5x that
+budget plus the runtime's fixed cost (the peak RSS of the job on a tiny checkpoint).
 """
 
 import argparse
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 from common import ENV, GIB, measure
-from surgery_job import report
+from surgery_job import memory, report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,11 +45,11 @@ BUILD = textwrap.dedent('''
     shapes = {f'big_{i}': (rows(params_bytes / 2 / big), 1024) for i in range(big)}
     shapes.update({f'small_{i}': (rows(params_bytes / 2 / max(1, count - big)), 1024)
                    for i in range(count - big)})
-    def make():
-      return {k: {'kernel': jax.random.normal(jax.random.key(i), s, jnp.float32)}
-              for i, (k, s) in enumerate(sorted(shapes.items()))}
     sharding = NamedSharding(mesh, P('data', 'model'))
-    params = jax.jit(make, out_shardings=jax.tree.map(lambda _: sharding, jax.eval_shape(make)))()
+    # From numpy, leaf by leaf: one jitted program making 10,000 leaves takes minutes to compile.
+    rng = np.random.default_rng(0)
+    params = {k: {'kernel': jax.device_put(rng.standard_normal(s, np.float32), sharding)}
+              for k, s in sorted(shapes.items())}
     state = {'params': params, 'opt_state': optax.adam(1e-3).init(params), 'step': jnp.asarray(1)}
     with ocp.CheckpointManager(path) as manager:
       manager.save(1, args=ocp.args.Composite(default=ocp.args.StandardSave(state)))
@@ -99,17 +102,20 @@ def copy_and_sync(source: Path, target: Path) -> list[str]:
   return ['sh', '-c', f'cp -r "{source}" "{target}" && sync']
 
 
-def median_runs(commands: dict[str, list[str]], out: Path, runs: int) -> dict[str, dict]:
-  """Each command `runs` times, interleaved; the median wall time's run, with its phases."""
+def median_runs(commands: dict[str, list[str]], out: Path, runs: int,
+                env: dict[str, str] | None = None) -> dict[str, dict]:
+  """Each command `runs` times, interleaved; the median wall time's run, with its phases and
+  groups."""
   results = {name: [] for name in commands}
   for _ in range(runs):
     for name, command in commands.items():
       shutil.rmtree(out, ignore_errors=True)
       subprocess.run(['sync'], check=True)
-      wall, rss = measure(command)
-      phases = json.loads(report.find(out).read_text())['seconds'] if (out / '1').is_dir() and (
+      wall, rss = measure(command, env)
+      found = json.loads(report.find(out).read_text()) if (out / '1').is_dir() and (
           out / '1' / report.REPORT).is_file() else {}
-      results[name].append({'wall': wall, 'rss': rss, 'phases': phases})
+      results[name].append({'wall': wall, 'rss': rss, 'phases': found.get('seconds', {}),
+                            'groups': len(found.get('groups', []))})
   shutil.rmtree(out, ignore_errors=True)
   return {name: sorted(rows, key=lambda r: r['wall'])[len(rows) // 2] for name, rows in results.items()}
 
@@ -120,6 +126,7 @@ def main() -> None:
   parser.add_argument('--gib', type=float, default=1.0)
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--leaves', default='100,1000,10000')
+  parser.add_argument('--cgroup_gb', type=float, default=1.0)
   args = parser.parse_args()
   root = Path(args.dir)
   shutil.rmtree(root, ignore_errors=True)
@@ -140,19 +147,48 @@ def main() -> None:
   print('| run | wall s | read MB/s | peak RSS GiB | phases (s) |')
   print('|---|---|---|---|---|')
   for name, row in rows.items():
-    phases = ', '.join(f'{k} {v:.1f}' for k, v in row['phases'].items() if v >= 0.05)
-    print(f"| {name} | {row['wall']:.1f} | {size / 1e6 / row['wall']:.0f} | {row['rss']:.2f} | {phases} |")
+    print(f"| {name} | {row['wall']:.1f} | {size / 1e6 / row['wall']:.0f} | {row['rss']:.2f} | "
+          f"{phases(row)} |")
   a, b, _, d = (row['wall'] for row in rows.values())
   print(f'\nb/a = {b / a:.2f}, b/d = {b / d:.2f}')
 
-  print('\n| leaves | wall s | ms per leaf |')
-  print('|---|---|---|')
+  print('\n| leaves | GiB | wall s | ms per leaf | phases (s) |')
+  print('|---|---|---|---|---|')
   for count in (int(n) for n in args.leaves.split(',')):
     many = root / f'in_{count}'
-    leaves, _ = build(many, args.gib, count)
+    leaves, many_size = build(many, args.gib, count)
     row = median_runs({'job': job(str(root / 'rename.py'), many, out)}, out, args.runs)['job']
-    print(f"| {leaves} | {row['wall']:.1f} | {row['wall'] * 1e3 / leaves:.1f} |")
+    print(f"| {leaves} | {many_size / GIB:.2f} | {row['wall']:.1f} | {row['wall'] * 1e3 / leaves:.1f} | "
+          f"{phases(row)} |")
     shutil.rmtree(many)
+
+  default_budget(root, source, out, args)
+
+
+def phases(row: dict) -> str:
+  return ', '.join(f'{k} {v:.1f}' for k, v in row['phases'].items() if v >= 0.05)
+
+
+def default_budget(root: Path, source: Path, out: Path, args) -> None:
+  """(b) with the budget the job picks under a faked cgroup limit, against 1.5x that budget plus
+  the runtime's fixed cost."""
+  cgroup = root / 'cgroup'
+  cgroup.mkdir()
+  (cgroup / 'memory.max').write_text(f'{int(args.cgroup_gb * 1e9)}\n')
+  (cgroup / 'memory.current').write_text('0\n')
+  memory.CGROUP_ROOT = cgroup
+  budget, how = memory.default_budget(1)
+  tiny = root / 'in_tiny'
+  build(tiny, 0.001, 30)
+  fixed = median_runs({'tiny': job(str(root / 'rename.py'), tiny, out)}, out, args.runs)['tiny']
+  row = median_runs({'job': job(str(root / 'rename.py'), source, out)}, out, args.runs,
+                    {'SURGERY_JOB_CGROUP_ROOT': str(cgroup)})['job']
+  bound = 1.5 * budget / GIB + fixed['rss']
+  print(f'\ndefault budget: {budget / 1e9:.2f} GB ({how})\n')
+  print('| run | groups | wall s | peak RSS GiB | 1.5 x budget + fixed cost, GiB |')
+  print('|---|---|---|---|---|')
+  print(f"| (b) job, rename, default budget | {row['groups']} | {row['wall']:.1f} | {row['rss']:.2f} | "
+        f"{1.5 * budget / GIB:.2f} + {fixed['rss']:.2f} = {bound:.2f} |")
 
 
 if __name__ == '__main__':

@@ -9,19 +9,25 @@ import jax
 from orbax.checkpoint.experimental import v1
 from orbax.checkpoint.experimental.v1 import options, partial
 
-from surgery_job import faults, paths
+from surgery_job import faults, orbax_speedups, paths
 from surgery_job.checkpoint import (CHECKPOINT_METADATA, COMMIT_FILE, STANDARD_HANDLER, Location,
                                     step_metadata)
 
 PARTIAL_ITEM = 'state'  # The item folder a partial save writes under the path it is given.
 
+orbax_speedups.install()
+
 
 def _context() -> v1.Context:
-  """Partial saves write into a temporary folder and rename it, wherever they go: on gs:// Orbax
-  would otherwise write in place with a commit file, which partial saves refuse. The staging
-  folder, not these renames, is what keeps an unfinished output out of readers' sight."""
+  """How the partial saves write. Into a temporary folder, renamed when done, wherever they go: on
+  gs:// Orbax would otherwise write in place with a commit file, which partial saves refuse (the
+  staging folder, not these renames, keeps an unfinished output out of readers' sight). And the
+  arrays as `ocp.StandardCheckpointer` writes them, zarr v2 with zstd level 1: the v1 API's
+  default, zarr v3 with zstd level 3, spends more CPU for the same size on disk (saving 1 GiB took
+  2.0 s against 1.2 s on a busy 2-core machine)."""
   context = v1.Context()
   context.atomicity.mode = options.AtomicityMode.ATOMIC_RENAME
+  context.array.saving.use_zarr3 = False
   return context
 
 

@@ -212,10 +212,22 @@ def test_a_metadata_entry_removed_is_refused(layered, tmp_path):
 def test_digests_compile_once_per_kind_of_leaf():
   arrays = {f'w{i}': jnp.full((4,), i, jnp.float32) for i in range(300)}
   arrays['m'] = jnp.ones((3, 5), jnp.bfloat16)
-  before = validate._digest._cache_size()  # pylint: disable=protected-access
+  before = validate._digest_batch._cache_size()  # pylint: disable=protected-access
   sums = validate.digests(arrays)
-  assert validate._digest._cache_size() - before <= 2  # pylint: disable=protected-access
+  assert validate._digest_batch._cache_size() - before <= 2  # pylint: disable=protected-access
   assert sums.keys() == arrays.keys()
   assert sums['w7'][:2] == ((4,), 'float32') and sums['m'][:2] == ((3, 5), 'bfloat16')
   assert sums['w7'] != sums['w8']
 
+
+
+def test_digests_of_small_and_large_leaves_are_the_position_weighted_sums():
+  mesh = checkpoints.mesh_2x4()
+  for shape in ((16, 12), (70000, 4, 2)):  # Below and above validate.SMALL elements.
+    values = np.random.default_rng(0).integers(0, 2**32, shape, dtype=np.uint32)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data', 'model'))
+    array = jax.device_put(values, sharding)
+    bits = values.astype(np.uint64).ravel()
+    weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1
+    assert validate.digests({'k': array})['k'][2] == (int(bits.sum() % 2**32),
+                                                      int((bits * weights % 2**32).sum() % 2**32))
