@@ -1,7 +1,8 @@
 """Two of Orbax 0.12.8's private helpers in one pass instead of all pairs: with many leaves they
 were most of the write (`_filter_batch_requests` about 20 s for 10,000 leaves, run at every
 partial save; `_filter_conflicting_keys` at every merge of one). The replacements keep what
-Orbax's keep (tests/test_orbax_speedups.py); another Orbax version keeps its own, which may have changed.
+Orbax's keep (tests/test_orbax_speedups.py); another Orbax version keeps its own, which may have
+changed.
 """
 
 import ast
