@@ -164,14 +164,20 @@ def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[
   root = paths.of(path, 'input.path')
   if not root.is_dir() or _is_pytree(root):
     raise SurgeryError(f'input.step={step!r} needs a CheckpointManager directory at input.path {root}')
-  committed = committed_steps(root)
+  return choose_steps(step, committed_steps(root), exported, root, 'committed steps')
+
+
+def choose_steps(step: Any, available: list[int], exported: Callable[[int], bool], where: Any,
+                 label: str) -> list[int]:
+  """The steps of `available` (oldest first) that `input.step` ('all', 'new' or a list) names;
+  the error for a step that is not there lists them as `label` of `where`."""
   if step == 'all':
-    return committed
+    return available
   if step == 'new':
-    return [s for s in committed if not exported(s)]
-  missing = sorted(set(step) - set(committed))
+    return [s for s in available if not exported(s)]
+  missing = sorted(set(step) - set(available))
   if missing:
-    raise SurgeryError(f'input.step {missing[0]} not found in {root} (committed steps: {committed})')
+    raise SurgeryError(f'input.step {missing[0]} not found in {where} ({label}: {available})')
   return sorted(set(step))
 
 

@@ -93,14 +93,7 @@ def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[
   found = sorted(s for s in _steps(paths.of(path, 'input.path')) if s is not None)
   if not found:
     raise SurgeryError(f'input.step={step!r} needs checkpoint_<step> files at input.path {path}')
-  if step == 'all':
-    return found
-  if step == 'new':
-    return [s for s in found if not exported(s)]
-  missing = sorted(set(step) - set(found))
-  if missing:
-    raise SurgeryError(f'input.step {missing[0]} not found in {path} (steps: {found})')
-  return sorted(set(step))
+  return checkpoint.choose_steps(step, found, exported, path, 'steps')
 
 
 def locate(path: str, step: Any, item: str | None) -> Source:
