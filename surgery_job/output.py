@@ -38,16 +38,15 @@ import json
 import os
 import time
 
-import orbax.checkpoint as ocp
 from absl import logging
 
 from surgery_job import faults, lock as lock_lib, paths
+from surgery_job.checkpoint import COMMIT_FILE
 from surgery_job.errors import SurgeryError
 from surgery_job.report import REPORT
 
 MARKER = 'SURGERY_JOB_STAGING'
-COMMITTING = 'COMMITTING'  # Object stores: the staged checkpoint is validated and being copied.
-COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
+COMMITTING = 'COMMITTING'  # Object stores: the staged checkpoint is validated and being moved.
 PARTIAL_SAVES = '.partial_save'  # Where Orbax's partial saves wait to be finalized.
 SUFFIX = '.orbax-checkpoint-tmp-surgery'
 DELETING = '.orbax-checkpoint-tmp-surgery-deleting'
@@ -206,9 +205,7 @@ class Staging:
     committing = self.root / COMMITTING
     if committing.read_text() == _REPLACING:
       if self.unit.exists():  # Nothing moved yet: everything here is the older output.
-        for commit_file in _commit_files(self.unit):
-          commit_file.unlink(missing_ok=True)
-        self.unit.rmtree()
+        _hide_and_delete(self.unit)
       committing.write_text(_MOVING)
     # What an earlier run moved is in place already; the commit files go last, the unit's own
     # (the shallowest) at the very end.
@@ -248,7 +245,7 @@ class Claim:
     self.lock.acquire(wait_seconds)
     resumable = self.staging.recover(run_fingerprint)
     unit = self.target.unit
-    if present(unit) or unit.exists():
+    if unit.exists():  # Seen by readers or not: only overwrite replaces it.
       found = existing_fingerprint(unit) if present(unit) else None
       if found == run_fingerprint:
         if resumable:
@@ -283,13 +280,17 @@ class Claim:
 
 def steps(root: paths.Path) -> list[int]:
   """The step folders of the output directory `root` that readers see, oldest first."""
-  return sorted(int(p.name) for p in root.iterdir()
-                if p.name.isdigit() and p.is_dir() and present(p))
+  return sorted(int(name) for name, (is_dir, _) in paths.listing(root).items()
+                if name.isdigit() and is_dir and present(root / name))
 
 
-def _commit_files(unit: paths.Path) -> list[paths.Path]:
-  """The unit's commit files, its own last: deleted in this order, the unit is hidden first."""
-  return sorted((f for f in paths.files(unit) if f.name == COMMIT_FILE), key=lambda f: len(f.parts))
+def _hide_and_delete(unit: paths.Path) -> None:
+  """Deletes an object-store unit so that no reader sees it half gone: its commit files first, its
+  own (the shallowest) before its items', then the rest."""
+  for commit_file in sorted((f for f in paths.files(unit) if f.name == COMMIT_FILE),
+                            key=lambda f: len(f.parts)):
+    commit_file.unlink(missing_ok=True)
+  unit.rmtree()
 
 
 def prune(root: paths.Path, keep: int, lock_timeout_seconds: float) -> None:
@@ -303,9 +304,8 @@ def prune(root: paths.Path, keep: int, lock_timeout_seconds: float) -> None:
     except SurgeryError:
       continue
     try:
-      if paths.on_object_store(unit):  # Hidden from readers by its commit file, then deleted.
-        (unit / COMMIT_FILE).unlink(missing_ok=True)
-        unit.rmtree()
+      if paths.on_object_store(unit):
+        _hide_and_delete(unit)
       else:
         unit.rename(unit.with_name(unit.name + DELETING))
     finally:
