@@ -11,12 +11,11 @@ between moving an old output aside and renaming the new one in, `renamed` just a
 """
 
 import os
-import time
 from pathlib import Path
 
 import jax
 
-from surgery_job import paths
+from surgery_job import paths, stopping
 
 FAULT = 'SURGERY_JOB_FAULT'
 PAUSE = 'SURGERY_JOB_PAUSE'
@@ -41,7 +40,7 @@ def at(point: str) -> None:
   if _here(os.environ.get(PAUSE), point):
     Path(os.environ[PAUSE_FILE]).write_text(f'{point} {os.getpid()}')
     while True:
-      time.sleep(1)
+      stopping.sleep(1)
 
 
 def corrupt_output(item_dir: paths.Path) -> None:

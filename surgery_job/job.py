@@ -25,6 +25,7 @@ class Phases:
   @contextlib.contextmanager
   def __call__(self, name: str, log: bool = True):
     """Times one phase, or (with `log=False`) one group's share of a streamed phase."""
+    stopping.check()
     start = time.perf_counter()
     faults.at(name)
     yield
@@ -93,7 +94,7 @@ def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
       if jax.process_index() == 0:
         logging.info('No new step for %.0f s: the watch ends.', config.watch.idle_timeout_seconds)
       return reports
-    time.sleep(config.watch.poll_seconds)
+    stopping.sleep(config.watch.poll_seconds)
 
 
 def convert(config, step, barrier_timeout_seconds: int, named: bool) -> dict | None:

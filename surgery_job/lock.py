@@ -17,7 +17,7 @@ import uuid
 
 from absl import logging
 
-from surgery_job import paths
+from surgery_job import paths, stopping
 from surgery_job.errors import SurgeryError
 
 SUFFIX = '.surgery-lock'
@@ -105,7 +105,7 @@ class Lock:
               f'{self.unit} is being written by another run ({describe(owner)}); it stays locked '
               f'until that run ends or is silent for {self.timeout_seconds:.0f} s '
               f'(set output.wait_seconds to wait for it)')
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        stopping.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     except (PermissionError, FileNotFoundError, NotADirectoryError) as e:
       raise SurgeryError(f'cannot write beside {self.unit}: {e.strerror}') from None
     except ValueError as e:  # tensorstore's errors: one line, without its spec.

@@ -1,5 +1,10 @@
 """SIGTERM at any moment: exit 75 with nothing half-committed, within a bounded time.
 
+The handler only records the signal; the run stops where it checks (`check`, `sleep`: each
+phase, each group, each wait), never inside whatever Python code the signal happened to land in.
+An exception raised from the handler itself lands anywhere, in a garbage-collection callback or an
+asyncio callback of Orbax's, which swallow it: the run would go on and print a traceback.
+
 Python runs a signal handler only once the main thread is back in Python code, which a long XLA
 call or a barrier can put off for minutes. So the C-level handler also writes the signal into a
 pipe (`signal.set_wakeup_fd`), and a thread that reads it at once bounds the stop: after
@@ -25,7 +30,8 @@ _in_commit = False
 
 
 class Preempted(BaseException):
-  """Raised in the main thread by SIGTERM; a BaseException so no `except Exception` swallows it."""
+  """Raised where the run checks for SIGTERM; a BaseException so no `except Exception` swallows
+  it."""
 
 
 def exit_code() -> int:
@@ -38,7 +44,7 @@ def install(stop_timeout_seconds: int, stop: Callable[[int, str], None]) -> None
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)
   signal.set_wakeup_fd(write_end)
-  signal.signal(signal.SIGTERM, _raise)
+  signal.signal(signal.SIGTERM, lambda signum, frame: _note())
 
   def force_stop():
     with _commit:
@@ -66,13 +72,6 @@ def _note() -> None:
                       '' if finished.is_set() else ' before the next commit')
 
 
-def _raise(signum, frame) -> None:
-  del signum, frame
-  _note()
-  if not (_in_commit or finished.is_set()):
-    raise Preempted()
-
-
 def finish() -> None:
   """The run has nothing left to do: a SIGTERM from now on changes nothing. It is ignored, not
   handled, because Python gives a handled signal back its default (death) while it shuts down."""
@@ -81,9 +80,15 @@ def finish() -> None:
 
 
 def check() -> None:
-  """Stops here if SIGTERM came during the last commit."""
-  if requested.is_set():
+  """Stops here if SIGTERM came, unless a commit is under way or the run is done."""
+  if requested.is_set() and not (_in_commit or finished.is_set()):
     raise Preempted()
+
+
+def sleep(seconds: float) -> None:
+  """`time.sleep`, cut short by SIGTERM to stop here."""
+  requested.wait(seconds)
+  check()
 
 
 @contextlib.contextmanager
