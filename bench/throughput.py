@@ -1,10 +1,11 @@
 """Wall time, read throughput and peak RSS of the job next to a naive script and `cp -r`.
 
   .venv/bin/python bench/throughput.py [--dir=/tmp/surgery_throughput] [--gib=1] [--runs=3]
-                                       [--leaves=100,1000,10000]
+                                       [--leaves=100,1000,10000] [--moments=trained]
 
 Builds a float32 checkpoint of `--gib` GiB: params (4 large matrices, many small ones) and their
-optax Adam state, sharded over a ('data', 'model') 2x4 mesh of 8 fake CPU devices. Then times,
+optax Adam state (after one step from random gradients, or `--moments=zeros` as `init` leaves it,
+which zstd packs to a third), sharded over a ('data', 'model') 2x4 mesh of 8 fake CPU devices. Then times,
 interleaved, the median of `--runs` runs of:
   (a) naive: the Flax guide's script: restore everything with its saved shardings, rename every
       param in the flat dict (and its moments), save everything; no validation;
@@ -36,7 +37,7 @@ BUILD = textwrap.dedent('''
     import math, sys
     import jax, jax.numpy as jnp, numpy as np, optax, orbax.checkpoint as ocp
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-    path, gib, leaves = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    path, gib, leaves, moments = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
     # Params are a third of the checkpoint (Adam keeps two moments); leaves counts all three.
     params_bytes, count = gib * 2**30 / 3, max(1, leaves // 3)
@@ -50,7 +51,12 @@ BUILD = textwrap.dedent('''
     rng = np.random.default_rng(0)
     params = {k: {'kernel': jax.device_put(rng.standard_normal(s, np.float32), sharding)}
               for k, s in sorted(shapes.items())}
-    state = {'params': params, 'opt_state': optax.adam(1e-3).init(params), 'step': jnp.asarray(1)}
+    adam = optax.adam(1e-3)
+    opt_state = adam.init(params)
+    if moments == 'trained':  # One Adam step from random gradients: moments as a trainer saves them.
+      grads = jax.tree.map(lambda p: jax.device_put(rng.standard_normal(p.shape, np.float32), sharding), params)
+      opt_state = adam.update(grads, opt_state, params)[1]
+    state = {'params': params, 'opt_state': opt_state, 'step': jnp.asarray(1)}
     with ocp.CheckpointManager(path) as manager:
       manager.save(1, args=ocp.args.Composite(default=ocp.args.StandardSave(state)))
       manager.wait_until_finished()
@@ -87,8 +93,8 @@ RENAME = textwrap.dedent('''
 ''')
 
 
-def build(path: Path, gib: float, leaves: int) -> tuple[int, int]:
-  out = subprocess.run([sys.executable, '-c', BUILD, str(path), str(gib), str(leaves)], env=ENV,
+def build(path: Path, gib: float, leaves: int, moments: str = 'trained') -> tuple[int, int]:
+  out = subprocess.run([sys.executable, '-c', BUILD, str(path), str(gib), str(leaves), moments], env=ENV,
                        capture_output=True, text=True, check=True).stdout.split()
   return int(out[0]), int(out[1])
 
@@ -127,6 +133,8 @@ def main() -> None:
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--leaves', default='100,1000,10000')
   parser.add_argument('--cgroup_gb', type=float, default=1.0)
+  parser.add_argument('--moments', choices=('trained', 'zeros'), default='trained',
+                      help="Adam's moments after one step, or as `init` leaves them (zstd packs zeros)")
   args = parser.parse_args()
   root = Path(args.dir)
   shutil.rmtree(root, ignore_errors=True)
@@ -134,8 +142,9 @@ def main() -> None:
   (root / 'rename.py').write_text(RENAME)
   (root / 'naive.py').write_text(NAIVE)
   source, out = root / 'in', root / 'out'
-  leaves, size = build(source, args.gib, 30)
-  print(f'checkpoint: {leaves} leaves, {size / GIB:.2f} GiB (params and Adam state), 2x4 mesh')
+  leaves, size = build(source, args.gib, 30, args.moments)
+  print(f'checkpoint: {leaves} leaves, {size / GIB:.2f} GiB (params and Adam state, {args.moments} '
+        f'moments), {disk_mib(source):.0f} MiB on disk, 2x4 mesh')
   commands = {
       '(a) naive Orbax script': [sys.executable, str(root / 'naive.py'), str(source), str(out)],
       '(b) job, rename': job(str(root / 'rename.py'), source, out),
@@ -156,13 +165,17 @@ def main() -> None:
   print('|---|---|---|---|---|')
   for count in (int(n) for n in args.leaves.split(',')):
     many = root / f'in_{count}'
-    leaves, many_size = build(many, args.gib, count)
+    leaves, many_size = build(many, args.gib, count, args.moments)
     row = median_runs({'job': job(str(root / 'rename.py'), many, out)}, out, args.runs)['job']
     print(f"| {leaves} | {many_size / GIB:.2f} | {row['wall']:.1f} | {row['wall'] * 1e3 / leaves:.1f} | "
           f"{phases(row)} |")
     shutil.rmtree(many)
 
   default_budget(root, source, out, args)
+
+
+def disk_mib(path: Path) -> float:
+  return sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2**20
 
 
 def phases(row: dict) -> str:

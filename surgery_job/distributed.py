@@ -198,6 +198,14 @@ def watch_for_failures(heartbeat_timeout_seconds: int) -> None:
     watchdog.join()
 
 
+def done() -> None:
+  """Ends a run that succeeded: the exit handlers (the watchdog's, then JAX's shutdown barrier
+  with the other processes), but not Python's teardown of every module, where freeing the XLA
+  client and joining Orbax's and tensorstore's threads took 0.5 s of a 5 s surgery."""
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  _exit(0)
+
+
 def _exit(code: int) -> None:
   """Exits at once: no JAX shutdown barrier (other processes may be stuck) and no teardown of
   Orbax's background threads, whose complaints would follow the one-line error."""

@@ -105,6 +105,7 @@ def main(argv) -> None:
       raise SurgeryError('--config is required')
     job.run(_CONFIG.value, barrier_timeout_seconds=_BARRIER_TIMEOUT.value)
     stopping.finish()
+    distributed.done()
   except (stopping.Preempted, Exception) as e:  # pylint: disable=broad-except
     if stopping.requested.is_set():
       # Whatever the stop interrupted failed because of it: the input is not at fault.
