@@ -290,7 +290,8 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
       faults.at('group_written')
     expected.update(digests)
     del outputs
-    memory.release()
+    if index < len(groups) - 1:  # The next group reuses what the last one freed.
+      memory.release()
     progress.advance(index, group.host_bytes)
   if streamed:
     for name in ('restore', 'transform', 'write'):
@@ -310,7 +311,7 @@ def _validate(trees: dict[str, paths.Path], unit_dir: paths.Path, skeleton, plan
   every leaf must equal the one taken of the computed array. `skeleton`: the output's."""
   out_skeleton = tree.unflatten({k: plan.abstract_output(k) for k in plan.outputs}, skeleton)
   bad = []
-  for group in groups:
+  for index, group in enumerate(groups):
     try:
       written = checkpoint.restore(trees, out_skeleton,
                                    {k: plan.abstract_output(k) for k in group.outputs})
@@ -318,7 +319,8 @@ def _validate(trees: dict[str, paths.Path], unit_dir: paths.Path, skeleton, plan
       raise RuntimeError(f'validation failed: {checkpoint.read_error(e, unit_dir)}') from None
     bad += validate.mismatches({k: expected[k] for k in group.outputs}, validate.digests(written))
     del written
-    memory.release()
+    if index < len(groups) - 1:
+      memory.release()
   if bad:
     raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
 

@@ -223,9 +223,12 @@ def test_digests_compile_once_per_kind_of_leaf():
 
 def test_digests_of_small_and_large_leaves_are_the_position_weighted_sums():
   mesh = checkpoints.mesh_2x4()
-  for shape in ((16, 12), (70000, 4, 2)):  # Below and above validate.SMALL elements.
+  P = jax.sharding.PartitionSpec
+  # Below and above validate.SMALL elements; rows sharded or not, one axis.
+  for shape, spec in (((16, 12), P('data', 'model')), ((70000, 4, 2), P('data', 'model')),
+                      ((5000, 40), P(None, 'data')), ((2**17,), P('model'))):
     values = np.random.default_rng(0).integers(0, 2**32, shape, dtype=np.uint32)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data', 'model'))
+    sharding = jax.sharding.NamedSharding(mesh, spec)
     array = jax.device_put(values, sharding)
     bits = values.astype(np.uint64).ravel()
     weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1
