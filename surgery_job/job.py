@@ -266,6 +266,7 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
       logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
                       'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
                       budget_bytes / 1e9)
+    compiling = validate.compile_ahead({k: plan.abstract_output(k) for k in group.outputs})
     with phases('restore', log=not streamed):
       try:
         wanted = {k: inputs[k] for k in group.inputs}
@@ -281,6 +282,7 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
                else restored[plan.outputs[k].passthrough] for k in group.outputs}
     del restored, computed  # Inputs that no output passes through are freed before the write.
     with phases('write', log=not streamed):
+      compiling.join()
       digests = validate.digests(outputs)
       saves = writer.saves() if jax.process_index() == 0 else set()
       writer.write(tree.unflatten(outputs, out_skeleton))
