@@ -8,6 +8,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -301,17 +302,33 @@ def restore(trees: dict[str, paths.Path], skeleton: Any,
   return joined(parts)
 
 
+WHOLE_LEAF_BYTES = 1 << 20  # A leaf up to this size is read whole by each process.
+
+
+def whole_bytes(x: jax.ShapeDtypeStruct) -> int:
+  """The bytes of `x` when it is read whole (0 when not), on each process, besides its shards.
+  Orbax reads each shard of a sharded leaf in a task of its own: about 5 ms a leaf of 8 shards,
+  against 0.6 ms for the leaf whole, then cut into its shards here. For small leaves that cost
+  dominates, and reading one whole costs each process little more."""
+  nbytes = x.size * x.dtype.itemsize
+  small = nbytes <= WHOLE_LEAF_BYTES and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  return nbytes if small else 0
+
+
 def _restore_one(item_dir: paths.Path, skeleton: Any,
                  targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   flat_skeleton = tree.flatten(skeleton)
   item = tree.unflatten({k: targets.get(k, ocp.PLACEHOLDER) for k in flat_skeleton}, skeleton)
   restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+      lambda x: (ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype) if whole_bytes(x) else
+                 ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype))
       if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), item)
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args))
-  return {k: v for k, v in tree.flatten(restored).items() if k in targets}
+  return {k: jax.make_array_from_callback(v.shape, targets[k].sharding, v.__getitem__)
+          if isinstance(v, np.ndarray) else v
+          for k, v in tree.flatten(restored).items() if k in targets}
 
 
 def step_metadata(location: Location) -> dict:

@@ -194,9 +194,10 @@ def _claimed(config, claim: output.Claim, source, skeletons, inputs, plan, group
     staging.create(run_fingerprint)
   barrier('staged')
   cast_errors = {}
-  reused = _write_and_validate(source, skeletons, inputs, plan, groups, staging, phases, barrier,
-                               budget_bytes, staging.written_groups() if state == 'resume' else None,
-                               config.output.custom_metadata.to_dict(), cast_errors)
+  with memory.long_lived():
+    reused = _write_and_validate(source, skeletons, inputs, plan, groups, staging, phases, barrier,
+                                 budget_bytes, staging.written_groups() if state == 'resume' else None,
+                                 config.output.custom_metadata.to_dict(), cast_errors)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
                             reused, cast_errors)
   with phases('commit'), stopping.committing():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from surgery_job import cast_errors, keys, sharding, storage, transforms, tree
+from surgery_job import cast_errors, checkpoint, keys, sharding, storage, transforms, tree
 from surgery_job.errors import SurgeryError
 from surgery_job.transforms import Leaf, State
 
@@ -121,7 +121,9 @@ class Plan:
 
     def bytes_of(keys):
       # An output passed through is written from its input's arrays, but writing copies it to host.
-      return (sum(host_bytes(self.inputs[k]) for k in inputs_of(keys))
+      # A small input is read whole before it is cut into its shards.
+      return (sum(host_bytes(self.inputs[k]) + checkpoint.whole_bytes(self.inputs[k])
+                  for k in inputs_of(keys))
               + sum(host_bytes(self.abstract_output(k)) for k in keys))
 
     packed: list[tuple[list[str], int]] = []

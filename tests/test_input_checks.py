@@ -234,3 +234,23 @@ def test_digests_of_small_and_large_leaves_are_the_position_weighted_sums():
     weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1
     assert validate.digests({'k': array})['k'][2] == (int(bits.sum() % 2**32),
                                                       int((bits * weights % 2**32).sum() % 2**32))
+
+
+def test_small_leaves_read_whole_and_large_ones_by_shard_restore_onto_their_shardings(tmp_path):
+  mesh = checkpoints.mesh_2x4()
+  P = jax.sharding.PartitionSpec
+  rng = np.random.default_rng(0)
+  values = {'small': rng.standard_normal((64, 32)).astype(np.float32),  # 8 KiB: read whole
+            'bf16': rng.standard_normal((16, 8)).astype(jnp.bfloat16),
+            'large': rng.standard_normal((1024, 512)).astype(np.float32)}  # 2 MiB: by shard
+  specs = {'small': P('data', 'model'), 'bf16': P(None, 'model'), 'large': P('model', 'data')}
+  targets = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.NamedSharding(mesh, specs[k]))
+             for k, v in values.items()}
+  assert [k for k, x in targets.items() if checkpoint.whole_bytes(x)] == ['small', 'bf16']
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(epath.Path(tmp_path / 'ckpt'), {k: jax.device_put(v, targets[k].sharding)
+                                                      for k, v in values.items()})
+  restored = checkpoint.restore({'': epath.Path(tmp_path / 'ckpt')}, values, targets)
+  for key, value in values.items():
+    np.testing.assert_array_equal(np.asarray(restored[key]), value)
+    assert restored[key].sharding.spec == specs[key] and restored[key].dtype == value.dtype
