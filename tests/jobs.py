@@ -1,4 +1,5 @@
-"""Runs surgery_job as users do: a subprocess, a config file, command-line overrides."""
+"""Runs surgery_job as users do: a subprocess, a config file, command-line overrides; several
+processes through launch/local.sh."""
 
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+JOB = f'{sys.executable} -m surgery_job'
 
 
 def write_config(directory: Path, config: dict, name: str = 'config.py') -> Path:
@@ -29,6 +31,16 @@ def run_job(config_file, *overrides: str, devices: int = 8, timeout: int = 300,
             env: dict | None = None) -> subprocess.CompletedProcess:
   return subprocess.run(job_command(config_file, *overrides), cwd=REPO, env=job_env(devices, env),
                         capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def launch(processes: int, *args: str, log_dir, devices_per_process: int = 4, command: str = JOB,
+           env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+  """`launch/local.sh processes -- args`: that many processes joined on 127.0.0.1."""
+  full_env = {**os.environ, 'SURGERY_JOB': command, 'LOG_DIR': str(log_dir),
+              'DEVICES_PER_PROCESS': str(devices_per_process), **(env or {})}
+  return subprocess.run(['bash', str(REPO / 'launch' / 'local.sh'), str(processes), '--', *args],
+                        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+                        check=False)
 
 
 def surgery(tmp_path: Path, input_path, transforms: list, **fields) -> tuple[Path, subprocess.CompletedProcess]:

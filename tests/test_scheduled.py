@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import checkpoints
-from jobs import REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
+from jobs import REPO, assert_unlocked, job_command, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input
 from write_steps import state_at
 
@@ -145,7 +145,6 @@ def test_watch_stops_on_sigterm(tmp_path):
 
 
 def test_two_processes_agree_on_the_steps(trained, tmp_path):
-  from test_multiprocess import launch  # pylint: disable=import-outside-toplevel
   out = tmp_path / 'out'
   ok(launch(2, f'--config={write_config(tmp_path, SERVING)}', f'--config.input.path={trained}',
             f'--config.output.path={out}', '--config.input.step=all', log_dir=tmp_path / 'logs'))
