@@ -1,10 +1,16 @@
 """Runs surgery_job as users do: a subprocess, a config file, command-line overrides; several
-processes through launch/local.sh."""
+processes through launch/local.sh; refusals in this process through the command's own entry points."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import jax
+import ml_collections
+
+from surgery_job import config as config_lib, job
+from surgery_job.errors import SurgeryError
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = f'{sys.executable} -m surgery_job'
@@ -41,6 +47,21 @@ def launch(processes: int, *args: str, log_dir, devices_per_process: int = 4, co
   return subprocess.run(['bash', str(REPO / 'launch' / 'local.sh'), str(processes), '--', *args],
                         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
                         check=False)
+
+
+def outcome(fields: dict) -> str:
+  """'ok', or 'error: ' and the line the command prints after 'surgery-job: error: ': `fields` run
+  in this process as the command runs a config file's ConfigDict (`config.with_defaults`, what flag
+  parsing does, then `job.run`). A SurgeryError is the command's exit 2; any other exception, its
+  exit 1 with a traceback, is raised. For refusals found before any data moves: no process to start."""
+  x64 = jax.config.jax_enable_x64
+  try:
+    job.run(config_lib.with_defaults(ml_collections.ConfigDict(fields)))
+  except SurgeryError as e:
+    return f'error: {e}'
+  finally:
+    jax.config.update('jax_enable_x64', x64)  # job.run turns it on; the tests here expect it off.
+  return 'ok'
 
 
 def surgery(tmp_path: Path, input_path, transforms: list, **fields) -> tuple[Path, subprocess.CompletedProcess]:
