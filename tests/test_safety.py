@@ -85,7 +85,7 @@ def test_sigkill_of_one_of_two_processes(point, layered, baseline, tmp_path):
   out, _, staging = paths(tmp_path)
   pause_file = tmp_path / 'paused'
   args = (f'--config={config}', f'--config.input.path={in_path}', f'--config.output.path={out}',
-          '--heartbeat_timeout_seconds=10')
+          '--heartbeat_timeout_seconds=5')
   launcher = subprocess.Popen(
       ['bash', str(REPO / 'launch' / 'local.sh'), '2', '--', *args], cwd=REPO,
       env={**job_env(), 'SURGERY_JOB': f'{sys.executable} -m surgery_job',
