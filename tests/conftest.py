@@ -1,10 +1,23 @@
-"""Eight fake CPU devices for the test process; fixtures with real Orbax checkpoints; a local GCS."""
+"""Eight fake CPU devices for the test process; one JAX compilation cache for the session; fixtures
+with real Orbax checkpoints; a local GCS."""
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# The hundreds of job processes the tests start compile the same small programs: most of a run's
+# time here. They share one persistent compilation cache (inherited through the environment), new
+# for each session, so every session also compiles each program once; even the smallest programs go
+# in. It keys on the program and the devices: outputs are the same bits.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix='surgery_job_tests_jax_cache_')
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _COMPILATION_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import pytest  # pylint: disable=wrong-import-position
 
