@@ -1,16 +1,32 @@
-"""Eight fake CPU devices for the test process; fixtures with real Orbax checkpoints; a local GCS."""
+"""Eight fake CPU devices for the test process; one JAX compilation cache for the session; fixtures
+with real Orbax checkpoints; a local GCS."""
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# The hundreds of job processes the tests start compile the same small programs: most of a run's
+# time here. They share one persistent compilation cache (inherited through the environment), new
+# for each session, so every session also compiles each program once; even the smallest programs go
+# in. It keys on the program and the devices: outputs are the same bits.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix='surgery_job_tests_jax_cache_')
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _COMPILATION_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import pytest  # pylint: disable=wrong-import-position
+
+import sys  # pylint: disable=wrong-import-position
 
 import checkpoints  # pylint: disable=wrong-import-position
 import gcs_emulator  # pylint: disable=wrong-import-position
 from etils import epath  # pylint: disable=wrong-import-position
+from jobs import REPO, launch, ok, run_job, write_config  # pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope='session')
@@ -21,6 +37,27 @@ def layered(tmp_path_factory):
                             checkpoints.mesh_2x4())
   checkpoints.save_manager(path, state, step=3)
   return path, checkpoints.flat_numpy(state)
+
+
+@pytest.fixture(scope='session')
+def two_process_checkpoint(tmp_path_factory):
+  """The layered checkpoint written by 2 processes x 4 devices; its numpy values."""
+  path = tmp_path_factory.mktemp('mp') / 'ckpt'
+  ok(launch(2, str(path), log_dir=path.parent / 'logs',
+            command=f'{sys.executable} {REPO / "tests" / "write_checkpoint.py"}'))
+  assert {p.name for p in (path / '3' / 'default').glob('ocdbt.process_*')} == {'ocdbt.process_0', 'ocdbt.process_1'}
+  return path, checkpoints.flat_numpy(checkpoints.train_state(checkpoints.layered_params()))
+
+
+@pytest.fixture(scope='session')
+def baseline(layered, tmp_path_factory):
+  """The output of an uninterrupted run of test_safety.TRANSFORMS on `layered`, and the config file
+  that made it."""
+  from test_safety import TRANSFORMS, values  # pylint: disable=import-outside-toplevel
+  directory = tmp_path_factory.mktemp('baseline')
+  config = write_config(directory, {'transforms': TRANSFORMS})
+  ok(run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={directory / "out"}'))
+  return config, values(directory / 'out')
 
 
 @pytest.fixture(scope='session')

@@ -1,12 +1,15 @@
 """Bad input ends with one line naming the op and the key, exit code 2, no traceback, and nothing
-written: the output path stays absent (or as it was) and the input is untouched."""
+written: the output path stays absent (or as it was) and the input is untouched. These refusals come
+before any data moves: one case of each route the error takes (flag parsing, the config file's
+fields, an op, the plan, a path) runs as the real command; the others run in this process through
+the command's entry points (`jobs.outcome`), where a SurgeryError is exit 2."""
 
 import hashlib
 from pathlib import Path
 
 import pytest
 
-from jobs import run_job, write_config
+from jobs import outcome, run_job, write_config
 
 EMBED_PAD = dict(op='pad', pattern='embed/embedding', axis=0, size=20)
 
@@ -57,6 +60,10 @@ CASES = {
 }
 
 
+# Run as the command: its exit code and its one line, on each route.
+COMMAND_CASES = ('unknown_op', 'unknown_config_field', 'mistyped_override', 'pattern_matches_nothing')
+
+
 def digest(path: Path) -> str:
   sha = hashlib.sha256()
   for file in sorted(p for p in path.rglob('*') if p.is_file()):
@@ -73,15 +80,27 @@ def assert_bad_input(result, expected: str) -> None:
   assert expected in last, last
 
 
+def assert_refused(text: str, expected: str) -> None:
+  """`jobs.outcome` refused with one line holding `expected`: the command's exit 2 and error line."""
+  assert text.startswith('error: '), text
+  assert '\n' not in text and 'Traceback' not in text, text
+  assert expected in text, text
+
+
 @pytest.mark.parametrize('name', list(CASES))
 def test_bad_config(name, layered, tmp_path):
   fields, overrides, expected = CASES[name]
   in_path, _ = layered
   before = digest(in_path)
   out = tmp_path / 'out'
-  result = run_job(write_config(tmp_path, fields), f'--config.input.path={in_path}',
-                   f'--config.output.path={out}', *overrides)
-  assert_bad_input(result, expected)
+  if name in COMMAND_CASES:
+    result = run_job(write_config(tmp_path, fields), f'--config.input.path={in_path}',
+                     f'--config.output.path={out}', *overrides)
+    assert_bad_input(result, expected)
+  else:
+    assert not overrides, 'command-line overrides need the command'
+    assert_refused(outcome({**fields, 'input': {'path': str(in_path)}, 'output': {'path': str(out)}}),
+                   expected)
   assert not out.exists() and not list(tmp_path.glob('out*'))
   assert digest(in_path) == before
 
@@ -89,6 +108,11 @@ def test_bad_config(name, layered, tmp_path):
 def _run_paths(tmp_path, in_path, out):
   return run_job(write_config(tmp_path, {'transforms': []}), f'--config.input.path={in_path}',
                  f'--config.output.path={out}')
+
+
+def _paths_outcome(in_path, out) -> str:
+  """`_run_paths` in this process (`jobs.outcome`)."""
+  return outcome({'transforms': [], 'input': {'path': str(in_path)}, 'output': {'path': str(out)}})
 
 
 def test_missing_input(tmp_path):
@@ -101,8 +125,7 @@ def test_folder_that_is_not_a_checkpoint(tmp_path):
   folder = tmp_path / 'notes'
   folder.mkdir()
   (folder / 'readme.txt').write_text('not a checkpoint')
-  result = _run_paths(tmp_path, folder, tmp_path / 'out')
-  assert_bad_input(result, f'input.path {folder} is not an Orbax checkpoint')
+  assert_refused(_paths_outcome(folder, tmp_path / 'out'), f'input.path {folder} is not an Orbax checkpoint')
   assert not (tmp_path / 'out').exists()
 
 
@@ -111,8 +134,8 @@ def test_existing_output_step_without_overwrite(layered, tmp_path):
   out = tmp_path / 'out'
   (out / '3').mkdir(parents=True)
   (out / '3' / 'precious.txt').write_text('keep me')
-  result = _run_paths(tmp_path, in_path, out)
-  assert_bad_input(result, f'step 3 of output.path {out} exists; set output.overwrite=True to replace it')
+  assert_refused(_paths_outcome(in_path, out),
+                 f'step 3 of output.path {out} exists; set output.overwrite=True to replace it')
   assert [p.name for p in out.iterdir()] == ['3']
   assert [p.name for p in (out / '3').iterdir()] == ['precious.txt']
 
@@ -120,8 +143,7 @@ def test_existing_output_step_without_overwrite(layered, tmp_path):
 def test_output_that_is_a_file(layered, tmp_path):
   out = tmp_path / 'out'
   out.write_text('a file')
-  result = _run_paths(tmp_path, layered[0], out)
-  assert_bad_input(result, f'output.path {out} is a file')
+  assert_refused(_paths_outcome(layered[0], out), f'output.path {out} is a file')
   assert out.read_text() == 'a file'
 
 
@@ -136,7 +158,6 @@ def test_output_inside_input(layered, tmp_path):
   in_path, _ = layered
   before = digest(in_path)
   out = in_path / 'converted'
-  result = _run_paths(tmp_path, in_path, out)
-  assert_bad_input(result, f'output.path {out} is inside input.path {in_path}')
+  assert_refused(_paths_outcome(in_path, out), f'output.path {out} is inside input.path {in_path}')
   assert not out.exists()
   assert digest(in_path) == before

@@ -20,7 +20,6 @@ import pytest
 
 import checkpoints
 from jobs import REPO, ok, write_config
-from test_multiprocess import two_process_checkpoint  # pylint: disable=unused-import
 from test_ops import CASES, check_case
 
 JOB = f'{sys.executable} -m surgery_job'

@@ -10,7 +10,7 @@ import pytest
 from checkpoints import visible_steps
 from jobs import REPO, assert_unlocked, job_command, job_env, ok, run_job
 from test_bad_input import assert_bad_input
-from test_safety import assert_same, baseline, paths, start_paused, values  # pylint: disable=unused-import
+from test_safety import assert_same, paths, start_paused, values
 
 LOCKED = 'is being written by another run (host'
 

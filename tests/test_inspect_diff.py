@@ -14,9 +14,8 @@ import pytest
 
 import checkpoints
 import write_steps
-from jobs import REPO, job_env, ok, run_job, write_config
+from jobs import REPO, job_env, launch, ok, run_job, write_config
 from test_items import composite  # pylint: disable=unused-import
-from test_multiprocess import launch, two_process_checkpoint  # pylint: disable=unused-import
 
 from surgery_job import cli, diff, inspect, saved_leaves
 

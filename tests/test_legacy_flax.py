@@ -13,11 +13,10 @@ from flax import serialization, traverse_util
 from jax.sharding import PartitionSpec as P, SingleDeviceSharding
 
 import checkpoints
-from jobs import REPO, ok, run_job, surgery, write_config
+from jobs import REPO, launch, ok, run_job, surgery, write_config
 from surgery_job import example, legacy_flax, memory, plan as plan_lib, transforms, tree
 from surgery_job.transforms import Leaf
 from test_memory import fake_cgroup
-from test_multiprocess import launch
 
 LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8  # flax.optim.Adam's defaults, and optax.adam's.
 STEP = 7

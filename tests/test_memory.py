@@ -1,4 +1,6 @@
-"""Streaming under `memory.host_budget_gb`: several groups, the same output as one group."""
+"""Streaming under `memory.host_budget_gb`: several groups, the same output as one group. Every op
+streamed runs in this process (`jobs.outcome`; tests/test_ops.py runs each op as the command); the
+other streamed runs here are the command."""
 
 import json
 
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 
 import checkpoints
-from jobs import ok, run_job, surgery, write_config
+from jobs import ok, outcome, run_job, surgery, write_config
 from test_bad_input import assert_bad_input
 from test_ops import CASES, STACK, check_case
 
@@ -21,8 +23,9 @@ def report(out) -> dict:
 def test_every_op_streams_in_groups(name, layered, tmp_path):
   transforms, extra, _, _ = CASES[name]
   in_path, x = layered
-  out, result = surgery(tmp_path, in_path, transforms, **extra, **TINY_BUDGET)
-  ok(result)
+  out = tmp_path / 'out'
+  assert outcome({'transforms': transforms, **extra, **TINY_BUDGET, 'input': {'path': str(in_path)},
+                  'output': {'path': str(out)}}) == 'ok'
   assert len(report(out)['groups']) > 1
   check_case(name, out / '3' / 'default', x)
 

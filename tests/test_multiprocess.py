@@ -1,9 +1,6 @@
 """Several processes joined by jax.distributed on 127.0.0.1, started by launch/local.sh as on a
 cluster: shards live on every process, and the output is read back by one plain-Orbax process."""
 
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -11,29 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import checkpoints
-from jobs import REPO, assert_unlocked, ok, run_job, write_config
+from jobs import assert_unlocked, launch, ok, run_job, write_config
 from test_ops import CASES, check_case
-
-JOB = f'{sys.executable} -m surgery_job'
-
-
-def launch(processes: int, *args: str, log_dir, devices_per_process: int = 4, command: str = JOB,
-           env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-  full_env = {**os.environ, 'SURGERY_JOB': command, 'LOG_DIR': str(log_dir),
-              'DEVICES_PER_PROCESS': str(devices_per_process), **(env or {})}
-  return subprocess.run(['bash', str(REPO / 'launch' / 'local.sh'), str(processes), '--', *args],
-                        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
-                        check=False)
-
-
-@pytest.fixture(scope='module')
-def two_process_checkpoint(tmp_path_factory):
-  """The layered checkpoint written by 2 processes x 4 devices; its numpy values."""
-  path = tmp_path_factory.mktemp('mp') / 'ckpt'
-  ok(launch(2, str(path), log_dir=path.parent / 'logs',
-            command=f'{sys.executable} {REPO / "tests" / "write_checkpoint.py"}'))
-  assert {p.name for p in (path / '3' / 'default').glob('ocdbt.process_*')} == {'ocdbt.process_0', 'ocdbt.process_1'}
-  return path, checkpoints.flat_numpy(checkpoints.train_state(checkpoints.layered_params()))
 
 
 def run_two_processes(tmp_path, in_path, config: dict, **kwargs):

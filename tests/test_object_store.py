@@ -12,9 +12,8 @@ from etils import epath
 from jax.sharding import PartitionSpec as P
 
 import checkpoints
-from jobs import REPO, job_env, ok, run_job, write_config
+from jobs import REPO, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input
-from test_multiprocess import launch
 from test_ops import SPLIT, STACK, bf16
 from test_safety import start_paused
 

@@ -13,9 +13,8 @@ import pytest
 
 import checkpoints
 from checkpoints import visible_steps
-from jobs import REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
+from jobs import REPO, assert_unlocked, job_command, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input, digest
-from test_multiprocess import launch
 
 TRANSFORMS = [dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2'),
               dict(op='pad', pattern='embed/embedding', axis=0, size=24, init='normal')]
@@ -38,15 +37,6 @@ def assert_same(a: dict, b: dict) -> None:
   assert sorted(a) == sorted(b)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
-@pytest.fixture(scope='module')
-def baseline(layered, tmp_path_factory):
-  """The output of an uninterrupted run of TRANSFORMS, and the config file that made it."""
-  directory = tmp_path_factory.mktemp('baseline')
-  config = write_config(directory, {'transforms': TRANSFORMS})
-  ok(run_job(config, f'--config.input.path={layered[0]}', f'--config.output.path={directory / "out"}'))
-  return config, values(directory / 'out')
 
 
 def start_paused(config, in_path, out, point: str, pause_file, *extra: str, env=None) -> subprocess.Popen:
@@ -95,7 +85,7 @@ def test_sigkill_of_one_of_two_processes(point, layered, baseline, tmp_path):
   out, _, staging = paths(tmp_path)
   pause_file = tmp_path / 'paused'
   args = (f'--config={config}', f'--config.input.path={in_path}', f'--config.output.path={out}',
-          '--heartbeat_timeout_seconds=10')
+          '--heartbeat_timeout_seconds=5')
   launcher = subprocess.Popen(
       ['bash', str(REPO / 'launch' / 'local.sh'), '2', '--', *args], cwd=REPO,
       env={**job_env(), 'SURGERY_JOB': f'{sys.executable} -m surgery_job',

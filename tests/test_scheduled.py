@@ -4,6 +4,7 @@ step, 'all', 'new' and lists of steps, max_to_keep, and watch mode, with a write
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import checkpoints
-from jobs import REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
+from jobs import REPO, assert_unlocked, job_command, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input
 from write_steps import state_at
 
@@ -117,17 +118,18 @@ def test_watch_converts_each_step_as_it_appears(tmp_path):
   in_path, out = tmp_path / 'in', tmp_path / 'out'
   watcher = subprocess.Popen(
       job_command(write_config(tmp_path, {**SERVING, 'watch': {
-          'enabled': True, 'poll_seconds': 0.5, 'idle_timeout_seconds': 12.0}}),
+          'enabled': True, 'poll_seconds': 0.5, 'idle_timeout_seconds': 8.0}}),
                   f'--config.input.path={in_path}', f'--config.output.path={out}'),
       cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  writer = subprocess.run([*WRITER, str(in_path), '2', '10', '20', '30', '40'], cwd=REPO,
+  # Steps 1 s apart, well within the idle timeout; the watch then ends 8 s after the last one.
+  writer = subprocess.run([*WRITER, str(in_path), '1', '10', '20', '30', '40'], cwd=REPO,
                           env=job_env(), check=True)
   stderr = watcher.communicate(timeout=300)[1]
   assert watcher.returncode == 0, stderr[-3000:]
   assert writer.returncode == 0
   for step in (10, 20, 30):
     assert f'Converting input step {step}.' in stderr
-  assert 'input step 40' not in stderr and 'No new step for 12 s' in stderr
+  assert 'input step 40' not in stderr and 'No new step for 8 s' in stderr
   assert_exported(out, [10, 20, 30])
 
 
@@ -137,15 +139,26 @@ def test_watch_stops_on_sigterm(tmp_path):
       job_command(write_config(tmp_path, {**SERVING, 'watch': {'enabled': True, 'poll_seconds': 300.0}}),
                   f'--config.input.path={tmp_path / "in"}', f'--config.output.path={tmp_path / "out"}'),
       cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  time.sleep(6)
+  lines, watching = [], threading.Event()
+
+  def read_stderr():
+    for line in watcher.stderr:
+      lines.append(line)
+      if 'Watching' in line:
+        watching.set()
+  reader = threading.Thread(target=read_stderr, daemon=True)
+  reader.start()
+  watching.wait(timeout=120)
+  time.sleep(1)  # Past the first poll, into the 300 s sleep.
   watcher.terminate()
-  stderr = watcher.communicate(timeout=60)[1]
+  watcher.wait(timeout=60)
+  reader.join(timeout=60)
+  stderr = ''.join(lines)
   assert watcher.returncode == 75, stderr[-3000:]
   assert 'Watching' in stderr and 'Stopped by SIGTERM' in stderr
 
 
 def test_two_processes_agree_on_the_steps(trained, tmp_path):
-  from test_multiprocess import launch  # pylint: disable=import-outside-toplevel
   out = tmp_path / 'out'
   ok(launch(2, f'--config={write_config(tmp_path, SERVING)}', f'--config.input.path={trained}',
             f'--config.output.path={out}', '--config.input.step=all', log_dir=tmp_path / 'logs'))

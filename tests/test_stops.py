@@ -10,9 +10,8 @@ import psutil
 import pytest
 
 from checkpoints import visible_steps
-from jobs import REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
-from test_multiprocess import JOB, two_process_checkpoint  # pylint: disable=unused-import
-from test_safety import TRANSFORMS, assert_same, baseline, paths, values  # pylint: disable=unused-import
+from jobs import JOB, REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
+from test_safety import TRANSFORMS, assert_same, paths, values
 
 STREAMED = '--config.memory.host_budget_gb=4e-6'
 
