@@ -163,7 +163,7 @@ def main() -> None:
 
   print('\n| leaves | GiB | wall s | ms per leaf | phases (s) |')
   print('|---|---|---|---|---|')
-  for count in (int(n) for n in args.leaves.split(',')):
+  for count in (int(n) for n in args.leaves.split(',') if n):
     many = root / f'in_{count}'
     leaves, many_size = build(many, args.gib, count, args.moments)
     row = median_runs({'job': job(str(root / 'rename.py'), many, out)}, out, args.runs)['job']
