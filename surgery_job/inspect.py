@@ -7,6 +7,8 @@ For a CheckpointManager directory it lists the steps (committed, and saves in pr
 `*.orbax-checkpoint-tmp*` folders and step folders without an item yet), then the chosen step's
 items and custom metadata. Each leaf has its shape, dtype, saved PartitionSpec and size; each
 subtree its leaf count and bytes; the params root and the optimizer mirrors are those the job finds.
+A Flax msgpack checkpoint (`checkpoint_<step>`, or a folder of them) is decoded whole, as the job
+reads it: msgpack has no index of shapes, and no shardings.
 """
 
 import collections
@@ -15,7 +17,10 @@ import re
 import sys
 from typing import Any
 
-from surgery_job import checkpoint, cli, paths, saved_leaves, tree
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from surgery_job import checkpoint, cli, legacy_flax, paths, saved_leaves, tree
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-inspect'
@@ -66,23 +71,10 @@ def inspect(path: str, step: int | None = None, pattern: str | None = None,
   """Everything `inspect` shows, as the JSON it prints with `--json`."""
   root = paths.of(path)
   info: dict[str, Any] = {'path': str(root)}
-  if root.is_dir() and not (root / '_METADATA').is_file() and not cli.is_step_folder(root):
-    info['steps'] = list_steps(root)
-    if not any(s['state'] == 'committed' for s in info['steps']):
-      raise SurgeryError(f'{root} holds no committed step (step folders: '
-                         f'{[s["folder"] for s in info["steps"]]})')
-  location = cli.locate(str(root), step)
-  step_metadata = checkpoint.step_metadata(location)
-  if location.step is not None:
-    handlers = step_metadata.get('item_handlers') or {}
-    names = [*([location.item] if location.item else location.items), *location.copied]
-    info['step'] = location.step
-    info['items'] = {name: {'pytree': name not in location.copied,
-                            'handler': handlers.get(name) if isinstance(handlers, dict) else None}
-                     for name in sorted(names)}
-    info['custom_metadata'] = step_metadata.get('custom_metadata') or {}
-  saved = {tree.join(prefix, key): leaf for prefix, item_dir in location.trees().items()
-           for key, leaf in saved_leaves.read(item_dir).items()}
+  if root.exists() and legacy_flax.is_msgpack(str(root), None):
+    saved = _msgpack_leaves(root, step, info)
+  else:
+    saved = _orbax_leaves(root, step, info)
   meshes = collections.Counter(tuple(leaf.mesh.items()) for leaf in saved.values() if leaf.mesh)
   info['saved_mesh'] = dict(meshes.most_common(1)[0][0]) if meshes else None
   try:
@@ -100,6 +92,39 @@ def inspect(path: str, step: int | None = None, pattern: str | None = None,
   info['total'] = {'leaves': len(leaves), 'bytes': sum(e['bytes'] for e in leaves.values())}
   info['leaves'] = {k: e for k, e in leaves.items() if depth is None or k.count(tree.SEP) < depth}
   return info
+
+
+def _orbax_leaves(root: paths.Path, step: int | None, info: dict) -> dict[str, saved_leaves.SavedLeaf]:
+  """The leaves of an Orbax checkpoint; its steps, items and custom metadata go into `info`."""
+  if root.is_dir() and not (root / '_METADATA').is_file() and not cli.is_step_folder(root):
+    info['steps'] = list_steps(root)
+    if not any(s['state'] == 'committed' for s in info['steps']):
+      raise SurgeryError(f'{root} holds no committed step (step folders: '
+                         f'{[s["folder"] for s in info["steps"]]})')
+  location = cli.locate(str(root), step)
+  step_metadata = checkpoint.step_metadata(location)
+  if location.step is not None:
+    handlers = step_metadata.get('item_handlers') or {}
+    names = [*([location.item] if location.item else location.items), *location.copied]
+    info['step'] = location.step
+    info['items'] = {name: {'pytree': name not in location.copied,
+                            'handler': handlers.get(name) if isinstance(handlers, dict) else None}
+                     for name in sorted(names)}
+    info['custom_metadata'] = step_metadata.get('custom_metadata') or {}
+  return {tree.join(prefix, key): leaf for prefix, item_dir in location.trees().items()
+          for key, leaf in saved_leaves.read(item_dir).items()}
+
+
+def _msgpack_leaves(root: paths.Path, step: int | None,
+                    info: dict) -> dict[str, saved_leaves.SavedLeaf]:
+  """The leaves of a Flax msgpack checkpoint (a `checkpoint_<step>` file, or a folder of them),
+  decoded whole: msgpack has no index to read shapes from. It holds no shardings."""
+  source = legacy_flax.locate(str(root), step, None)
+  info['format'] = legacy_flax.FORMAT
+  if source.step is not None:
+    info['step'] = source.step
+  return {key: saved_leaves.SavedLeaf(tuple(x.shape), jnp.dtype(x.dtype), PartitionSpec(), None, None)
+          for key, x in tree.flatten(legacy_flax.read_metadata(source)).items()}
 
 
 def _tree_order(key: str) -> tuple:
@@ -122,6 +147,9 @@ def render(info: dict) -> str:
       chosen = '  <- shown' if s['folder'] == str(info['step']) else ''
       folder = f" ({s['folder']})" if s['folder'] != str(s['step']) else ''
       lines.append(f"  step {s['step']:<8} {s['state']}{folder}{chosen}")
+  elif info.get('format') == legacy_flax.FORMAT:
+    lines.append(f"{info['path']}: Flax msgpack checkpoint"
+                 + (f", step {info['step']}" if 'step' in info else ''))
   else:
     lines.append(f"{info['path']}" + (f": step {info['step']}" if 'step' in info else
                                         ': single PyTree checkpoint'))

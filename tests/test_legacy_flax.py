@@ -1,7 +1,10 @@
 """Legacy Flax checkpoints: flax.optim's layout and `checkpoint_<step>` msgpack files, operated on and
 converted to Orbax + optax, as the Flax "Model Surgery" guide's own optimizer state was."""
 
+import json
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +271,22 @@ def test_an_optimizer_field_in_a_file_without_a_step_becomes_one_pytree(msgpack_
   np.testing.assert_array_equal(got['opt_state/0/nu/Conv_1/kernel'],
                                 old['state/param_states/Conv_1/kernel/grad_sq_ema'])
   assert int(got['opt_state/0/count']) == STEP
+
+
+def test_inspect_lists_a_msgpack_checkpoint(msgpack_dir):
+  folder, flat = msgpack_dir
+  result = subprocess.run([sys.executable, '-m', 'surgery_job.inspect', str(folder), '--json'],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  info = json.loads(result.stdout)
+  assert info['format'] == 'flax_msgpack' and info['step'] == STEP
+  assert info['params_root'] == 'target'
+  assert sorted(info['leaves']) == sorted(flat)
+  for key, value in flat.items():
+    assert info['leaves'][key]['shape'] == list(np.shape(value))
+    assert info['leaves'][key]['dtype'] == np.asarray(value).dtype.name
+  assert info['total'] == {'leaves': len(flat), 'bytes': sum(np.asarray(v).nbytes for v in flat.values())}
+  older = subprocess.run([sys.executable, '-m', 'surgery_job.inspect', str(folder / 'checkpoint_3')],
+                         cwd=REPO, capture_output=True, text=True, check=False)
+  assert older.returncode == 0, older.stderr[-2000:]
+  assert older.stdout.splitlines()[0] == f'{folder / "checkpoint_3"}: Flax msgpack checkpoint, step 3'
