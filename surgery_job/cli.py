@@ -7,7 +7,7 @@ import math
 import sys
 from typing import Any, Callable
 
-from surgery_job import checkpoint, config as config_lib, paths
+from surgery_job import checkpoint, config as config_lib, legacy_flax, paths
 from surgery_job.errors import SurgeryError
 
 EXIT_BAD_INPUT = 2
@@ -31,10 +31,13 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
 
 def locate(path: str, step: Any = None) -> checkpoint.Location:
   """The checkpoint `path` names: a single PyTree checkpoint, a CheckpointManager directory (its
-  `step`, default the latest committed one), or one step folder of such a directory."""
+  `step`, default the latest committed one), one step folder of such a directory, or a Flax
+  msgpack checkpoint (a `checkpoint_<step>` file or a folder of them)."""
   folder = paths.of(path)
   if not folder.exists():
     raise SurgeryError(f'{folder} does not exist')
+  if legacy_flax.is_msgpack(str(folder), None):
+    return legacy_flax.locate(str(folder), step, None)
   if is_step_folder(folder) and step is None:
     return checkpoint.locate(str(folder.parent), int(folder.name), None)
   if step is not None and not (folder / '_METADATA').is_file():

@@ -5,8 +5,8 @@ and its output. Exit 0 when equal, 1 when different, 2 on bad input (one line on
   surgery-job-diff A B --values               # and every value, bit for bit, group by group
   surgery-job-diff A B --values --map configs/scan_layers.py:layers   # B against A run through the config
 
-A and B are CheckpointManager directories (their latest committed step), step folders of one, or
-single PyTree checkpoints. With `--map`, A's leaves go through the config's transforms with the
+A and B are CheckpointManager directories (their latest committed step), step folders of one,
+single PyTree checkpoints, or Flax msgpack checkpoints (read as the job reads them). With `--map`, A's leaves go through the config's transforms with the
 job's own plan, in memory, and the result is what B is compared with: a reviewer checks a
 conversion against its own spec. `--values` streams the leaves in the job's groups, restoring only
 one group of A and B at a time (`--host_budget_gb`), on as many processes as the job runs on
@@ -24,20 +24,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from surgery_job import (checkpoint, cli, config as config_lib, distributed, keys, memory,
-                         plan as plan_lib, sharding, transforms, tree, validate)
+                         plan as plan_lib, sharding, sources, transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-diff'
 EXIT_EQUAL, EXIT_DIFFERENT = 0, 1
-
-
-def _abstract(location: checkpoint.Location, metadata: dict[str, Any],
-              mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """{key: the leaf as the job restores it on `mesh`} of one checkpoint's flat `metadata`."""
-  impls = checkpoint.joined({
-      prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
-          location.trees().items(), checkpoint.per_tree(location.trees(), metadata).values())})
-  return plan_lib.abstract_inputs(metadata, impls, mesh)
 
 
 def _describe(shape, dtype, spec) -> dict:
@@ -104,16 +95,17 @@ def _diff(a_path, b_path, config_spec, values, host_budget_gb) -> dict:
   config = cli.load_config(config_spec) if config_spec else config_lib.get_default_config()
   config.input.path, config.dry_run = str(a.root), True
   config = config_lib.resolve(config)
-  a_skeleton, b_skeleton = checkpoint.read_metadata(a), checkpoint.read_metadata(b)
-  a_metadata = tree.flatten(a_skeleton)
+  a_skeleton, b_skeleton = sources.read_metadata(a), sources.read_metadata(b)
+  a_metadata, b_metadata = tree.flatten(a_skeleton), tree.flatten(b_skeleton)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes,
                             sharding.saved_mesh_shape(list(a_metadata.values())), jax.devices())
-  a_inputs = _abstract(a, a_metadata, mesh)
-  b_leaves = _abstract(b, tree.flatten(b_skeleton), mesh)
   try:
-    layout = tree.find_layout(list(a_inputs), config.params_root)
+    layout = tree.find_layout(list(a_metadata), config.params_root)
   except ValueError as e:
     raise SurgeryError(f'config: {e}') from None
+  a_inputs = sources.abstract_inputs(a, a_metadata, layout, mesh, config.partition_rules)
+  # A msgpack B records no specs: it is laid out as A would be, by the config's partition rules.
+  b_leaves = sources.abstract_inputs(b, b_metadata, layout, mesh, config.partition_rules)
   # Without a config this is the empty surgery: every output is its input, passed through.
   plan = plan_lib.make_plan(transforms.build(config.transforms), layout, a_inputs, mesh,
                             config.partition_rules)
@@ -141,7 +133,7 @@ def _compare_group(plan, group, comparable, a, a_skeleton, b, b_skeleton) -> dic
   if not outputs:
     return {}
   try:
-    restored = checkpoint.restore(a.trees(), a_skeleton, {k: plan.inputs[k] for k in group.inputs})
+    restored = sources.restore(a, a_skeleton, {k: plan.inputs[k] for k in group.inputs})
   except Exception as e:  # pylint: disable=broad-except
     raise SurgeryError(checkpoint.read_error(e, a.item_dir)) from None
   transform = plan_lib.transform_fn(plan, group)
@@ -150,7 +142,7 @@ def _compare_group(plan, group, comparable, a, a_skeleton, b, b_skeleton) -> dic
             else restored[plan.outputs[k].passthrough] for k in outputs}
   del restored, computed
   try:
-    written = checkpoint.restore(b.trees(), b_skeleton, {k: plan.abstract_output(k) for k in outputs})
+    written = sources.restore(b, b_skeleton, {k: plan.abstract_output(k) for k in outputs})
   except Exception as e:  # pylint: disable=broad-except
     raise SurgeryError(checkpoint.read_error(e, b.item_dir)) from None
   result = compare_values({k: (mapped[k], written[k]) for k in outputs}, plan.mesh)

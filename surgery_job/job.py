@@ -9,9 +9,9 @@ import ml_collections
 from absl import logging
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
-                         distributed, faults, keys, legacy_flax, memory, output, paths,
-                         plan as plan_lib, report as report_lib, sharding, stopping, transforms,
-                         tree, validate, writer as writer_lib)
+                         distributed, faults, legacy_flax, memory, output, paths,
+                         plan as plan_lib, report as report_lib, sharding, sources, stopping,
+                         transforms, tree, validate, writer as writer_lib)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
 
@@ -48,8 +48,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   # every op names the dtypes it creates, so nothing else changes.
   jax.config.update('jax_enable_x64', True)
   out_root = paths.of(config.output.path, 'output.path') if config.output.path else None
-  msgpack = legacy_flax.is_msgpack(config.input.path, config.input.format)
-  reader = legacy_flax if msgpack else checkpoint
+  reader = sources.reader_of(config.input.path, config.input.format)
 
   def choose_steps(step_spec) -> list:
     # The output is listed once per choice, not once per input step.
@@ -117,8 +116,7 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   phases = Phases()
 
   with phases('read'):
-    msgpack = legacy_flax.is_msgpack(config.input.path, config.input.format)
-    reader = legacy_flax if msgpack else checkpoint
+    reader = sources.reader_of(config.input.path, config.input.format)
     source = reader.locate(config.input.path, step, config.input.item)
     skeleton = reader.read_metadata(source)
     metadata = tree.flatten(skeleton)
@@ -137,14 +135,7 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
                    jax.process_count())
 
   with phases('plan'):
-    if msgpack:
-      inputs = legacy_flax.abstract_inputs(metadata, layout, mesh, config.partition_rules)
-    else:
-      # Each leaf is restored with the spec it was saved with, fitted to this job's mesh.
-      key_impls = checkpoint.joined({
-          prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
-              source.trees().items(), checkpoint.per_tree(source.trees(), metadata).values())})
-      inputs = plan_lib.abstract_inputs(metadata, key_impls, mesh)
+    inputs = sources.abstract_inputs(source, metadata, layout, mesh, config.partition_rules)
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
     try:
@@ -271,8 +262,7 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
     with phases('restore', log=not streamed):
       try:
         wanted = {k: inputs[k] for k in group.inputs}
-        restored = (legacy_flax.restore(source, wanted) if isinstance(source, legacy_flax.Source)
-                    else checkpoint.restore(source.trees(), skeleton, wanted))
+        restored = sources.restore(source, skeleton, wanted)
       except Exception as e:  # pylint: disable=broad-except
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):

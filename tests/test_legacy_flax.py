@@ -153,6 +153,14 @@ def test_convert_flax_optim_adam_to_optax(msgpack_dir, tmp_path):
     np.testing.assert_allclose(tree.flatten(new_state[0].nu)[key], grad_sq_ema, rtol=1e-6, atol=1e-9)
   assert int(new_state[0].count) == t
 
+  # A reviewer's check: the msgpack input run through the config in memory equals the output.
+  diff = subprocess.run([sys.executable, '-m', 'surgery_job.diff', str(folder), str(out), '--values',
+                         '--map', str(CONVERT)], cwd=REPO, capture_output=True, text=True, check=False)
+  assert diff.returncode == 0, diff.stdout[-2000:] + diff.stderr[-2000:]
+  assert diff.stdout.splitlines()[-1] == (
+      f'EQUAL: 0 only in A, 0 only in B, 0 changed; {2 + 3 * len(params)} of {2 + 3 * len(params)} '
+      'leaves bit-equal')
+
 
 def test_guide_surgery_on_the_flax_optim_layout(msgpack_dir, tmp_path):
   folder, old = msgpack_dir
