@@ -5,8 +5,8 @@
 
 Builds a float32 checkpoint of `--gib` GiB: params (4 large matrices, many small ones) and their
 optax Adam state (after one step from random gradients, or `--moments=zeros` as `init` leaves it,
-which zstd packs to a third), sharded over a ('data', 'model') 2x4 mesh of 8 fake CPU devices. Then times,
-interleaved, the median of `--runs` runs of:
+which zstd packs to a third), sharded over a ('data', 'model') 2x4 mesh of 8 fake CPU devices.
+Then times, interleaved, the median of `--runs` runs of:
   (a) naive: the Flax guide's script: restore everything with its saved shardings, rename every
       param in the flat dict (and its moments), save everything; no validation;
   (b) the job, renaming every param (every leaf passed through; validated);
@@ -21,7 +21,6 @@ budget plus the runtime's fixed cost (the peak RSS of the job on a tiny checkpoi
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -54,7 +53,8 @@ BUILD = textwrap.dedent('''
     adam = optax.adam(1e-3)
     opt_state = adam.init(params)
     if moments == 'trained':  # One Adam step from random gradients: moments as a trainer saves them.
-      grads = jax.tree.map(lambda p: jax.device_put(rng.standard_normal(p.shape, np.float32), sharding), params)
+      grads = jax.tree.map(
+          lambda p: jax.device_put(rng.standard_normal(p.shape, np.float32), sharding), params)
       opt_state = adam.update(grads, opt_state, params)[1]
     state = {'params': params, 'opt_state': opt_state, 'step': jnp.asarray(1)}
     with ocp.CheckpointManager(path) as manager:
@@ -94,8 +94,8 @@ RENAME = textwrap.dedent('''
 
 
 def build(path: Path, gib: float, leaves: int, moments: str = 'trained') -> tuple[int, int]:
-  out = subprocess.run([sys.executable, '-c', BUILD, str(path), str(gib), str(leaves), moments], env=ENV,
-                       capture_output=True, text=True, check=True).stdout.split()
+  out = subprocess.run([sys.executable, '-c', BUILD, str(path), str(gib), str(leaves), moments],
+                       env=ENV, capture_output=True, text=True, check=True).stdout.split()
   return int(out[0]), int(out[1])
 
 

@@ -6,9 +6,9 @@ and its output. Exit 0 when equal, 1 when different, 2 on bad input (one line on
   surgery-job-diff A B --values --map configs/scan_layers.py:layers   # B against A run through the config
 
 A and B are CheckpointManager directories (their latest committed step), step folders of one,
-single PyTree checkpoints, or Flax msgpack checkpoints (read as the job reads them). With `--map`, A's leaves go through the config's transforms with the
-job's own plan, in memory, and the result is what B is compared with: a reviewer checks a
-conversion against its own spec. `--values` streams the leaves in the job's groups, restoring only
+single PyTree checkpoints, or Flax msgpack checkpoints (read as the job reads them). With `--map`,
+A's leaves go through the config's transforms with the job's own plan, in memory, and the result
+is what B is compared with: a reviewer checks a conversion against its own spec. `--values` streams the leaves in the job's groups, restoring only
 one group of A and B at a time (`--host_budget_gb`), on as many processes as the job runs on
 (`--coordinator_address --num_processes --process_id`, or a cluster JAX detects).
 """

@@ -87,7 +87,9 @@ def _ignore_reads_after_a_failed_restore() -> None:
 
 def main(argv) -> None:
   memory.few_arenas()
-  gc.freeze()  # What the imports made lives as long as the process: no garbage collection scans it.
+  # What the imports made lives as long as the process: no garbage collection scans it, until the
+  # first step's groups end (`memory.long_lived` freezes it with the plan, then unfreezes all).
+  gc.freeze()
   _quiet_orbax()
   _ignore_reads_after_a_failed_restore()
   if len(argv) > 1:

@@ -30,7 +30,7 @@ def words(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(x, jnp.dtype(f'uint{jax.dtypes.itemsize_bits(x.dtype)}')).astype(jnp.uint32)
 
 
-SMALL = 2 ** 16  # Elements; a smaller leaf weighs each element, a larger one each row and column.
+SMALL = 2 ** 16  # Elements; a smaller leaf weighs each element, a larger one each row.
 BATCH = 16  # Small leaves of one kind digested by one program.
 
 
@@ -95,6 +95,9 @@ def digests(arrays: dict[str, jax.Array]) -> dict[str, tuple]:
   return {k: (arrays[k].shape, arrays[k].dtype.name, sums[k]) for k in arrays}
 
 
+_compiled = set()  # The kinds of leaves `compile_ahead` compiled for.
+
+
 def compile_ahead(arrays: dict[str, jax.ShapeDtypeStruct]) -> threading.Thread:
   """Starts compiling, in a thread, the programs `digests` will run on arrays like these, so that
   compiling (about 0.15 s a kind of leaf on a CPU) overlaps reading them. Join it before `digests`:
@@ -114,8 +117,6 @@ def compile_ahead(arrays: dict[str, jax.ShapeDtypeStruct]) -> threading.Thread:
   thread.start()
   return thread
 
-
-_compiled = set()  # The kinds of leaves `compile_ahead` compiled for.
 
 
 def _kinds(arrays: dict) -> dict[tuple, list[str]]:

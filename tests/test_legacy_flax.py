@@ -246,7 +246,7 @@ def test_the_budget_counts_the_decoded_file(msgpack_dir, tmp_path, fits):
 def test_two_processes_convert_with_shards_on_both(msgpack_dir, tmp_path):
   folder, old = msgpack_dir
   config = tmp_path / 'sharded.py'
-  config.write_text(f'from configs.legacy_flax_optim_to_optax import get_config as convert\n\n\n'
+  config.write_text('from configs.legacy_flax_optim_to_optax import get_config as convert\n\n\n'
                     'def get_config():\n  config = convert()\n'
                     "  config.partition_rules = [('Dense_0/kernel', ('data', None))]\n"
                     '  return config\n')

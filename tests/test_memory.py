@@ -4,7 +4,6 @@ other streamed runs here are the command."""
 
 import json
 
-import numpy as np
 import pytest
 
 import checkpoints

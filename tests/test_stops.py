@@ -3,14 +3,13 @@ output is committed) on one process or several, a peer that never starts, a peer
 
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
 from checkpoints import visible_steps
-from jobs import JOB, REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
+from jobs import JOB, REPO, assert_unlocked, job_command, job_env, write_config
 from test_safety import TRANSFORMS, assert_same, paths, values
 
 STREAMED = '--config.memory.host_budget_gb=4e-6'
