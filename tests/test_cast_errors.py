@@ -25,6 +25,32 @@ def test_statistics_of_a_float16_cast():
       'flushed_to_zero': 1}
 
 
+def numpy_statistics(source: np.ndarray, result: np.ndarray) -> dict:
+  """The statistics as their definitions say, in numpy float64."""
+  before, after = source.astype(np.float64), result.astype(np.float64)
+  finite = np.isfinite(before) & np.isfinite(after)
+  error = np.where(finite, np.abs(after - before), 0)
+  nonzero = finite & (before != 0)
+  return {'max_abs_error': np.float32(error.max(initial=0)),
+          'max_rel_error': np.float32((error[nonzero] / np.abs(before[nonzero])).max(initial=0)),
+          'overflowed': int((np.isfinite(before) & ~np.isfinite(after)).sum()),
+          'flushed_to_zero': int(((before != 0) & (after == 0)).sum())}
+
+
+@pytest.mark.parametrize('shape', [(), (7,), (3, 5), (2, 3, 40)])
+def test_statistics_of_any_rank_equal_numpy(shape):
+  rng = np.random.default_rng(len(shape))
+  source = (rng.standard_normal(shape) * 10.0 ** rng.integers(-30, 8, shape)).astype(np.float32)
+  with jax.enable_x64(True):
+    stats = cast_errors.statistics(jnp.asarray(source), jnp.asarray(source).astype(jnp.float16))
+  expected = numpy_statistics(source, source.astype(np.float16))
+  found = {k: np.asarray(v).item() for k, v in stats.items()}
+  assert found == {**expected, 'max_abs_error': pytest.approx(expected['max_abs_error']),
+                   'max_rel_error': pytest.approx(expected['max_rel_error'])}
+  if len(shape) > 1:  # Enough values that some overflow and some flush.
+    assert expected['overflowed'] and expected['flushed_to_zero']
+
+
 def bf16_error(x: np.ndarray) -> tuple[float, float]:
   back = x.astype(ml_dtypes.bfloat16).astype(np.float32)
   nonzero = x != 0
