@@ -143,6 +143,18 @@ CASES = {
         [SPLIT, dict(op='concat', sources=[r'layers_(\d+)/attn/q/kernel', r'layers_(\d+)/attn/k/kernel',
                                            r'layers_(\d+)/attn/v/kernel'], axis=1, target=r'layers_\1/attn/qkv/kernel')],
         {}, lambda x: x, {'params/layers_1/attn/qkv/kernel': P(None, 'model')}),
+    'split_heads': (
+        [dict(op='split_heads', pattern='layers_0/attn/qkv/kernel', axis=1, heads=4)], {},
+        lambda x: per_root(x, 'layers_0/attn/qkv/kernel', lambda a: a.reshape(8, 4, 6)),
+        {'params/layers_0/attn/qkv/kernel': P(None, 'model'), 'opt_state/0/mu/layers_0/attn/qkv/kernel': P(None, 'model')}),
+    'merge_heads': (
+        [dict(op='split_heads', pattern=r'layers_\d+/attn/qkv/kernel', axis=1, heads=4),
+         dict(op='merge_heads', pattern=r'layers_\d+/attn/qkv/kernel', axis=1)], {},
+        lambda x: x, {'params/layers_2/attn/qkv/kernel': P(None, 'model')}),
+    'rotary': (
+        [dict(op='rotary', pattern='layers_1/attn/qkv/kernel', to='halves')], {},
+        lambda x: per_root(x, 'layers_1/attn/qkv/kernel', lambda a: np.concatenate([a[:, 0::2], a[:, 1::2]], 1)),
+        {'params/layers_1/attn/qkv/kernel': P(None, 'model')}),
     'map': (
         [dict(op='map', pattern='head/kernel', fn='jax.numpy:negative')], {},
         lambda x: {**x, 'params/head/kernel': -x['params/head/kernel']}, {}),

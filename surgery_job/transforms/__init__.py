@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 from absl import logging
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms import layers, optimizer, shape, structure, values
+from surgery_job.transforms import heads, layers, optimizer, shape, structure, values
 from surgery_job.transforms.core import Leaf, Op, State
 
 OPS = {
@@ -28,6 +28,9 @@ OPS = {
     'unstack': layers.unstack,
     'split': layers.split,
     'concat': layers.concat,
+    'split_heads': heads.split_heads,
+    'merge_heads': heads.merge_heads,
+    'rotary': heads.rotary,
     'map': values.map,
     'reset_optimizer': optimizer.reset_optimizer,
     'drop_optimizer': optimizer.drop_optimizer,

@@ -13,7 +13,7 @@ from surgery_job.transforms.core import (Leaf, Op, State, check_init, check_mirr
                                          whole_tree)
 
 
-def _per_leaf(name: str, pattern: str, allow_empty: bool,
+def per_leaf(name: str, pattern: str, allow_empty: bool,
               change: Callable[[str, Leaf, bool], Leaf]) -> Op:
   """An op that replaces each matching leaf by `change(key, leaf, is_mirror)`."""
   def apply(state: State) -> State:
@@ -35,7 +35,7 @@ def reshape(pattern: str, shape: Sequence[int], allow_empty: bool = False) -> Op
         -1 not in shape and known != math.prod(old)):
       raise SurgeryError(f'cannot reshape {key!r} from {old} to {shape}')
     return Leaf(leaf.value.reshape(shape), None)
-  return _per_leaf('reshape', pattern, allow_empty, change)
+  return per_leaf('reshape', pattern, allow_empty, change)
 
 
 @whole_tree
@@ -51,7 +51,7 @@ def transpose(pattern: str, axes: Sequence[int], allow_empty: bool = False) -> O
       entries = tuple(leaf.spec) + (None,) * (ndim - len(leaf.spec))
       spec = PartitionSpec(*(entries[a] for a in axes))
     return Leaf(jnp.transpose(leaf.value, axes), spec)
-  return _per_leaf('transpose', pattern, allow_empty, change)
+  return per_leaf('transpose', pattern, allow_empty, change)
 
 
 @whole_tree
@@ -74,7 +74,7 @@ def pad(pattern: str, axis: int, size: int, init: str = 'zeros', stddev: float =
     else:
       new = fill(init, new_shape, x.dtype, key=key, stddev=stddev, seed=seed)
     return Leaf(jnp.concatenate([x, new], axis=ax), leaf.spec)
-  return _per_leaf('pad', pattern, allow_empty, change)
+  return per_leaf('pad', pattern, allow_empty, change)
 
 
 @whole_tree
@@ -87,4 +87,4 @@ def slice_(pattern: str, axis: int, start: int, stop: int, allow_empty: bool = F
     if end <= begin:
       raise SurgeryError(f'slice [{start}:{stop}] of {key!r} axis {ax} (size {x.shape[ax]}) is empty')
     return Leaf(lax.slice_in_dim(x, begin, end, axis=ax), leaf.spec)
-  return _per_leaf('slice', pattern, allow_empty, change)
+  return per_leaf('slice', pattern, allow_empty, change)
