@@ -16,7 +16,8 @@ setup(
         'optax>=0.2.8',
         'etils[epath-gcs]>=1.15.0',
     ],
-    extras_require={'test': ['pytest>=8', 'pyyaml>=6', 'gcp-storage-emulator>=2026.7.19']},
+    extras_require={'test': ['pytest>=8', 'pyyaml>=6', 'gcp-storage-emulator>=2026.7.19',
+                             'safetensors>=0.4', 'ml_dtypes']},
     entry_points={'console_scripts': [
         'surgery-job=surgery_job.main:run',
         'surgery-job-inspect=surgery_job.inspect:run',
