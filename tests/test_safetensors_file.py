@@ -28,15 +28,14 @@ def random_array(rng, dtype, shape) -> np.ndarray:
 
 
 def many_tensors(seed: int = 0) -> dict[str, np.ndarray]:
-  """Every dtype; 0-d, empty and 1- to 4-d shapes; names that tie across dtypes and sort by
-  bytes, not by letters."""
+  """Every dtype; 0-d, empty and 1- to 4-d shapes; names whose order by dtype and by name
+  differ, and names that sort by code point, not by UTF-16 unit ('ﬀ' U+FB00 < '𝐱' U+1D431)."""
   rng = np.random.default_rng(seed)
   shapes = [(), (0,), (3, 0, 2), (7,), (3, 5), (2, 3, 4), (2, 1, 3, 2)]
   tensors = {}
   for k, (name, dtype) in enumerate(st.DTYPES.items()):
-    for prefix in ('a', 'model.layers.0.w', 'Z', 'é'):
+    for prefix in ('a', 'model.layers.0.w', 'Z', 'é', 'ﬀ', '𝐱'):
       tensors[f'{prefix}.{name.lower()}'] = random_array(rng, dtype, shapes[(k + len(prefix)) % 7])
-    tensors[f'same_{k % 3}'] = random_array(rng, dtype, shapes[k % 7])
   return tensors
 
 
@@ -396,3 +395,15 @@ def test_a_bad_index_is_refused_with_one_line(tmp_path, damage, expected):
                             'file, whose data holds 0 bytes (a truncated file?)')
   else:
     assert str(e.value) == f'safetensors index {tmp_path / st.INDEX}: {expected}'
+
+
+def test_read_index_on_gs(gs_path, tmp_path):
+  weight_map = sharded_folder(tmp_path, {f'w{i}': np.full((4,), i, np.int64) for i in range(4)}, 64)
+  for file in tmp_path.iterdir():
+    (gs_path / file.name).write_bytes(file.read_bytes())
+  assert st.read_index(gs_path) == weight_map
+  (gs_path / 'model-00002-of-00002.safetensors').unlink()
+  with pytest.raises(SurgeryError) as e:
+    st.read_index(gs_path)
+  assert str(e.value) == (f'safetensors index {gs_path / st.INDEX}: tensor \'w2\': its file '
+                          'model-00002-of-00002.safetensors does not exist')
