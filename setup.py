@@ -15,9 +15,10 @@ setup(
         'ml_collections>=1.1.0',
         'optax>=0.2.8',
         'etils[epath-gcs]>=1.15.0',
+        'ml_dtypes>=0.5.0',  # float8_e8m0fnu, for safetensors' F8_E8M0.
     ],
     extras_require={'test': ['pytest>=8', 'pyyaml>=6', 'gcp-storage-emulator>=2026.7.19',
-                             'safetensors>=0.4', 'ml_dtypes']},
+                             'safetensors>=0.8']},  # 0.8: every dtype in formats.safetensors_file.
     entry_points={'console_scripts': [
         'surgery-job=surgery_job.main:run',
         'surgery-job-inspect=surgery_job.inspect:run',

@@ -11,6 +11,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -102,6 +103,7 @@ def test_read_header_gives_what_encode_planned(tmp_path):
   for name, entry in entries.items():
     assert data[entry.offset:entry.offset + entry.nbytes] == tensors[name].tobytes()
   assert st.read_header(str(tmp_path / 'm.safetensors')) == (entries, metadata)
+  assert st.read_header(epath.Path(tmp_path) / 'm.safetensors') == (entries, metadata)
 
 
 def test_read_header_reads_only_the_header(tmp_path):
@@ -295,7 +297,7 @@ def test_gs_reads_the_header_then_only_the_block(gs_path, tmp_path, monkeypatch)
   x = np.arange(100 * 30, dtype=np.float32).reshape(100, 30)
   save_file({'x': x, 'b': np.ones(3, np.int8)}, tmp_path / 'm.safetensors', metadata={'format': 'pt'})
   (gs_path / 'm.safetensors').write_bytes((tmp_path / 'm.safetensors').read_bytes())
-  fs = st.epath.backend.fsspec_backend.fs(str(gs_path))
+  fs = epath.backend.fsspec_backend.fs(str(gs_path))
   ranges = []
   cat_file = fs.cat_file
 
