@@ -30,7 +30,7 @@ from surgery_job import paths
 from surgery_job.errors import SurgeryError
 
 # In the order of the Rust writer's `Dtype` enum (safetensors/src/tensor.rs), which lays tensors
-# out by it, last first, then by name. F4 and F6 pack several values into a byte: left out.
+# out by it, last first, then by name. _PACKED ones hold several values in a byte: left out.
 DTYPES = {name: np.dtype(scalar) for name, scalar in (
     ('BOOL', np.bool_), ('U8', np.uint8), ('I8', np.int8), ('F8_E5M2', ml_dtypes.float8_e5m2),
     ('F8_E4M3', ml_dtypes.float8_e4m3fn), ('F8_E8M0', ml_dtypes.float8_e8m0fnu),
@@ -38,6 +38,7 @@ DTYPES = {name: np.dtype(scalar) for name, scalar in (
     ('I16', np.int16), ('U16', np.uint16), ('F16', np.float16), ('BF16', ml_dtypes.bfloat16),
     ('I32', np.int32), ('U32', np.uint32), ('F32', np.float32), ('C64', np.complex64),
     ('F64', np.float64), ('I64', np.int64), ('U64', np.uint64))}
+_PACKED = ('F4', 'F6_E2M3', 'F6_E3M2')
 _RANK = {name: rank for rank, name in enumerate(DTYPES)}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _LENGTH = struct.Struct('<Q')
@@ -217,6 +218,9 @@ def read_header(path) -> tuple[dict[str, Entry], dict[str, str]]:
     if not (isinstance(info, dict) and {'dtype', 'shape', 'data_offsets'} <= info.keys()):
       raise bad(f'{json.dumps(info)} is not an object with dtype, shape and data_offsets', name)
     dtype, shape, offsets = info['dtype'], info['shape'], info['data_offsets']
+    if dtype in _PACKED:
+      raise bad(f'dtype {dtype} packs several values into a byte; the job reads '
+                f'{", ".join(DTYPES)}', name)
     if not (isinstance(dtype, str) and dtype in DTYPES):
       raise bad(f'unknown dtype {json.dumps(dtype)} (known: {", ".join(DTYPES)})', name)
     if not (isinstance(shape, list) and all(_natural(d) for d in shape)):
