@@ -294,13 +294,17 @@ def test_a_file_written_block_by_block_in_any_order_is_save_files(tmp_path):
           == (tmp_path / 'theirs.safetensors').read_bytes())
 
 
-def test_write_block_refuses_a_block_of_another_shape_or_dtype(tmp_path):
+def test_write_block_refuses_a_block_of_another_shape_dtype_or_step(tmp_path):
   _, entries = st.encode([('x', np.float32, (4, 4))])
   with open(tmp_path / 'f', 'wb') as f:
     with pytest.raises(ValueError):
       st.write_block(f, entries['x'], (slice(0, 2),), np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError):
       st.write_block(f, entries['x'], (slice(0, 2),), np.zeros((2, 4), np.float64))
+    with pytest.raises(ValueError):
+      st.write_block(f, entries['x'], (slice(0, 4, 2),), np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError):
+      st.write_block(f, entries['x'], (slice(0, 2),) * 3, np.zeros((2, 2), np.float32))
 
 
 def test_gs_reads_the_header_then_only_the_block(gs_path, tmp_path, monkeypatch):

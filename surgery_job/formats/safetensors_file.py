@@ -326,8 +326,8 @@ def _row_blocks(entry: Entry, index) -> tuple[tuple[int, ...], int, int, int, li
   one row block with the dim before them."""
   index = tuple(index) + (slice(None),) * (len(entry.shape) - len(index))
   bounds = [part.indices(size) for part, size in zip(index, entry.shape)]
-  if any(step != 1 for _, _, step in bounds):
-    raise ValueError(f'{index}: only slices with a step of 1 are supported')
+  if len(index) != len(entry.shape) or any(step != 1 for _, _, step in bounds):
+    raise ValueError(f'{index}: not slices of step 1 of {entry.name}{list(entry.shape)}')
   block = tuple(max(0, stop - start) for start, stop, _ in bounds)
   full, sizes = (1, 1) + entry.shape, (1, 1) + block  # Two dims of 1 in front: no special cases.
   starts = (0, 0) + tuple(start for start, _, _ in bounds)
