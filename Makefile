@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/python -m surgery_job.example --path=$(DEMO)/cnn
 	$(BIN)/surgery-job --config=configs/params_only_bf16.py \
 	    --config.input.path=$(DEMO)/cnn --config.output.path=$(DEMO)/cnn_serving
-	$(BIN)/python -m surgery_job.report $(DEMO)/cnn_serving
+	$(BIN)/surgery-job-report $(DEMO)/cnn_serving
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -23,5 +23,6 @@ setup(
         'surgery-job=surgery_job.main:run',
         'surgery-job-inspect=surgery_job.inspect:run',
         'surgery-job-diff=surgery_job.diff:run',
+        'surgery-job-report=surgery_job.report:run',
     ]},
 )

@@ -1,9 +1,11 @@
-"""What `surgery-job-inspect` and `surgery-job-diff` share: argument parsing that fails in one
-line with exit 2, the checkpoint a path names, and a config file loaded as the job loads it."""
+"""What `surgery-job-inspect`, `surgery-job-diff` and `surgery-job-report` share: argument parsing
+that fails in one line with exit 2, a pipe closed early that ends quietly, the checkpoint a path
+names, and a config file loaded as the job loads it."""
 
 import argparse
 import importlib.util
 import math
+import os
 import sys
 from typing import Any, Callable
 
@@ -27,6 +29,11 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
   except SurgeryError as e:
     print(f'{prog}: error: {e}', file=sys.stderr)
     return EXIT_BAD_INPUT
+  except BrokenPipeError:
+    # The reader went away (`... --json | head`): what was printed was all it wanted. Python would
+    # complain again flushing stdout at exit, so stdout goes nowhere from here.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def locate(path: str, step: Any = None) -> checkpoint.Location:

@@ -1,14 +1,17 @@
 """`surgery_report.json`: what a run read, did and wrote, kept beside the checkpoint it describes.
 
-`python -m surgery_job.report PATH` prints a short summary of one: PATH is a single PyTree output,
-an output step folder, or a CheckpointManager output (its latest step with a report).
+`surgery-job-report PATH` (or `python -m surgery_job.report`) prints a short summary of one: PATH
+is a single PyTree output, an output step folder, or a CheckpointManager output (its latest step
+with a report).
 """
 
 import json
 import sys
 
 from surgery_job import paths
+from surgery_job.errors import SurgeryError
 
+PROG = 'surgery-job-report'
 REPORT = 'surgery_report.json'
 
 
@@ -63,11 +66,35 @@ def find(path: paths.Path) -> paths.Path:
   """The report of `path`, or of the latest step under it that has one."""
   if (path / REPORT).is_file():
     return path / REPORT
+  if not path.is_dir():
+    raise SurgeryError(f'{path} does not exist' if not path.exists() else f'{path} is not a folder')
   steps = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / REPORT).is_file())
   if not steps:
-    raise SystemExit(f'no {REPORT} in {path} or its step folders')
+    raise SurgeryError(f'no {REPORT} in {path} or its step folders')
   return steps[-1][1] / REPORT
 
 
+def main(argv: list[str]) -> int:
+  from surgery_job import cli  # pylint: disable=import-outside-toplevel  (cli reads checkpoints)
+  parser = cli.Parser(prog=PROG, description='Summarizes the surgery_report.json of a surgery output.')
+  parser.add_argument('path', help='a single PyTree output, an output step folder, or a '
+                      'CheckpointManager output (its latest step with a report)')
+  parser.add_argument('--json', action='store_true', help='print the whole report as JSON')
+  args = parser.parse_args(argv)
+  found = find(paths.of(args.path))
+  try:
+    report = json.loads(found.read_text())
+  except ValueError as e:
+    raise SurgeryError(f'{found} is not a report: {e}') from None
+  print(json.dumps(report, indent=2) if args.json else summary(report))
+  return 0
+
+
+def run() -> None:
+  """The console script."""
+  from surgery_job import cli  # pylint: disable=import-outside-toplevel
+  sys.exit(cli.run(PROG, main))
+
+
 if __name__ == '__main__':
-  print(summary(json.loads(find(paths.of(sys.argv[1])).read_text())))
+  run()
