@@ -17,8 +17,13 @@ setup(
         'etils[epath-gcs]>=1.15.0',
         'ml_dtypes>=0.5.0',  # float8_e8m0fnu, for safetensors' F8_E8M0.
     ],
-    extras_require={'test': ['pytest>=8', 'pyyaml>=6', 'gcp-storage-emulator>=2026.7.19',
-                             'safetensors>=0.8']},  # 0.8: every dtype in formats.safetensors_file.
+    extras_require={'test': [
+        'pytest>=8', 'pyyaml>=6', 'gcp-storage-emulator>=2026.7.19',
+        'safetensors>=0.8',  # 0.8: every dtype in formats.safetensors_file.
+        # The Llama tests compare with transformers' forward pass. Exactly this torch: its CPU
+        # wheel is on the machine image; any other version downloads a CUDA build of several GB.
+        'torch==2.13.0', 'transformers==5.24.0',
+    ]},
     entry_points={'console_scripts': [
         'surgery-job=surgery_job.main:run',
         'surgery-job-inspect=surgery_job.inspect:run',
