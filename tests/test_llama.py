@@ -2,10 +2,22 @@
 MaxText layout against transformers' logits, the family's transforms against HF.md's formulas bit
 for bit, their result loaded into transformers, and every bad input the issue lists."""
 
+import json
+import re
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
+import torch
+import transformers
 
 import llama_reference as ref
+from surgery_job import plan, transforms, tree
+from surgery_job.errors import SurgeryError
+from surgery_job.families import llama
+from surgery_job.transforms import Leaf
 
 TOLERANCE = 1e-4
 
@@ -50,21 +62,6 @@ def test_a_wrong_mapping_moves_the_logits_far_beyond_the_tolerance(hf, mistake):
     params, rotary = ref.hf_to_maxtext(_o_proj_transposed_wrongly(tensors), 'halves', True), 'halves'
   assert np.abs(ref.maxtext_logits(params, rotary) - logits).max() > 100 * TOLERANCE
 
-
-# --- The family's transforms, run as the job runs them (plan.run_ops on the checkpoint's layout).
-
-import json  # pylint: disable=wrong-import-position
-
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import safetensors  # pylint: disable=wrong-import-position
-import torch  # pylint: disable=wrong-import-position
-import transformers  # pylint: disable=wrong-import-position
-
-from surgery_job import plan, transforms, tree  # pylint: disable=wrong-import-position
-from surgery_job.errors import SurgeryError  # pylint: disable=wrong-import-position
-from surgery_job.families import llama  # pylint: disable=wrong-import-position
-from surgery_job.transforms import Leaf  # pylint: disable=wrong-import-position
 
 KINDS = ['linen scanned', 'linen unscanned', 'nnx scanned', 'nnx unscanned', 'training step']
 ROTARIES = ['interleaved', 'halves']
@@ -185,3 +182,171 @@ def test_to_hf_loads_in_transformers_with_the_reference_logits(rotary, kind):
   assert not result.missing_keys and not result.unexpected_keys
   np.testing.assert_allclose(ref.hf_logits(model), ref.maxtext_logits(params, rotary), rtol=0,
                              atol=TOLERANCE)
+
+
+def test_from_hf_writes_bfloat16_by_default_and_a_step(hf):
+  _, tensors, _ = hf
+  sizes = llama.hf_sizes(ref.hf_config().to_dict(), shapes(tensors))
+  imported = run(llama.from_hf_transforms(sizes, 'interleaved'), tensors)
+  step = imported.pop('step')
+  assert step.dtype == np.int32 and step == 0
+  expected = ref.hf_to_maxtext(tensors, 'interleaved', scanned=True)
+  assert_same_tensors(bare(imported), {k: v.astype(jnp.bfloat16) for k, v in expected.items()})
+
+
+def test_hf_sizes_of_a_sharded_save_pretrained_folder(hf, tmp_path):
+  model, tensors, _ = hf
+  ref.save_hf(model, tmp_path, max_shard_size='100KB')
+  index = json.loads((tmp_path / 'model.safetensors.index.json').read_text())
+  files = sorted(set(index['weight_map'].values()))
+  assert len(files) > 2
+  loaded = {}
+  for name in files:
+    with safetensors.safe_open(tmp_path / name, framework='numpy') as f:
+      loaded.update({key.replace('.', '/'): f.get_tensor(key) for key in f.keys()})
+  sizes = llama.hf_sizes(json.loads((tmp_path / 'config.json').read_text()), shapes(loaded))
+  assert (sizes.embed, sizes.layers, sizes.q_heads, sizes.kv_heads, sizes.head_dim) == (64, 2, 4, 2, 16)
+  out = run(llama.from_hf_transforms(sizes, 'halves', scanned=False, dtype='float32'), loaded)
+  assert_same_tensors(bare(out), ref.hf_to_maxtext(tensors, 'halves', scanned=False))
+
+
+def test_hf_config_json_for_transformers_5():
+  sizes = llama.Sizes(embed=64, layers=2, q_heads=4, kv_heads=2, head_dim=16, mlp=128, vocab=256)
+  assert llama.hf_config_json(sizes, 'halves', {'rope_theta': 500000, 'bos_token_id': 1}) == {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': 256,
+      'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 2, 'num_attention_heads': 4,
+      'num_key_value_heads': 2, 'head_dim': 16, 'hidden_act': 'silu', 'rms_norm_eps': 1e-5,
+      'max_position_embeddings': 2048,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': 500000.0},
+      'tie_word_embeddings': False, 'attention_bias': False, 'mlp_bias': False, 'dtype': 'float32',
+      'bos_token_id': 1}
+  interleaved = llama.hf_config_json(sizes, 'interleaved')
+  assert interleaved['rope_parameters'] == {
+      'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+      'original_max_position_embeddings': 8192, 'rope_theta': 500000.0}
+  # transformers reads back what was written, MaxText's epsilon included.
+  config = transformers.LlamaConfig(**interleaved)
+  assert (config.rms_norm_eps, config.head_dim, config.num_key_value_heads) == (1e-5, 16, 2)
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda s: llama.hf_config_json(s, 'halves', {'hidden_size': 32}),
+     'hf_config.hidden_size: the tensors decide it, not the config'),
+    (lambda s: llama.hf_config_json(llama.Sizes(60, 2, 8, 2, 16, 128, 256), 'halves'),
+     "hidden_size 60 is not a multiple of the 8 query heads, which transformers' LlamaConfig refuses"),
+    (lambda s: llama.to_hf_transforms(s, 'rope'), "rotary must be one of 'interleaved', 'halves', got 'rope'"),
+    (lambda s: llama.from_hf_transforms(s, 'pairs'), "rotary must be one of 'interleaved', 'halves', got 'pairs'"),
+])
+def test_config_and_rotary_refusals(call, message):
+  sizes = llama.Sizes(64, 2, 4, 2, 16, 128, 256, llama.MaxTextTree(*llama.LINEN, scanned=True))
+  with pytest.raises(SurgeryError, match='^' + re.escape(message)):
+    call(sizes)
+
+
+def test_exact_in_binary_when_sqrt_head_dim_is_a_power_of_two():
+  assert [d for d in range(1, 300) if llama.exact_in_binary(d)] == [1, 4, 16, 64, 256]
+  # head_dim 128: scaling by sqrt(D) and back changes some float32 values.
+  x = np.random.default_rng(0).normal(size=10_000).astype(np.float32)
+  there = x * np.float32(np.sqrt(128))
+  assert (there * np.float32(1 / np.sqrt(128)) != x).any()
+  assert (x * np.float32(4) * np.float32(0.25) == x).all()
+
+
+def maxtext_shapes(e=64, layers=2, nq=4, nkv=2, d=16, f=128, v=256) -> dict[str, tuple]:
+  """A scanned Linen MaxText Llama's shapes, as HF.md's table lists them."""
+  p = 'params/params/'
+  return {f'{p}token_embedder/embedding': (v, e), f'{p}decoder/decoder_norm/scale': (e,),
+          f'{p}decoder/logits_dense/kernel': (e, v),
+          f'{p}decoder/layers/pre_self_attention_layer_norm/scale': (e, layers),
+          f'{p}decoder/layers/post_self_attention_layer_norm/scale': (e, layers),
+          f'{p}decoder/layers/self_attention/query/kernel': (e, layers, nq, d),
+          f'{p}decoder/layers/self_attention/key/kernel': (e, layers, nkv, d),
+          f'{p}decoder/layers/self_attention/value/kernel': (e, layers, nkv, d),
+          f'{p}decoder/layers/self_attention/out/kernel': (nq, layers, d, e),
+          f'{p}decoder/layers/mlp/wi_0/kernel': (e, layers, f),
+          f'{p}decoder/layers/mlp/wi_1/kernel': (e, layers, f),
+          f'{p}decoder/layers/mlp/wo/kernel': (f, layers, e),
+          'opt_state/0/mu/params/token_embedder/embedding': (v, e), 'step': ()}
+
+
+def without(shapes_: dict, *keys) -> dict:
+  return {k: v for k, v in shapes_.items() if k not in keys}
+
+
+P = 'params/params/decoder/layers/'
+# An unscanned Linen checkpoint's params of layer 0 and the globals.
+LAYER_0 = {f'params/params/{k}': v.shape for k, v in random_maxtext(scanned=False).items() if 'layers_1' not in k}
+
+
+@pytest.mark.parametrize('bad, message', [
+    ({'params/Conv_0/kernel': (3, 3)}, 'not a MaxText Llama checkpoint: it has neither params/params/'
+     'token_embedder/embedding (Linen) nor token_embedder/embedding/value (NNX)'),
+    (without(maxtext_shapes(), f'{P}mlp/wi_1/kernel'),
+     f'not a MaxText Llama checkpoint: missing {P}mlp/wi_1/kernel'),
+    (without(maxtext_shapes(), f'{P}self_attention/query/kernel'),
+     f'not a MaxText Llama checkpoint: missing {P}self_attention/query/kernel (scanned layers) or '
+     'params/params/decoder/layers_0/self_attention/query/kernel (unscanned)'),
+    ({**maxtext_shapes(), f'{P}self_attention/value/kernel': (64, 2, 2, 32)},
+     f'{P}self_attention/value/kernel has shape (64, 2, 2, 32), but the other params make it (64, 2, 2, 16)'),
+    ({**maxtext_shapes(), 'params/params/decoder/decoder_norm/scale': (64, 2)},
+     'params/params/decoder/decoder_norm/scale has shape (64, 2), but the other params make it (64,)'),
+    ({**maxtext_shapes(), f'{P}mlp/wo/kernel': (128, 3, 64)},
+     f'{P}mlp/wo/kernel has shape (128, 3, 64), but the other params make it (128, 2, 64)'),
+    (maxtext_shapes(nkv=3), f'{P}self_attention/key/kernel: its 3 kv heads do not divide the 4 query heads'),
+    (maxtext_shapes(d=15), f'{P}self_attention/query/kernel: head_dim 15 is odd, but a rotary embedding '
+     'rotates pairs of it'),
+    (without(maxtext_shapes(), 'params/params/decoder/logits_dense/kernel'),
+     'params/params/decoder/logits_dense/kernel is missing: the embedding is tied (logits_via_embedding)'),
+    ({**maxtext_shapes(), f'{P}self_attention/query/bias': (2, 4, 16)},
+     f'{P}self_attention/query/bias is not a parameter of a MaxText Llama'),
+    ({k.replace('decoder/layers/', 'decoder/layers_0/'): v for k, v in maxtext_shapes().items()},
+     'params/params/decoder/layers_0/self_attention/query/kernel has shape (64, 2, 4, 16), but the '
+     'other params make it (64, Nq, D)'),
+    ({**LAYER_0, **{k.replace('layers_0', 'layers_2'): v for k, v in LAYER_0.items()}},
+     'not a MaxText Llama checkpoint: missing params/params/decoder/layers_1/pre_self_attention_layer_norm/scale'),
+], ids=['not maxtext', 'key missing', 'no layers', 'shape', 'rank', 'layer count', 'heads do not divide',
+        'odd head_dim', 'tied embedding', 'extra param', 'unscanned with scanned shapes', 'layer missing'])
+def test_maxtext_sizes_refuses_what_is_not_a_maxtext_llama(bad, message):
+  with pytest.raises(SurgeryError, match='^' + re.escape(message)):
+    llama.maxtext_sizes(bad)
+
+
+HF_CONFIG = {k: v for k, v in ref.hf_config().to_dict().items() if k != 'transformers_version'}
+HF_SHAPES = {k: tuple(v.shape) for k, v in ref.maxtext_to_hf(random_maxtext(scanned=True), 'halves').items()}
+K_PROJ = 'model/layers/0/self_attn/k_proj/weight'
+
+
+@pytest.mark.parametrize('config, tensors, message', [
+    ({**HF_CONFIG, 'num_key_value_heads': 4}, HF_SHAPES,
+     f'config.json (num_key_value_heads=4, head_dim=16) disagrees with {K_PROJ}: shape (32, 64), '
+     'expected (64, 64)'),
+    ({**HF_CONFIG, 'hidden_size': 32}, HF_SHAPES,
+     'config.json (hidden_size=32) disagrees with model/embed_tokens/weight: shape (256, 64), expected (256, 32)'),
+    ({**HF_CONFIG, 'intermediate_size': 96}, HF_SHAPES,
+     'config.json (intermediate_size=96) disagrees with model/layers/0/mlp/gate_proj/weight: shape '
+     '(128, 64), expected (96, 64)'),
+    ({**HF_CONFIG, 'num_hidden_layers': 3}, HF_SHAPES,
+     'the folder has no tensor model/layers/2/input_layernorm/weight, which config.json '
+     '(num_hidden_layers=3) implies'),
+    ({**HF_CONFIG, 'num_hidden_layers': 1}, HF_SHAPES,
+     'config.json num_hidden_layers 1 disagrees with tensor model/layers/1/input_layernorm/weight'),
+    (HF_CONFIG, {k: v for k, v in HF_SHAPES.items() if k != 'lm_head/weight'},
+     'the folder has no tensor lm_head/weight'),
+    (HF_CONFIG, {**HF_SHAPES, 'model/layers/0/self_attn/q_proj/bias': (64,)},
+     'tensor model/layers/0/self_attn/q_proj/bias is not a parameter of a Llama'),
+    ({**HF_CONFIG, 'model_type': 'gemma'}, HF_SHAPES,
+     "config.json model_type is 'gemma', not a Llama-family model ('llama' or 'mistral')"),
+    ({**HF_CONFIG, 'head_dim': 15}, HF_SHAPES,
+     'config.json head_dim 15 is odd, but a rotary embedding rotates pairs of it'),
+    ({**HF_CONFIG, 'num_key_value_heads': 3}, HF_SHAPES,
+     'config.json num_key_value_heads 3 does not divide num_attention_heads 4'),
+    ({k: v for k, v in HF_CONFIG.items() if k != 'hidden_size'}, HF_SHAPES, 'config.json has no hidden_size'),
+    ({**HF_CONFIG, 'vocab_size': '256'}, HF_SHAPES,
+     "config.json vocab_size must be a positive integer, got '256'"),
+    ({**HF_CONFIG, 'tie_word_embeddings': True}, HF_SHAPES,
+     'config.json tie_word_embeddings is True; the Llama mapping expects False'),
+], ids=['kv heads', 'hidden', 'mlp', 'more layers', 'fewer layers', 'no lm_head', 'bias', 'model_type',
+        'odd head_dim', 'heads do not divide', 'no hidden_size', 'not an int', 'tied'])
+def test_hf_sizes_refuses_a_config_json_that_disagrees_with_the_tensors(config, tensors, message):
+  with pytest.raises(SurgeryError, match='^' + re.escape(message)):
+    llama.hf_sizes(config, tensors)

@@ -165,14 +165,17 @@ def _read_sizes(key: str, shape: Sequence[int], template: str, known: dict[str, 
   shape = tuple(int(s) for s in shape)
   wrong = len(shape) != len(letters)
   for letter, size in zip(letters, shape):
-    if letter in known and known[letter] != size:
+    if wrong or letter in known and known[letter] != size:
       wrong = True
-    known.setdefault(letter, size)
+    else:
+      known[letter] = size
   if wrong:
-    want = '(' + ', '.join(str(known.get(letter, letter)) for letter in letters) + ')'
+    want = '(' + ', '.join(str(known.get(letter, letter)) for letter in letters) + (
+        ',)' if len(letters) == 1 else ')')
     if fields is None:
       raise SurgeryError(f'{key} has shape {shape}, but the other params make it {want}')
-    differing = [letter for letter, size in zip(letters, shape) if known[letter] != size] or letters
+    differing = [letter for letter, size in zip(letters, shape) if known[letter] != size
+                 ] if len(shape) == len(letters) else letters
     blamed = dict.fromkeys(part for letter in differing for part in re.findall('Nkv|Nq|[A-Z]', letter))
     named = ', '.join(f'{fields[part]}={known[part]}' for part in blamed)
     raise SurgeryError(f'config.json ({named}) disagrees with {key}: shape {shape}, expected {want}')
@@ -210,7 +213,7 @@ def hf_sizes(config_json: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]
       raise SurgeryError(f'the folder has no tensor {key}, which config.json '
                          f'({HF_FIELDS["L"]}={sizes["L"]}) implies')
     _read_sizes(key, shapes[key], template, result.letters(), HF_FIELDS)
-  for key in shapes:
+  for key in sorted(shapes):
     if key not in expected:
       layer = re.fullmatch(r'model/layers/(\d+)/.*', key)
       if layer and int(layer.group(1)) >= sizes['L']:
