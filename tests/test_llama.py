@@ -63,7 +63,8 @@ def test_a_wrong_mapping_moves_the_logits_far_beyond_the_tolerance(hf, mistake):
   assert np.abs(ref.maxtext_logits(params, rotary) - logits).max() > 100 * TOLERANCE
 
 
-KINDS = ['linen scanned', 'linen unscanned', 'nnx scanned', 'nnx unscanned', 'training step']
+KINDS = ['linen scanned', 'linen unscanned', 'nnx scanned', 'nnx unscanned', 'nnx under base',
+         'training step']
 ROTARIES = ['interleaved', 'halves']
 
 
@@ -77,9 +78,10 @@ def run(ops: list[dict], flat: dict) -> dict[str, np.ndarray]:
 
 def checkpoint(params: dict, kind: str) -> dict:
   """MaxText's params (bare paths) as a checkpoint of `kind`: Linen `params/params/<path>`, NNX
-  `<path>/value`, or a Linen training step with Adam's mu and nu, a step and an rng key."""
+  `<path>/value` (under `base/`, as MaxText's loader also reads it), or a Linen training step with
+  Adam's mu and nu, a step and an rng key."""
   if kind.startswith('nnx'):
-    return {f'{k}/value': v for k, v in params.items()}
+    return {f'{prefix(kind)}{k}/value': v for k, v in params.items()}
   flat = {f'params/params/{k}': v for k, v in params.items()}
   if kind == 'training step':
     rng = np.random.default_rng(3)
@@ -90,6 +92,10 @@ def checkpoint(params: dict, kind: str) -> dict:
                  'nnx_aux/rngs/dropout/key': jax.random.key(0),
                  'nnx_aux/rngs/dropout/count': np.asarray(7, np.uint32)})
   return flat
+
+
+def prefix(kind: str) -> str:
+  return 'base/' if kind == 'nnx under base' else ''
 
 
 def shapes(flat: dict) -> dict[str, tuple]:
@@ -114,7 +120,7 @@ def test_to_hf_equals_hf_md_formulas_bit_for_bit(hf, rotary, kind):
   _, tensors, _ = hf
   params = ref.hf_to_maxtext(tensors, rotary, scanned='unscanned' not in kind)
   flat = checkpoint(params, kind)
-  sizes = llama.maxtext_sizes(shapes(flat))
+  sizes = llama.maxtext_sizes(shapes(flat), prefix(kind))
   assert (sizes.embed, sizes.layers, sizes.q_heads, sizes.kv_heads, sizes.head_dim, sizes.mlp,
           sizes.vocab) == (ref.EMBED, ref.LAYERS, ref.Q_HEADS, ref.KV_HEADS, ref.HEAD_DIM, ref.MLP, ref.VOCAB)
   out = run(llama.to_hf_transforms(sizes, rotary), flat)
@@ -137,6 +143,17 @@ def test_from_hf_gives_maxtext_params_transformers_logits_and_back(hf, tmp_path,
   np.testing.assert_allclose(ref.maxtext_logits(bare(imported), rotary), logits, rtol=0, atol=TOLERANCE)
   back = run(llama.to_hf_transforms(llama.maxtext_sizes(shapes(imported)), rotary), imported)
   assert_same_tensors(back, tensors)
+
+
+def test_to_hf_computes_in_float32_from_bfloat16_params(hf):
+  # MaxText's exporter restores weight_dtype float32: the query is scaled after the cast.
+  params = {k: v.astype(jnp.bfloat16) for k, v in ref.hf_to_maxtext(hf[1], 'interleaved', True).items()}
+  flat = checkpoint(params, 'training step')
+  out = run(llama.to_hf_transforms(llama.maxtext_sizes(shapes(flat)), 'interleaved'), flat)
+  assert_same_tensors(out, ref.maxtext_to_hf({k: v.astype(np.float32) for k, v in params.items()},
+                                             'interleaved'))
+  as_bf16 = run(llama.to_hf_transforms(llama.maxtext_sizes(shapes(flat)), 'interleaved', 'bfloat16'), flat)
+  assert_same_tensors(as_bf16, {k: v.astype(jnp.bfloat16) for k, v in out.items()})
 
 
 def random_maxtext(scanned: bool, seed: int = 5) -> dict[str, np.ndarray]:
@@ -171,7 +188,7 @@ def random_maxtext(scanned: bool, seed: int = 5) -> dict[str, np.ndarray]:
 def test_to_hf_loads_in_transformers_with_the_reference_logits(rotary, kind):
   params = random_maxtext(scanned='unscanned' not in kind)
   flat = checkpoint(params, kind)
-  sizes = llama.maxtext_sizes(shapes(flat))
+  sizes = llama.maxtext_sizes(shapes(flat), prefix(kind))
   out = run(llama.to_hf_transforms(sizes, rotary), flat)
   # The reference rotates without llama3.1's frequency scaling, at theta 10000.
   config = llama.hf_config_json(sizes, rotary, {'rope_parameters': {'rope_type': 'default',
