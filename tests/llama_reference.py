@@ -31,19 +31,19 @@ LAYER_PATHS = {
 }
 
 
-def hf_config() -> transformers.LlamaConfig:
+def hf_config(tied: bool = False) -> transformers.LlamaConfig:
   return transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=EMBED, intermediate_size=MLP, num_hidden_layers=LAYERS,
       num_attention_heads=Q_HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
       rms_norm_eps=RMS_EPS, rope_parameters={'rope_type': 'default', 'rope_theta': ROPE_THETA},
-      tie_word_embeddings=False, max_position_embeddings=64)
+      tie_word_embeddings=tied, max_position_embeddings=64)
 
 
-def hf_model(seed: int = 0) -> transformers.LlamaForCausalLM:
+def hf_model(seed: int = 0, tied: bool = False) -> transformers.LlamaForCausalLM:
   """The tiny Llama, in float32, with weights of unit-scale activations and norms away from 1, so
   that a mistake in any tensor moves the logits far more than 1e-4."""
   torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(hf_config()).eval()
+  model = transformers.LlamaForCausalLM(hf_config(tied)).eval()
   with torch.no_grad():
     for name, weight in model.named_parameters():
       if weight.ndim == 1:

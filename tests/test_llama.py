@@ -156,6 +156,19 @@ def test_to_hf_computes_in_float32_from_bfloat16_params(hf):
   assert_same_tensors(as_bf16, {k: v.astype(jnp.bfloat16) for k, v in out.items()})
 
 
+def test_a_tied_hf_llama_imports_with_its_embedding_as_the_logits_kernel(tmp_path):
+  model = ref.hf_model(seed=1, tied=True)
+  ref.save_hf(model, tmp_path)
+  with safetensors.safe_open(tmp_path / 'model.safetensors', framework='numpy') as f:
+    tensors = {key.replace('.', '/'): f.get_tensor(key) for key in f.keys()}
+  assert 'lm_head/weight' not in tensors
+  sizes = llama.hf_sizes(json.loads((tmp_path / 'config.json').read_text()), shapes(tensors))
+  imported = bare(run(llama.from_hf_transforms(sizes, 'halves', dtype='float32'), tensors))
+  np.testing.assert_array_equal(imported['decoder/logits_dense/kernel'], tensors['model/embed_tokens/weight'].T)
+  np.testing.assert_allclose(ref.maxtext_logits(imported, 'halves'), ref.hf_logits(model), rtol=0,
+                             atol=TOLERANCE)
+
+
 def random_maxtext(scanned: bool, seed: int = 5) -> dict[str, np.ndarray]:
   """A MaxText-layout Llama of random weights, not made from any HF model."""
   rng = np.random.default_rng(seed)
@@ -361,7 +374,8 @@ K_PROJ = 'model/layers/0/self_attn/k_proj/weight'
     ({**HF_CONFIG, 'vocab_size': '256'}, HF_SHAPES,
      "config.json vocab_size must be a positive integer, got '256'"),
     ({**HF_CONFIG, 'tie_word_embeddings': True}, HF_SHAPES,
-     'config.json tie_word_embeddings is True; the Llama mapping expects False'),
+     'config.json tie_word_embeddings is true, but the folder holds lm_head/weight, which transformers '
+     'would ignore'),
 ], ids=['kv heads', 'hidden', 'mlp', 'more layers', 'fewer layers', 'no lm_head', 'bias', 'model_type',
         'odd head_dim', 'heads do not divide', 'no hidden_size', 'not an int', 'tied'])
 def test_hf_sizes_refuses_a_config_json_that_disagrees_with_the_tensors(config, tensors, message):

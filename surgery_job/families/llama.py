@@ -50,6 +50,10 @@ ROPE_DEFAULTS = {
 }
 
 
+LINEN = ('params/params/', '')  # (prefix, suffix) of a param path.
+NNX = ('', '/value')
+
+
 @dataclasses.dataclass(frozen=True)
 class MaxTextTree:
   """Where a MaxText checkpoint keeps the params: Linen `params/params/<path>`, NNX `<path>/value`."""
@@ -74,15 +78,12 @@ class Sizes:
   mlp: int  # F
   vocab: int  # V
   tree: MaxTextTree | None = None  # Where a MaxText checkpoint holds them; None for an HF folder.
+  tied_embedding: bool = False  # An HF folder without lm_head: it is the embedding.
 
   def letters(self) -> dict[str, int]:
     return {'E': self.embed, 'L': self.layers, 'Nq': self.q_heads, 'Nkv': self.kv_heads,
             'D': self.head_dim, 'F': self.mlp, 'V': self.vocab,
             'NqD': self.q_heads * self.head_dim, 'NkvD': self.kv_heads * self.head_dim}
-
-
-LINEN = ('params/params/', '')
-NNX = ('', '/value')
 
 
 def maxtext_sizes(shapes: Mapping[str, Sequence[int]], prefix: str = '') -> Sizes:
@@ -94,7 +95,7 @@ def maxtext_sizes(shapes: Mapping[str, Sequence[int]], prefix: str = '') -> Size
   if not layouts:
     raise SurgeryError(f'not a MaxText Llama checkpoint: it has neither {outer}params/params/token_embedder/'
                        f'embedding (Linen) nor {outer}token_embedder/embedding/value (NNX)')
-  (tree_prefix, suffix), = layouts[:1]
+  tree_prefix, suffix = layouts[0]
   scanned = MaxTextTree(tree_prefix, suffix, True)
   unscanned = MaxTextTree(tree_prefix, suffix, False)
   if scanned.layer_key(QUERY) in shapes:
@@ -188,8 +189,7 @@ def hf_sizes(config_json: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]
   if model_type not in ('llama', 'mistral'):
     raise SurgeryError(f'config.json model_type is {model_type!r}, not a Llama-family model '
                        "('llama' or 'mistral')")
-  for field, allowed in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False),
-                         ('tie_word_embeddings', False)):
+  for field, allowed in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
     if config_json.get(field, allowed) != allowed:
       raise SurgeryError(f'config.json {field} is {config_json[field]!r}; the Llama mapping expects '
                          f'{allowed!r}')
@@ -206,7 +206,12 @@ def hf_sizes(config_json: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]
   if sizes['Nq'] % sizes['Nkv']:
     raise SurgeryError(f'config.json num_key_value_heads {sizes["Nkv"]} does not divide '
                        f'num_attention_heads {sizes["Nq"]}')
-  result = Sizes(sizes['E'], sizes['L'], sizes['Nq'], sizes['Nkv'], sizes['D'], sizes['F'], sizes['V'])
+  tied = config_json.get('tie_word_embeddings', False)
+  if tied and 'lm_head/weight' in shapes:
+    raise SurgeryError('config.json tie_word_embeddings is true, but the folder holds lm_head/weight, '
+                       'which transformers would ignore')
+  result = Sizes(sizes['E'], sizes['L'], sizes['Nq'], sizes['Nkv'], sizes['D'], sizes['F'], sizes['V'],
+                 tied_embedding=bool(tied))
   expected = hf_shapes(result)
   for key, template in expected.items():
     if key not in shapes:
@@ -234,8 +239,9 @@ def _positive(config_json: Mapping[str, Any], field: str, default: int | None = 
 
 
 def hf_shapes(sizes: Sizes) -> dict[str, str]:
-  """{HF key: shape template} of every tensor of a Llama with `sizes`' layer count."""
-  out = {hf: template for hf, _, template in GLOBAL_PARAMS.values()}
+  """{HF key: shape template} of every tensor an HF Llama folder with `sizes` holds."""
+  out = {hf: template for hf, _, template in GLOBAL_PARAMS.values()
+         if not (hf == 'lm_head/weight' and sizes.tied_embedding)}
   for i in range(sizes.layers):
     out.update({f'model/layers/{i}/{hf}': template for hf, _, template in LAYER_PARAMS.values()})
   return out
@@ -257,6 +263,8 @@ def to_hf_transforms(sizes: Sizes, rotary: str, dtype: str = 'float32') -> list[
   float32 (MaxText's exporter restores weight_dtype float32), and written as `dtype`."""
   _check_rotary(rotary)
   tree = sizes.tree
+  if tree is None:
+    raise ValueError('to_hf_transforms needs the sizes of a MaxText checkpoint (maxtext_sizes)')
   prefix, suffix = re.escape(tree.prefix), re.escape(tree.suffix)
   layer_paths = '|'.join(map(re.escape, LAYER_PARAMS))
   global_paths = '|'.join(map(re.escape, GLOBAL_PARAMS))
@@ -306,7 +314,10 @@ def from_hf_transforms(sizes: Sizes, rotary: str, scanned: bool = True,
   def hf_name(path):
     return re.escape(LAYER_PARAMS[path][0])
   heads = [(QUERY, sizes.q_heads), (KEY, sizes.kv_heads), (VALUE, sizes.kv_heads)]
-  ops = [
+  # MaxText's llama ymls untie (logits_via_embedding false): a tied lm_head becomes its own kernel.
+  ops = [dict(op='copy', source='/model/embed_tokens/weight', target='/lm_head/weight')
+         ] if sizes.tied_embedding else []
+  ops += [
       dict(op='cast', pattern='/.*', dtype='float32'),
       dict(op='transpose', pattern=r'/(lm_head|model/layers/\d+/(self_attn|mlp)/\w+_proj)/weight',
            axes=[1, 0]),
