@@ -170,29 +170,27 @@ def test_a_tied_hf_llama_imports_with_its_embedding_as_the_logits_kernel(tmp_pat
 
 
 def random_maxtext(scanned: bool, seed: int = 5) -> dict[str, np.ndarray]:
-  """A MaxText-layout Llama of random weights, not made from any HF model."""
+  """A MaxText-layout Llama of random weights, not made from any HF model: kernels scaled by their
+  fan-in, norms around 1."""
   rng = np.random.default_rng(seed)
   e, nq, nkv, d, f, v = ref.EMBED, ref.Q_HEADS, ref.KV_HEADS, ref.HEAD_DIM, ref.MLP, ref.VOCAB
-  layer = {'pre_self_attention_layer_norm/scale': (e,), 'post_self_attention_layer_norm/scale': (e,),
-           'self_attention/query/kernel': (e, nq, d), 'self_attention/key/kernel': (e, nkv, d),
-           'self_attention/value/kernel': (e, nkv, d), 'self_attention/out/kernel': (nq, d, e),
-           'mlp/wi_0/kernel': (e, f), 'mlp/wi_1/kernel': (e, f), 'mlp/wo/kernel': (f, e)}
+  # path -> (shape of one layer, fan-in; 0 for a norm scale).
+  layer = {'pre_self_attention_layer_norm/scale': ((e,), 0),
+           'post_self_attention_layer_norm/scale': ((e,), 0),
+           'self_attention/query/kernel': ((e, nq, d), e), 'self_attention/key/kernel': ((e, nkv, d), e),
+           'self_attention/value/kernel': ((e, nkv, d), e), 'self_attention/out/kernel': ((nq, d, e), nq * d),
+           'mlp/wi_0/kernel': ((e, f), e), 'mlp/wi_1/kernel': ((e, f), e), 'mlp/wo/kernel': ((f, e), f)}
 
   def draw(shape, fan_in):
-    return (rng.normal(size=shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  def norm(shape):
-    return (1 + 0.2 * rng.normal(size=shape)).astype(np.float32)
-  params = {'token_embedder/embedding': draw((v, e), 1), 'decoder/decoder_norm/scale': norm((e,)),
+    x = 1 + 0.2 * rng.normal(size=shape) if fan_in == 0 else rng.normal(size=shape) / np.sqrt(fan_in)
+    return x.astype(np.float32)
+  params = {'token_embedder/embedding': draw((v, e), 1), 'decoder/decoder_norm/scale': draw((e,), 0),
             'decoder/logits_dense/kernel': draw((e, v), e)}
-  for path, shape in layer.items():
-    fan_in = e if path.startswith(('self_attention/q', 'self_attention/k', 'self_attention/v', 'mlp/wi')) else (
-        nq * d if 'out' in path else f)
-    make = (lambda s: norm(s)) if path.endswith('scale') else (lambda s: draw(s, fan_in))  # pylint: disable=cell-var-from-loop
+  for path, (shape, fan_in) in layer.items():
     if scanned:
-      params[f'decoder/layers/{path}'] = make((shape[0], ref.LAYERS, *shape[1:]))
+      params[f'decoder/layers/{path}'] = draw((shape[0], ref.LAYERS, *shape[1:]), fan_in)
     else:
-      params.update({f'decoder/layers_{i}/{path}': make(shape) for i in range(ref.LAYERS)})
+      params.update({f'decoder/layers_{i}/{path}': draw(shape, fan_in) for i in range(ref.LAYERS)})
   return params
 
 
