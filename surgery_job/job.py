@@ -329,12 +329,35 @@ def _output(config, source: checkpoint.Location) -> output.Target | None:
     raise SurgeryError(f'output.path {out_root} is inside input.path {source.root}')
   if paths.inside(source.root, out_root):
     raise SurgeryError(f'input.path {source.root} is inside output.path {out_root}')
+  _refuse_overlap(source, out_root)
   if source.step is None:
     if config.output.custom_metadata:
       raise SurgeryError('output.custom_metadata is set but the input is a single PyTree '
                          'checkpoint, which has no step to record it in')
     return output.Target(out_root, None)
   return output.Target(out_root, source.step if config.output.step is None else config.output.step)
+
+
+def _refuse_overlap(source: checkpoint.Location, out_root: paths.Path) -> None:
+  """Refuses an output that overlaps what the run reads, symlinks resolved: the input step folder
+  or an item of it may be a link into the output directory (an overwrite would replace the input),
+  or the output may lie inside one."""
+  read = {'input step folder': [source.step_dir] if source.step is not None else [],
+          'input item': [*source.trees().values(), *(source.step_dir / name for name in source.copied)]}
+  for label, places in read.items():
+    for place in places:
+      if paths.inside(place, out_root):
+        raise SurgeryError(f'{label} {_really(place)} is inside output.path {_really(out_root)}; '
+                           'the output must not overlap the input')
+      if paths.inside(out_root, place):
+        raise SurgeryError(f'output.path {_really(out_root)} is inside {label} {_really(place)}; '
+                           'the output must not overlap the input')
+
+
+def _really(path: paths.Path) -> str:
+  """`path`, and where it leads when a symlink makes that another place."""
+  real = paths.real(path)
+  return str(path) if real == str(path) else f'{path} (really {real})'
 
 
 def describe(plan: plan_lib.Plan, groups, source, target: output.Target | None) -> str:

@@ -40,7 +40,7 @@ import time
 
 from absl import logging
 
-from surgery_job import faults, lock as lock_lib, paths
+from surgery_job import faults, lock as lock_lib, output_folder, paths
 from surgery_job.checkpoint import COMMIT_FILE
 from surgery_job.errors import SurgeryError
 from surgery_job.report import REPORT
@@ -172,10 +172,11 @@ class Staging:
     self.record.write_text(self.record.read_text() + line)
 
   def remove(self) -> None:
-    """Deletes the staging folder, its marker last: a folder interrupted midway stays ours."""
+    """Deletes the staging folder, its marker last: a folder interrupted midway stays ours. A link
+    in it is removed, never followed."""
     for child in self.root.iterdir():
       if child.name != MARKER:
-        child.rmtree() if child.is_dir() else child.unlink()
+        child.rmtree() if child.is_dir() and not paths.is_link(child) else child.unlink()
     (self.root / MARKER).unlink(missing_ok=True)
     if self.root.exists():  # On an object store the folder went with its last object.
       self.root.rmdir()
@@ -241,11 +242,14 @@ class Claim:
     if self.target.step is not None and (root / '_METADATA').exists():
       raise SurgeryError(f'output.path {root} is a single PyTree checkpoint, not a '
                          'CheckpointManager directory for step folders')
+    if self.target.step is not None:
+      _refuse(output_folder.export_directory_refusal(root))
     self.made_root = self.target.step is not None and not root.exists()
     self.lock.acquire(wait_seconds)
     resumable = self.staging.recover(run_fingerprint)
     unit = self.target.unit
-    if unit.exists():  # Seen by readers or not: only overwrite replaces it.
+    _refuse(output_folder.unit_refusal(unit, str(self.target), single=self.target.step is None))
+    if paths.listing(unit):  # Seen by readers or not: only overwrite replaces it.
       found = existing_fingerprint(unit) if present(unit) else None
       if found == run_fingerprint:
         if resumable:
@@ -276,6 +280,11 @@ class Claim:
         self.target.root.rmdir()
       except (OSError, ValueError):  # Not empty (epath says so with a ValueError).
         pass
+
+
+def _refuse(refusal: str | None) -> None:
+  if refusal:
+    raise SurgeryError(refusal)
 
 
 def steps(root: paths.Path) -> list[int]:

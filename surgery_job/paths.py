@@ -92,6 +92,11 @@ def real(path: PathLike) -> str:
   return str(path) if on_object_store(path) else os.path.realpath(path)
 
 
+def is_link(path: PathLike) -> bool:
+  """A symbolic link (an object store has none)."""
+  return not on_object_store(path) and os.path.islink(path)
+
+
 def inside(path: PathLike, parent: PathLike) -> bool:
   path, parent = real(path).rstrip('/'), real(parent).rstrip('/')
   return path == parent or path.startswith(parent + '/')
