@@ -39,8 +39,10 @@ def is_step(folder: paths.Path) -> bool:
     ocp.path.step.step_from_checkpoint_name(folder.name)
   except ValueError:
     return False
+  if paths.on_object_store(folder):
+    return True
   entries = paths.listing(folder)
-  if CHECKPOINT_METADATA in entries or COMMIT_FILE in entries or paths.on_object_store(folder):
+  if CHECKPOINT_METADATA in entries or COMMIT_FILE in entries:
     return True
   return any(is_dir and is_checkpoint(folder / name) for name, (is_dir, _) in entries.items())
 
@@ -51,16 +53,18 @@ def foreign(root: paths.Path) -> list[str]:
                 if not _left_beside_steps(name) and not (is_dir and is_step(root / name)))
 
 
-def _named(names: list[str]) -> str:
+def _not_checkpoints(names: list[str]) -> str:
+  if len(names) == 1:
+    return f'{names[0]}, which is not a checkpoint'
   more = f' and {len(names) - 3} more' if len(names) > 3 else ''
-  return ', '.join(names[:3]) + more + (', which is' if len(names) == 1 else ', which are')
+  return f'{", ".join(names[:3])}{more}, which are not checkpoints'
 
 
 def export_directory_refusal(root: paths.Path) -> str | None:
   """Why the export directory `root` may not take a step (before the run writes anything there)."""
   found = foreign(root)
   if found:
-    return (f'output.path {root} holds {_named(found)} not a checkpoint; an output folder must be '
+    return (f'output.path {root} holds {_not_checkpoints(found)}; an output folder must be '
             'absent, empty, a checkpoint or a directory of checkpoint steps')
   return None
 
@@ -78,7 +82,7 @@ def unit_refusal(unit: paths.Path, label: str, single: bool) -> str | None:
       return None
     found = foreign(unit)
     if found:
-      return (f'{label} holds {_named(found)} not a checkpoint; an output folder must be absent, '
+      return (f'{label} holds {_not_checkpoints(found)}; an output folder must be absent, '
               'empty or a checkpoint')
     steps = sorted((name for name, (is_dir, _) in paths.listing(unit).items()
                     if is_dir and is_step(unit / name)), key=ocp.path.step.step_from_checkpoint_name)

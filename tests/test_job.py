@@ -1,6 +1,7 @@
 """The job as a whole: the guide's round trip, other meshes, NNX state, dry runs and overwrite."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import checkpoints
 from jobs import REPO, ok, run_job, surgery, write_config
 from surgery_job import example
+from test_bad_input import digest
 
 STACK = dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2')
 
@@ -126,16 +128,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(layered, tmp_path):
 def test_overwrite_replaces_its_own_step_only(layered, tmp_path):
   in_path, x = layered
   out = tmp_path / 'out'
+  shutil.copytree(in_path / '3', out / '5')  # Another step, which stays as it is.
   (out / '9').mkdir(parents=True)
-  (out / '9' / 'old.txt').write_text('old')
-  (out / 'notes.txt').write_text('not a step')
+  shutil.copytree(in_path / '3' / 'default', out / '9' / 'old')  # An older checkpoint step.
+  before = digest(out / '5')
   config = write_config(tmp_path, {'transforms': [dict(op='set_step', value=9)], 'output': {'overwrite': True, 'step': 9}})
   ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}'))
-  assert sorted(p.name for p in out.iterdir()) == ['9', 'notes.txt']
+  assert sorted(p.name for p in out.iterdir()) == ['5', '9'] and digest(out / '5') == before
   assert sorted(p.name for p in (out / '9').iterdir()) == ['_CHECKPOINT_METADATA', 'commit_success.txt', 'default',
                                                            'surgery_report.json']
   with ocp.CheckpointManager(out, item_names=('default',)) as manager:
-    assert manager.all_steps() == [9]
+    assert manager.all_steps() == [5, 9]
     restored = manager.restore(9, args=ocp.args.Composite(default=ocp.args.StandardRestore()))
   assert int(restored['default']['step']) == 9
   with ocp.CheckpointManager(out) as manager:  # The plainest read: no item names, no args.
