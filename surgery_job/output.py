@@ -4,12 +4,14 @@ The unit of output is one step folder `OUT/<step>` of a CheckpointManager output
 its own step only, never the others), or `OUT` itself for a single PyTree checkpoint. Process 0
 does every step below for a unit U; the other processes wait at barriers and write array shards.
 
+0. Check the place: what the output folder and U may hold, and what overwrite may replace
+   (`output_folder.py`); the job checks beforehand that nothing it reads lies in the output.
 1. Lock: `U.surgery-lock` beside U, one live run per unit (`lock.py`).
 2. Recover, under the lock: a staging folder that an earlier run left is removed, after an older
    output it had moved aside is put back where U is absent; one that had begun its commit on an
    object store has it finished.
-3. Decide: U holding this surgery's fingerprint is already done; U holding anything else is
-   replaced only with `output.overwrite`.
+3. Decide: U holding this surgery's fingerprint is already done; a checkpoint of U's kind holding
+   anything else is replaced only with `output.overwrite`; anything else is never replaced.
 4. Stage: `U.orbax-checkpoint-tmp-surgery/` beside U, holding a marker with the run's fingerprint
    and `checkpoint/`, the future U. Orbax takes a name holding `.orbax-checkpoint-tmp` for a save
    in progress, so no reader lists it as a step or restores it.
@@ -242,6 +244,7 @@ class Claim:
     if self.target.step is not None and (root / '_METADATA').exists():
       raise SurgeryError(f'output.path {root} is a single PyTree checkpoint, not a '
                          'CheckpointManager directory for step folders')
+    _refuse(output_folder.link_refusal(self.target.unit, str(self.target)))
     if self.target.step is not None:
       _refuse(output_folder.export_directory_refusal(root))
     self.made_root = self.target.step is not None and not root.exists()

@@ -69,12 +69,17 @@ def export_directory_refusal(root: paths.Path) -> str | None:
   return None
 
 
-def unit_refusal(unit: paths.Path, label: str, single: bool) -> str | None:
-  """Why a run may not replace what is at `unit` (its output checkpoint: a single one, or a step of
-  an export directory), with overwrite or without; None where it may. `label` names it."""
+def link_refusal(unit: paths.Path, label: str) -> str | None:
+  """Why a run may not write at `unit` when it is a symbolic link. `label` names it."""
   if paths.is_link(unit):
     return (f'{label} is a symbolic link to {os.readlink(unit)}; the job neither writes through a '
             'link nor replaces one: remove it, or point output.path at where it leads')
+  return None
+
+
+def unit_refusal(unit: paths.Path, label: str, single: bool) -> str | None:
+  """Why a run may not replace what is at `unit` (its output checkpoint: a single one, or a step of
+  an export directory), with overwrite or without; None where it may. `label` names it."""
   if not paths.listing(unit):
     return None
   if single:

@@ -168,6 +168,16 @@ def test_an_output_step_that_is_a_link_is_refused(baseline, layered, tmp_path):
   assert sorted(p.name for p in out.iterdir()) == ['3']
 
 
+def test_a_single_output_that_is_a_link_is_refused(single, tmp_path):
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  out = tmp_path / 'out'
+  out.symlink_to(elsewhere)
+  assert_refused(outcome(fields(single, out, overwrite=True)),
+                 f'output.path {out} is a symbolic link to {elsewhere}')
+  assert out.is_symlink() and list(elsewhere.iterdir()) == []
+
+
 def test_a_link_left_in_a_staging_folder_is_unlinked_not_followed(baseline, layered, tmp_path):
   """What an overwrite of a linked step left before links were refused: the new step committed,
   the link moved into the staging folder. The next run removes the link and leaves its target."""
