@@ -198,18 +198,22 @@ def _read_tree(item_dir: paths.Path) -> Any:
     raise SurgeryError(read_error(e, item_dir)) from None
   if damage:
     raise SurgeryError(damage)
-  _check_leaves(tree.flatten(metadata), stored, item_dir)
+  _check_leaves(metadata, stored, item_dir)
   return metadata
 
 
-def _check_leaves(flat_metadata: dict[str, Any], stored: set[str], item_dir: paths.Path) -> None:
+def _check_leaves(metadata: Any, stored: set[str], item_dir: paths.Path) -> None:
   """Every leaf is an array, and `_METADATA` lists exactly the arrays stored: an entry lost from it
   would otherwise drop that leaf from the output without a word."""
+  try:
+    flat_metadata = tree.flatten(metadata)
+  except SurgeryError as e:
+    raise e.within(str(item_dir)) from None
   for key, leaf in flat_metadata.items():
     if getattr(leaf, 'shape', None) is None or getattr(leaf, 'dtype', None) is None:
       raise SurgeryError(f'leaf {key!r} of {item_dir} is a {type(leaf).__name__}, not an array; '
                          'the job handles array leaves only')
-  listed = {storage.name(key) for key in flat_metadata}
+  listed = storage.names(metadata)
   unlisted = sorted(stored - listed)
   if unlisted:
     raise SurgeryError(f'damaged checkpoint metadata file {item_dir / "_METADATA"}: it does not list '

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from surgery_job import checkpoint, config as config_lib, legacy_flax, paths
+from surgery_job import checkpoint, config as config_lib, errors, legacy_flax, paths
 from surgery_job.errors import SurgeryError
 
 EXIT_BAD_INPUT = 2
@@ -24,6 +24,7 @@ class Parser(argparse.ArgumentParser):
 
 def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
   """Runs `main`; a SurgeryError (bad path, config or checkpoint) is one line and exit 2."""
+  errors.ignore_reads_after_a_failed_restore()
   try:
     return main(sys.argv[1:] if argv is None else argv)
   except SurgeryError as e:

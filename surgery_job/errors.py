@@ -1,5 +1,7 @@
 """The one exception type that means "bad config or input": exit 2, one line, no traceback."""
 
+import sys
+
 
 class SurgeryError(Exception):
   """A problem with the config or the checkpoint that the user must fix."""
@@ -11,3 +13,19 @@ class SurgeryError(Exception):
   def within(self, context: str) -> 'SurgeryError':
     """Returns the same error with `context` (an op, a rule) in front."""
     return SurgeryError(f'{context}: {self}')
+
+
+def ignore_reads_after_a_failed_restore() -> None:
+  """After Orbax aborts a read of a damaged checkpoint, tensorstore still completes the other reads
+  into Orbax's closed event loop; Python reports each as unraisable, around the one-line error.
+  They say nothing new. The job and the tools call this first."""
+  default_hook = sys.unraisablehook
+  if getattr(default_hook, 'ignores_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      default_hook(unraisable)
+  hook.ignores_closed_loop = True
+  sys.unraisablehook = hook

@@ -126,7 +126,11 @@ def read_metadata(source: Source) -> dict[str, Any]:
   if not isinstance(state, dict):
     raise SurgeryError(f'{source.root} is not a Flax checkpoint: it holds a {type(state).__name__}, '
                        'not a tree of arrays')
-  for key, leaf in tree.flatten(state).items():
+  try:
+    flat_state = tree.flatten(state)
+  except SurgeryError as e:
+    raise e.within(str(source.root)) from None
+  for key, leaf in flat_state.items():
     if not isinstance(leaf, (np.ndarray, np.generic, bool, int, float, complex)):
       raise SurgeryError(f'leaf {key!r} of {source.root} is a {type(leaf).__name__}, not an array; '
                          'the job handles array leaves only')
@@ -134,7 +138,7 @@ def read_metadata(source: Source) -> dict[str, Any]:
   if not source.arrays:
     raise SurgeryError(f'{source.root} is not a Flax checkpoint: it holds no arrays')
   shapes = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in source.arrays.items()}
-  return tree.unflatten(shapes, {})
+  return tree.unflatten(shapes, state)
 
 
 def held_bytes(source: checkpoint.Location) -> int:

@@ -27,7 +27,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surgery_job import config as config_lib, distributed, job, memory, stopping
+from surgery_job import config as config_lib, distributed, errors, job, memory, stopping
 from surgery_job.errors import SurgeryError
 
 EXIT_FAILED = 1
@@ -73,25 +73,13 @@ def _quiet_orbax() -> None:
       lambda record: record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname)
 
 
-def _ignore_reads_after_a_failed_restore() -> None:
-  """After Orbax aborts a read of a damaged checkpoint, tensorstore still completes the other reads
-  into Orbax's closed event loop; Python reports each as unraisable. They say nothing new."""
-  default_hook = sys.unraisablehook
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
-      default_hook(unraisable)
-  sys.unraisablehook = hook
-
-
 def main(argv) -> None:
   memory.few_arenas()
   # What the imports made lives as long as the process: no garbage collection scans it, until the
   # first step's groups end (`memory.long_lived` freezes it with the plan, then unfreezes all).
   gc.freeze()
   _quiet_orbax()
-  _ignore_reads_after_a_failed_restore()
+  errors.ignore_reads_after_a_failed_restore()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   stopping.install(_STOP_TIMEOUT.value, distributed.fail)

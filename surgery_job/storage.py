@@ -2,8 +2,9 @@
 the data files that hold their values. `_METADATA` is checked against the first, the files'
 presence and sizes against the second, before any data moves; a read error names the file."""
 
-from typing import Iterator
+from typing import Any, Iterator
 
+import jax
 import tensorstore as ts
 
 from surgery_job import paths
@@ -14,6 +15,13 @@ _ARRAY_KEYS = ('/.zarray', '/zarr.json')  # Each array's zarr v2 or v3 metadata 
 def name(key: str) -> str:
   """Orbax's storage name for a '/'-joined key: the same parts joined with '.'."""
   return key.replace('/', '.')
+
+
+def names(tree: Any) -> set[str]:
+  """Orbax's storage name of each leaf of `tree`: its key parts joined with '.', as they are
+  (a part may hold '/', which `name` cannot tell from a separator)."""
+  return {jax.tree_util.keystr(path, simple=True, separator='.')
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def is_ocdbt(item_dir: paths.Path) -> bool:

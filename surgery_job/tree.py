@@ -6,13 +6,18 @@ A mirror is any outermost subtree outside the params whose keys are params' keys
 stats), or one whose keys are params' keys each followed by a slot (`flax.optim`:
 `state/param_states/Conv_0/bias/grad_ema`): each slot is a mirror, named with `*` standing for the
 parameter (`state/param_states/*/grad_ema`). Structural ops apply to mirrors as they apply to params.
+
+A key part may itself hold '/' (Haiku's `mlp/~/linear_0`, which Orbax keeps as one part): such a
+key nests back as the input tree has it. Two leaves whose keys join alike, or an empty part, are
+refused: one would silently take the other's place.
 """
 
 import dataclasses
 from typing import Any, Mapping
 
 import jax
-from flax import traverse_util
+
+from surgery_job.errors import SurgeryError
 
 SEP = '/'
 PARAM = '*'  # Stands for the parameter's path in the name of a mirror whose slot follows it.
@@ -22,24 +27,64 @@ FLAX_OPTIM_ROOTS = ('target', 'optimizer/target')
 
 def flatten(tree: Any) -> dict[str, Any]:
   """Flat `{key: leaf}` of a nested tree; `None` subtrees (optax `EmptyState`) have no keys."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path, simple=True, separator=SEP): leaf for path, leaf in leaves}
+  flat, paths = {}, {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = jax.tree_util.keystr(path, simple=True, separator=SEP)
+    if any(isinstance(part, jax.tree_util.DictKey) and str(part.key) == '' for part in path):
+      raise SurgeryError(f'key {jax.tree_util.keystr(path)} has an empty part; the job names '
+                         f"leaves by their '{SEP}'-joined path and cannot write it back")
+    if key in paths:
+      raise SurgeryError(f'keys {jax.tree_util.keystr(paths[key])} and {jax.tree_util.keystr(path)} '
+                         f"both read as {key!r}: the job names leaves by their '{SEP}'-joined path "
+                         'and would keep only one; rename one')
+    flat[key], paths[key] = leaf, path
+  return flat
 
 
 def unflatten(flat: Mapping[str, Any], skeleton: Any) -> Any:
-  """Nests `flat`, giving nodes that were lists (and their `None` items) in `skeleton` their old shape."""
-  nested = traverse_util.unflatten_dict({tuple(k.split(SEP)): v for k, v in flat.items()})
+  """Nests `flat` as `skeleton` nests: a key splits where `skeleton`'s own keys end (a part may
+  hold '/'), elsewhere at each '/'. Nodes that were lists (and their `None` items) get their old
+  shape; `skeleton`'s subtrees without leaves (`None`, `{}`) are kept as they are."""
+  nested, seen = {}, {}
+  for key, leaf in flat.items():
+    node, guide = nested, skeleton
+    while True:
+      if id(guide) not in seen:
+        seen[id(guide)] = _children(guide)
+      children, slashed = seen[id(guide)]
+      head = next((n for n in slashed if key == n or key.startswith(n + SEP)), key.split(SEP, 1)[0])
+      if len(head) == len(key):
+        node[head] = leaf
+        break
+      node, guide, key = node.setdefault(head, {}), children.get(head), key[len(head) + 1:]
   return _restore_sequences(nested, skeleton)
+
+
+def _children(node: Any) -> tuple[dict[str, Any], list[str]]:
+  """({key part: child} of a dict or sequence node, {} of anything else; its parts that hold '/',
+  longest first)."""
+  if isinstance(node, dict):
+    children = {str(k): v for k, v in node.items()}
+  elif isinstance(node, (list, tuple)):
+    children = {str(i): v for i, v in enumerate(node)}
+  else:
+    children = {}
+  return children, sorted((n for n in children if SEP in n), key=len, reverse=True)
 
 
 def _restore_sequences(node: Any, skeleton: Any) -> Any:
   if not isinstance(node, dict):
     return node
   if isinstance(skeleton, (list, tuple)):
-    return [_restore_sequences(node[str(i)], s) if str(i) in node else None
+    return [_restore_sequences(node[str(i)], s) if str(i) in node else s if _leafless(s) else None
             for i, s in enumerate(skeleton)]
   children = skeleton if isinstance(skeleton, dict) else {}
-  return {k: _restore_sequences(v, children.get(k)) for k, v in node.items()}
+  kept = {k: v for k, v in children.items() if k not in node and _leafless(v)}
+  return {**{k: _restore_sequences(v, children.get(k)) for k, v in node.items()}, **kept}
+
+
+def _leafless(skeleton: Any) -> bool:
+  return not jax.tree.leaves(skeleton)
 
 
 def with_sequences(skeleton: Any, sequences, keys) -> Any:

@@ -254,3 +254,56 @@ def test_small_leaves_read_whole_and_large_ones_by_shard_restore_onto_their_shar
   for key, value in values.items():
     np.testing.assert_array_equal(np.asarray(restored[key]), value)
     assert restored[key].sharding.spec == specs[key] and restored[key].dtype == value.dtype
+
+
+# Issue 19, items 6, 19, 20: keys that hold '/', keys that join alike, subtrees without leaves.
+
+HAIKU = {'mlp/~/linear_0': {'w': np.arange(12, dtype=np.float32).reshape(3, 4),
+                            'b': np.ones(4, np.float32)},
+         'mlp/~/linear_1': {'w': np.full((4, 2), 3, np.float32)}}
+STREAMED = {'memory': {'host_budget_gb': 1e-7}}  # A group per leaf or two: partial saves.
+
+
+def plain_restore(root, step: int = 3):
+  """Step `step` of `root` as a plain CheckpointManager restores it, on one device."""
+  with ocp.CheckpointManager(root) as manager:
+    return manager.restore(step, args=ocp.args.StandardRestore())
+
+
+def test_keys_holding_a_slash_keep_their_tree(tmp_path):
+  state = checkpoints.train_state(HAIKU)
+  save(tmp_path / 'ckpt', state)
+  ok(run_command(tmp_path, tmp_path / 'ckpt', tmp_path / 'out', **STREAMED,
+                 transforms=[dict(op='scale', pattern='mlp/~/linear_0/w', factor=2.0)]))
+  got, want = plain_restore(tmp_path / 'out'), plain_restore(tmp_path / 'ckpt')
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert sorted(got['params']) == ['mlp/~/linear_0', 'mlp/~/linear_1']
+  np.testing.assert_array_equal(got['params']['mlp/~/linear_0']['w'],
+                                2 * np.asarray(want['params']['mlp/~/linear_0']['w']))
+  for key, value in checkpoints.flat_numpy(want).items():
+    if key != 'params/mlp/~/linear_0/w':
+      np.testing.assert_array_equal(checkpoints.flat_numpy(got)[key], value, err_msg=key)
+
+
+def test_keys_that_join_alike_are_refused_naming_both(tmp_path):
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(epath.Path(tmp_path / 'ckpt'),
+                      {'params': {'a/b': np.ones(2, np.float32), 'a': {'b': np.zeros(2, np.float32)}}})
+  with pytest.raises(SurgeryError) as error:
+    run(tmp_path / 'ckpt', tmp_path / 'out')
+  assert str(error.value) == (
+      f"{tmp_path / 'ckpt'}: keys ['params']['a']['b'] and ['params']['a/b'] both read as "
+      "'params/a/b': the job names leaves by their '/'-joined path and would keep only one; rename one")
+  assert not list(tmp_path.glob('out*'))
+
+
+def test_subtrees_without_leaves_are_kept(tmp_path):
+  state = {'params': {'w': np.ones((2, 3), np.float32), 'n': None, 'e': {}},
+           'opt': [{'mu': np.ones(3, np.float32)}, None]}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(epath.Path(tmp_path / 'ckpt'), state)
+  ok(run_command(tmp_path, tmp_path / 'ckpt', tmp_path / 'out', **STREAMED))
+  with ocp.StandardCheckpointer() as checkpointer:
+    got = checkpointer.restore(epath.Path(tmp_path / 'out'))
+  assert jax.tree.structure(got) == jax.tree.structure(state)
+  np.testing.assert_array_equal(got['params']['w'], state['params']['w'])

@@ -289,3 +289,26 @@ def test_compare_values_on_literal_arrays():
       'bools': {'equal': True, 'differing': 0, 'size': 2, 'max_abs': 0.0, 'max_rel': 0.0},
   }
   assert json.loads(json.dumps(diff._strict_json(found)))['nan_and_signed_zero']['max_abs'] == 'inf'  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('kept', [0.9, 0.99])
+def test_a_truncated_manifest_is_one_line(layered, tmp_path, kept):
+  copy = tmp_path / 'ckpt'
+  shutil.copytree(layered[0], copy)
+  manifest = copy / '3' / 'default' / 'manifest.ocdbt'
+  manifest.write_bytes(manifest.read_bytes()[:int(manifest.stat().st_size * kept)])
+  for result in (tool('inspect', copy), tool('diff', layered[0], copy, '--values')):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count('\n') == 1, result.stderr[-3000:]
+    assert f'{manifest} cannot be read' in result.stderr
+
+
+def test_the_tools_ignore_reads_completing_into_a_closed_event_loop():
+  # What tensorstore does after Orbax gives up on a damaged checkpoint, without the damage's timing.
+  code = ('import sys\nfrom surgery_job import cli\nfrom surgery_job.errors import SurgeryError\n'
+          'class Read:\n  def __del__(self):\n    raise RuntimeError("Event loop is closed")\n'
+          'def main(argv):\n  Read()\n  raise SurgeryError("damaged")\n'
+          'sys.exit(cli.run("tool", main, []))\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert (result.returncode, result.stderr) == (2, 'tool: error: damaged\n')

@@ -18,7 +18,9 @@ from jax.sharding import PartitionSpec as P, SingleDeviceSharding
 import checkpoints
 from jobs import REPO, launch, ok, run_job, surgery, write_config
 from surgery_job import example, legacy_flax, memory, plan as plan_lib, transforms, tree
+from surgery_job.errors import SurgeryError
 from surgery_job.transforms import Leaf
+from test_bad_input import assert_bad_input
 from test_memory import fake_cgroup
 
 LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8  # flax.optim.Adam's defaults, and optax.adam's.
@@ -298,3 +300,36 @@ def test_inspect_lists_a_msgpack_checkpoint(msgpack_dir):
                          cwd=REPO, capture_output=True, text=True, check=False)
   assert older.returncode == 0, older.stderr[-2000:]
   assert older.stdout.splitlines()[0] == f'{folder / "checkpoint_3"}: Flax msgpack checkpoint, step 3'
+
+
+def test_msgpack_keys_that_join_alike_are_refused_naming_both(tmp_path):
+  source = tmp_path / 'checkpoint_1'
+  source.write_bytes(serialization.to_bytes(
+      {'params': {'a/b': np.ones(2, np.float32), 'a': {'b': np.zeros(2, np.float32)}}}))
+  result = run_job(write_config(tmp_path, {'transforms': []}), f'--config.input.path={source}',
+                   f'--config.output.path={tmp_path / "out"}')
+  assert_bad_input(result, f"{source}: keys ['params']['a']['b'] and ['params']['a/b'] both read "
+                           "as 'params/a/b'")
+  assert not (tmp_path / 'out').exists()
+
+
+def test_msgpack_empty_key_is_refused_by_name(tmp_path):
+  source = tmp_path / 'checkpoint_1'
+  source.write_bytes(serialization.to_bytes({'params': {'': np.ones(2, np.float32),
+                                                        'w': np.ones(2, np.float32)}}))
+  with pytest.raises(SurgeryError, match=r"key \['params'\]\[''\] has an empty part"):
+    legacy_flax.read_metadata(legacy_flax.locate(str(source), None, None))
+
+
+def test_msgpack_none_and_empty_subtrees_are_kept(tmp_path):
+  state = {'params': {'w': np.ones((2, 3), np.float32), 'n': None, 'e': {}},
+           'opt': [{'mu': np.ones(3, np.float32)}, None], 'slash/key': np.arange(3)}
+  source = tmp_path / 'checkpoint_1'
+  source.write_bytes(serialization.to_bytes(state))
+  ok(run_job(write_config(tmp_path, {'transforms': []}), f'--config.input.path={source}',
+             f'--config.output.path={tmp_path / "out"}'))
+  with ocp.CheckpointManager(tmp_path / 'out') as manager:
+    got = manager.restore(1, args=ocp.args.StandardRestore())
+  # As Flax wrote it: the list is a dict of its items.
+  assert jax.tree.structure(got) == jax.tree.structure(serialization.to_state_dict(state))
+  np.testing.assert_array_equal(got['slash/key'], state['slash/key'])
