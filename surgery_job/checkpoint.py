@@ -264,6 +264,10 @@ def read_error(error: Exception, item_dir: paths.Path) -> str:
   causes = _causes(error)
   if any(isinstance(e, json.JSONDecodeError) for e in causes):
     return f'damaged checkpoint metadata file {item_dir / "_METADATA"}: {error}'
+  if any(isinstance(e, (KeyError, AttributeError, TypeError, RecursionError)) for e in causes):
+    found = _metadata_problem(item_dir, any(isinstance(e, RecursionError) for e in causes))
+    if found:
+      return found
   texts = [str(e) for e in causes]
   for text in texts:
     # A file tensorstore names (an OCDBT database is named by its folder, with a final '/').
@@ -278,6 +282,28 @@ def read_error(error: Exception, item_dir: paths.Path) -> str:
       return _value_error(found.group(1), paths.Path(found.group(2)), _first_line(found.group(3)))
   reason = next((line for line in map(_first_line, reversed(texts)) if line), type(error).__name__)
   return f'cannot read the checkpoint in {item_dir}: {reason}'
+
+
+def _metadata_problem(item_dir: paths.Path, too_deep: bool) -> str | None:
+  """What in `_METADATA` Orbax's reader failed on with a bare KeyError or AttributeError (a JSON
+  value of another shape) or, `too_deep`, a RecursionError (a tree deeper than it can walk); None
+  if neither."""
+  try:
+    metadata = json.loads((item_dir / '_METADATA').read_text())
+  except (OSError, ValueError):
+    return None
+  where = f'damaged checkpoint metadata file {item_dir / "_METADATA"}'
+  if not isinstance(metadata, dict):
+    return f'{where}: it holds a JSON {type(metadata).__name__}, not an object'
+  entries = metadata.get('tree_metadata')
+  if not isinstance(entries, dict):
+    return f"{where}: it has no 'tree_metadata' object"
+  depth = max((len(e.get('key_metadata') or ()) for e in entries.values() if isinstance(e, dict)),
+              default=0)
+  if too_deep:
+    return (f'cannot read the checkpoint in {item_dir}: its tree is nested {depth} levels deep, '
+            "more than Orbax's reader can take")
+  return None
 
 
 def _value_error(key: str, database: paths.Path, detail: str) -> str:

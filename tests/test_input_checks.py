@@ -16,7 +16,7 @@ from etils import epath
 
 import checkpoints
 from jobs import ok, run_job, write_config
-from surgery_job import checkpoint, config as config_lib, job, validate
+from surgery_job import checkpoint, cli, config as config_lib, inspect, job, validate
 from surgery_job.errors import SurgeryError
 from test_bad_input import assert_bad_input
 
@@ -307,3 +307,30 @@ def test_subtrees_without_leaves_are_kept(tmp_path):
     got = checkpointer.restore(epath.Path(tmp_path / 'out'))
   assert jax.tree.structure(got) == jax.tree.structure(state)
   np.testing.assert_array_equal(got['params']['w'], state['params']['w'])
+
+
+@pytest.mark.parametrize('text, why', [('{}', "it has no 'tree_metadata' object"),
+                                       ('[1, 2, 3]', 'it holds a JSON list, not an object')])
+def test_metadata_of_another_shape_is_named(layered, tmp_path, capsys, text, why):
+  copy = tmp_path / 'ckpt'
+  shutil.copytree(layered[0], copy)
+  metadata_file = copy / '3' / 'default' / '_METADATA'
+  metadata_file.write_text(text)
+  expected = f'damaged checkpoint metadata file {metadata_file}: {why}'
+  with pytest.raises(SurgeryError) as error:
+    run(copy, tmp_path / 'out')
+  assert str(error.value) == expected
+  assert cli.run(inspect.PROG, inspect.main, [str(copy)]) == 2
+  assert capsys.readouterr().err == f'{inspect.PROG}: error: {expected}\n'
+
+
+def test_a_tree_too_deep_for_orbax_is_one_line(tmp_path):
+  deep = np.ones(2, np.float32)
+  for _ in range(400):
+    deep = {'k': deep}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(epath.Path(tmp_path / 'ckpt'), {'params': deep})
+  with pytest.raises(SurgeryError) as error:
+    run(tmp_path / 'ckpt', tmp_path / 'out')
+  assert str(error.value) == (f'cannot read the checkpoint in {tmp_path / "ckpt"}: its tree is '
+                              "nested 401 levels deep, more than Orbax's reader can take")
