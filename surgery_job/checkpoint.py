@@ -81,8 +81,13 @@ def _uncommitted(step_dir: paths.Path, commit_files: bool) -> str | None:
       return f'has no {COMMIT_FILE} (an unfinished save)'
   elif not ocp.path.step.is_path_finalized(step_dir):
     return 'is an unfinished Orbax save (a temporary folder)'
-  if not _items(step_dir):
+  items = _items(step_dir)
+  if not items:
     return 'holds no checkpoint item (no folder with a _METADATA file)'
+  if paths.on_object_store(step_dir):  # Orbax marks each item finished there too.
+    unfinished = next((item for item in items if not (step_dir / item / COMMIT_FILE).exists()), None)
+    if unfinished:
+      return f'item {unfinished} has no {COMMIT_FILE} (an unfinished save)'
   if commit_files and not paths.is_file(step_dir / COMMIT_FILE):
     return f'has no {COMMIT_FILE} (an unfinished save)'
   return None

@@ -17,6 +17,9 @@ from test_bad_input import assert_bad_input
 from test_ops import SPLIT, STACK, bf16
 from test_safety import start_paused
 
+from surgery_job import checkpoint
+from surgery_job.errors import SurgeryError
+
 COMMIT_FILE = 'commit_success.txt'
 STAGING = '3.orbax-checkpoint-tmp-surgery'
 
@@ -220,3 +223,14 @@ def test_an_unfinished_save_on_gs_is_not_read(gs_path, gcs, tmp_path):
                    f'input.path {manager_dir} holds no committed step: {manager_dir / "3"} has no '
                    f'{COMMIT_FILE}')
   assert not (tmp_path / 'out').exists()
+
+
+def test_a_gs_step_whose_item_has_no_commit_file_is_skipped(gs_path, gcs):
+  root = gs_path / 'manager'
+  for step in (3, 4):
+    checkpoints.save_manager(root, sharded_state(), step=step)
+  (root / '4' / 'default' / COMMIT_FILE).unlink()
+  assert checkpoint.locate(str(root), 'latest', None).step == 3
+  with pytest.raises(SurgeryError, match=f'input.step 4 is not a committed checkpoint: {root / "4"} '
+                                         f'item default has no {COMMIT_FILE}'):
+    checkpoint.locate(str(root), 4, None)
