@@ -1,7 +1,7 @@
 """Entrypoint: `surgery-job --config=configs/NAME.py --config.input.path=IN --config.output.path=OUT`.
 
 Every process of a multi-host job runs this same command. Exit codes: 0 done, 2 bad config or
-input (one line on stderr), 1 failed at run time, 75 stopped by SIGTERM.
+input (one line on stderr), 1 failed at run time, 75 stopped by SIGTERM, 130 stopped by Ctrl-C.
 """
 
 import gc
@@ -11,13 +11,17 @@ import sys
 
 
 def _stopped_while_starting(signum, frame) -> None:
-  del signum, frame
-  sys.stderr.write('surgery-job: stopped by SIGTERM while starting; nothing was written\n')
-  os._exit(75)  # pylint: disable=protected-access
+  del frame
+  name = signal.Signals(signum).name
+  sys.stderr.write(f'surgery-job: stopped by {name} while starting; nothing was written\n')
+  os._exit(130 if signum == signal.SIGINT else 75)  # pylint: disable=protected-access
 
 
-# Importing JAX takes a second or more: a SIGTERM then must not end the process with 143.
+# Importing JAX takes a second or more: a SIGTERM then must not end the process with 143, nor a
+# Ctrl-C with a KeyboardInterrupt traceback (SIGINT stays ignored where it is, as under nohup).
 signal.signal(signal.SIGTERM, _stopped_while_starting)
+if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+  signal.signal(signal.SIGINT, _stopped_while_starting)
 
 # pylint: disable=wrong-import-position
 import logging as py_logging
@@ -101,10 +105,10 @@ def main(argv) -> None:
   except (stopping.Preempted, Exception) as e:  # pylint: disable=broad-except
     if stopping.requested.is_set():
       # Whatever the stop interrupted failed because of it: the input is not at fault.
-      logging.warning('Stopped by SIGTERM on process %d; %s.', jax.process_index(),
+      logging.warning('Stopped by %s on process %d; %s.', stopping.name(), jax.process_index(),
                       'everything was committed' if stopping.finished.is_set()
                       else 'no output was left half-committed; run it again to finish')
-      distributed.fail(stopping.exit_code(), 'stopped by SIGTERM')
+      distributed.fail(stopping.exit_code(), f'stopped by {stopping.name()}')
     elif isinstance(e, SurgeryError):
       print(f'surgery-job: error: {e}', file=sys.stderr)
       distributed.fail(EXIT_BAD_INPUT, str(e))

@@ -1,4 +1,5 @@
-"""SIGTERM at any moment: exit 75 with nothing half-committed, within a bounded time.
+"""SIGTERM (or Ctrl-C: SIGINT) at any moment: exit 75 (130) with nothing half-committed, within a
+bounded time; a rerun resumes from the groups already written.
 
 The handler only records the signal; the run stops where it checks (`check`, `sleep`: each
 phase, each group, each wait), never inside whatever Python code the signal happened to land in.
@@ -10,6 +11,8 @@ call or a barrier can put off for minutes. So the C-level handler also writes th
 pipe (`signal.set_wakeup_fd`), and a thread that reads it at once bounds the stop: after
 `stop_timeout_seconds` it ends the process itself. A SIGTERM during a commit lets it finish, and
 the run stops before its next step; once the run has nothing left to do, it ends as done (0).
+SIGINT is handled the same way: Python's own KeyboardInterrupt would land inside Orbax's or XLA's
+callbacks (a C++ `terminate`) as any exception raised from a handler does.
 """
 
 import contextlib
@@ -22,8 +25,11 @@ from absl import logging
 
 EXIT_DONE = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped, nothing committed; run it again.
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it (128 + SIGINT); nothing committed either.
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 requested = threading.Event()
+received: list[signal.Signals] = []  # The signal that stopped the run, once one came.
 finished = threading.Event()  # Every output is committed, or there was nothing to do.
 _commit = threading.Lock()  # Held for the whole commit, so that a forced stop waits for it.
 _in_commit = False
@@ -35,65 +41,79 @@ class Preempted(BaseException):
 
 
 def exit_code() -> int:
-  """The code a run ends with once SIGTERM arrived."""
-  return EXIT_DONE if finished.is_set() else EXIT_PREEMPTED
+  """The code a run ends with once SIGTERM or SIGINT arrived."""
+  if finished.is_set():
+    return EXIT_DONE
+  return EXIT_INTERRUPTED if received == [signal.SIGINT] else EXIT_PREEMPTED
+
+
+def name() -> str:
+  """The signal that stopped the run, as messages name it."""
+  return received[0].name if received else 'SIGTERM'
 
 
 def install(stop_timeout_seconds: int, stop: Callable[[int, str], None]) -> None:
-  """Handles SIGTERM from now on (main thread only); `stop(code, message)` ends the process."""
+  """Handles SIGTERM and SIGINT from now on (main thread only; SIGINT unless it is ignored, as
+  under nohup); `stop(code, message)` ends the process."""
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)
   signal.set_wakeup_fd(write_end)
-  signal.signal(signal.SIGTERM, lambda signum, frame: _note())
+  for signum in SIGNALS:
+    if signal.getsignal(signum) is not signal.SIG_IGN:
+      signal.signal(signum, lambda signum, frame: _note(signal.Signals(signum)))
 
   def force_stop():
     with _commit:
-      stop(exit_code(), 'stopped by SIGTERM')
+      stop(exit_code(), f'stopped by {name()}')
 
   def watch():
     while True:
-      if signal.SIGTERM in os.read(read_end, 64):
-        _note()
+      found = [signum for signum in SIGNALS if signum in os.read(read_end, 64)]
+      if found:
+        _note(found[0])
         threading.Timer(stop_timeout_seconds, force_stop).start()
         return
 
   threading.Thread(target=watch, name='surgery_job_sigterm', daemon=True).start()
 
 
-_noted = threading.RLock()  # A second SIGTERM may come while the first is noted.
+_noted = threading.RLock()  # A second signal may come while the first is noted.
 
 
-def _note() -> None:
+def _note(signum: signal.Signals) -> None:
   """Records the stop once, from the handler or the pipe's reader, whichever runs first."""
   with _noted:
     if not requested.is_set():
+      received.append(signum)
       requested.set()
-      logging.warning('SIGTERM received (preemption?): stopping%s.',
+      logging.warning('%s received (%s): stopping%s.', signum.name,
+                      'preemption?' if signum == signal.SIGTERM else 'Ctrl-C',
                       '' if finished.is_set() else ' before the next commit')
 
 
 def finish() -> None:
-  """The run has nothing left to do: a SIGTERM from now on changes nothing. It is ignored, not
+  """The run has nothing left to do: a signal from now on changes nothing. It is ignored, not
   handled, because Python gives a handled signal back its default (death) while it shuts down."""
   finished.set()
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  for signum in SIGNALS:
+    signal.signal(signum, signal.SIG_IGN)
 
 
 def check() -> None:
-  """Stops here if SIGTERM came, unless a commit is under way or the run is done."""
+  """Stops here if SIGTERM or SIGINT came, unless a commit is under way or the run is done."""
   if requested.is_set() and not (_in_commit or finished.is_set()):
     raise Preempted()
 
 
 def sleep(seconds: float) -> None:
-  """`time.sleep`, cut short by SIGTERM to stop here."""
+  """`time.sleep`, cut short by SIGTERM or SIGINT to stop here."""
   requested.wait(seconds)
   check()
 
 
 @contextlib.contextmanager
 def committing():
-  """A commit: a SIGTERM waits for it to end (`check` stops the run after it)."""
+  """A commit: a signal waits for it to end (`check` stops the run after it)."""
   global _in_commit  # pylint: disable=global-statement
   with _commit:
     _in_commit = True

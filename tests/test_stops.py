@@ -9,8 +9,8 @@ import psutil
 import pytest
 
 from checkpoints import visible_steps
-from jobs import JOB, REPO, assert_unlocked, job_command, job_env, write_config
-from test_safety import TRANSFORMS, assert_same, paths, values
+from jobs import JOB, REPO, assert_unlocked, job_command, job_env, ok, run_job, write_config
+from test_safety import TRANSFORMS, assert_same, paths, start_paused, values
 
 STREAMED = '--config.memory.host_budget_gb=4e-6'
 
@@ -128,3 +128,40 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+# Ctrl-C: SIGINT ends a run as SIGTERM does, with the shell's 130, its staging kept for the rerun.
+
+def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(layered, baseline, tmp_path):
+  config, want = baseline
+  in_path, _ = layered
+  out, _, staging = paths(tmp_path)
+  process = start_paused(config, in_path, out, 'group_written', tmp_path / 'paused', STREAMED)
+  process.send_signal(signal.SIGINT)
+  stderr = process.communicate(timeout=60)[1]
+  assert process.returncode == 130, stderr[-3000:]
+  assert 'Traceback' not in stderr and 'Fatal Python error' not in stderr, stderr[-3000:]
+  assert ('Stopped by SIGINT on process 0; no output was left half-committed; run it again to '
+          'finish.') in stderr
+  assert staging.is_dir() and visible_steps(out) == []
+  assert_unlocked(out)
+  rerun = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}', STREAMED)
+  ok(rerun)
+  assert 'Resuming: 1 of ' in rerun.stderr
+  assert_same(values(out), want)
+
+
+def test_ctrl_c_ends_a_watch_in_one_line(tmp_path):
+  process = subprocess.Popen(
+      job_command(write_config(tmp_path, {'transforms': [], 'watch': {'enabled': True}}),
+                  f'--config.input.path={tmp_path / "trainer"}', f'--config.output.path={tmp_path / "out"}'),
+      cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  lines = []
+  while not any('for new committed steps' in line for line in lines):
+    lines.append(process.stderr.readline())
+    assert lines[-1], ''.join(lines)[-3000:]
+  process.send_signal(signal.SIGINT)
+  stderr = ''.join(lines) + process.communicate(timeout=60)[1]
+  assert process.returncode == 130, stderr[-3000:]
+  assert 'Traceback' not in stderr and 'Fatal Python error' not in stderr, stderr[-3000:]
+  assert 'Stopped by SIGINT on process 0' in stderr
