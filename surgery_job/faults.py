@@ -2,7 +2,8 @@
 
 - `SURGERY_JOB_FAULT=POINT@PROCESS`: raise at that point on that process (`POINT` alone: on all).
 - `SURGERY_JOB_PAUSE=POINT@PROCESS` and `SURGERY_JOB_PAUSE_FILE=PATH`: at that point, write PATH
-  and wait forever, so that a test can kill the process at a known moment.
+  and wait while it is there, so that a test can kill the process at a known moment, or change
+  what it reads and delete PATH to let it go on.
 - `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip a byte of each data file written, before validation.
 
 Points: each phase's name at its start (read, mesh, plan, restore, transform, write, validate,
@@ -38,9 +39,10 @@ def at(point: str) -> None:
   if _here(os.environ.get(FAULT), point):
     raise InjectedFault(f'injected fault at {point} on process {jax.process_index()}')
   if _here(os.environ.get(PAUSE), point):
-    Path(os.environ[PAUSE_FILE]).write_text(f'{point} {os.getpid()}')
-    while True:
-      stopping.sleep(1)
+    pause_file = Path(os.environ[PAUSE_FILE])
+    pause_file.write_text(f'{point} {os.getpid()}')
+    while pause_file.exists():
+      stopping.sleep(0.1)
 
 
 def corrupt_output(item_dir: paths.Path) -> None:

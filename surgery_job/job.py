@@ -86,7 +86,14 @@ def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
   while True:
     steps = agree_on_steps('new') if paths.of(config.input.path, 'input.path').exists() else []
     for step in steps:
-      reports.append(convert(config, step, barrier_timeout_seconds, named=True))
+      try:
+        reports.append(convert(config, step, barrier_timeout_seconds, named=True))
+      except Exception:  # pylint: disable=broad-except  # Whatever a vanished file made fail.
+        if stopping.requested.is_set() or _still_committed(config, step):
+          raise
+        logging.warning('Skipping input step %s: it is no longer a committed step of the input '
+                        '(deleted while it was read, as by the trainer keeping its newest steps).',
+                        step)
     if steps:
       idle_since = time.monotonic()
     elif time.monotonic() - idle_since >= config.watch.idle_timeout_seconds:
@@ -94,6 +101,20 @@ def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
         logging.info('No new step for %.0f s: the watch ends.', config.watch.idle_timeout_seconds)
       return reports
     stopping.sleep(config.watch.poll_seconds)
+
+
+def _still_committed(config, step, settle_seconds: float = 2.0) -> bool:
+  """Whether `step` is still a committed input step, looked at again once a deletion under way
+  (a trainer's rmtree) has had `settle_seconds` to end."""
+  reader = sources.reader_of(config.input.path, config.input.format)
+  for wait in (0, settle_seconds):
+    stopping.sleep(wait)
+    try:
+      if step not in reader.select_steps(config.input.path, 'all', lambda s: False):
+        return False
+    except SurgeryError:  # The input is gone altogether.
+      return False
+  return True
 
 
 def convert(config, step, barrier_timeout_seconds: int, named: bool) -> dict | None:

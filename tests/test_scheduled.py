@@ -14,6 +14,7 @@ import pytest
 import checkpoints
 from jobs import REPO, assert_unlocked, job_command, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input
+from test_safety import assert_same
 from write_steps import state_at
 
 SERVING = {'transforms': [dict(op='drop_optimizer')]}
@@ -163,3 +164,30 @@ def test_two_processes_agree_on_the_steps(trained, tmp_path):
   ok(launch(2, f'--config={write_config(tmp_path, SERVING)}', f'--config.input.path={trained}',
             f'--config.output.path={out}', '--config.input.step=all', log_dir=tmp_path / 'logs'))
   assert_exported(out, [1, 2, 4], read_on_these_devices=False)
+
+
+def test_watch_skips_a_step_the_trainer_deletes_while_it_is_read(layered, tmp_path):
+  in_path, out, pause = tmp_path / 'in', tmp_path / 'out', tmp_path / 'paused'
+  for step in (1, 2):
+    shutil.copytree(layered[0] / '3', in_path / str(step))
+  watcher = subprocess.Popen(
+      job_command(write_config(tmp_path, {'transforms': [], 'watch': {
+          'enabled': True, 'poll_seconds': 0.5, 'idle_timeout_seconds': 2.0}}),
+                  f'--config.input.path={in_path}', f'--config.output.path={out}'),
+      cwd=REPO, env=job_env(env={'SURGERY_JOB_PAUSE': 'restore', 'SURGERY_JOB_PAUSE_FILE': str(pause)}),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  for deleted in (True, False):  # Step 1 is deleted once its metadata is read; step 2 is not.
+    deadline = time.monotonic() + 120
+    while not pause.exists():
+      assert watcher.poll() is None and time.monotonic() < deadline, watcher.stderr.read()[-3000:]
+      time.sleep(0.1)
+    if deleted:
+      shutil.rmtree(in_path / '1')  # As the trainer's max_to_keep does.
+    pause.unlink()  # The job goes on.
+  stderr = watcher.communicate(timeout=300)[1]
+  assert watcher.returncode == 0, stderr[-3000:]
+  assert ('Skipping input step 1: it is no longer a committed step of the input (deleted while it '
+          'was read, as by the trainer keeping its newest steps)') in stderr
+  assert checkpoints.visible_steps(out) == [2]
+  assert sorted(p.name for p in out.iterdir()) == ['2']
+  assert_same(checkpoints.flat_numpy(checkpoints.restore_plain(out / '2' / 'default')), layered[1])
