@@ -13,6 +13,7 @@ refused: one would silently take the other's place.
 """
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import jax
@@ -23,53 +24,83 @@ SEP = '/'
 PARAM = '*'  # Stands for the parameter's path in the name of a mirror whose slot follows it.
 # Params roots other than `params`: flax.optim's Optimizer, saved alone or as a field.
 FLAX_OPTIM_ROOTS = ('target', 'optimizer/target')
+_EMPTY_PART = re.compile(f'^{SEP}|{SEP}{SEP}|{SEP}$')  # Or a part that holds '//': looked at closer.
 
 
 def flatten(tree: Any) -> dict[str, Any]:
   """Flat `{key: leaf}` of a nested tree; `None` subtrees (optax `EmptyState`) have no keys."""
-  flat, paths = {}, {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    key = jax.tree_util.keystr(path, simple=True, separator=SEP)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  flat = {jax.tree_util.keystr(path, simple=True, separator=SEP): leaf for path, leaf in leaves}
+  if len(flat) < len(leaves) or '' in flat or any(map(_EMPTY_PART.search, flat)):
+    _check_names(leaves)
+  return flat
+
+
+def _check_names(leaves: list) -> None:
+  """Refuses an empty key part, and two leaves whose keys join alike: one would take the other's
+  place without a word."""
+  paths = {}
+  for path, _ in leaves:
     if any(isinstance(part, jax.tree_util.DictKey) and str(part.key) == '' for part in path):
       raise SurgeryError(f'key {jax.tree_util.keystr(path)} has an empty part; the job names '
                          f"leaves by their '{SEP}'-joined path and cannot write it back")
+    key = jax.tree_util.keystr(path, simple=True, separator=SEP)
     if key in paths:
       raise SurgeryError(f'keys {jax.tree_util.keystr(paths[key])} and {jax.tree_util.keystr(path)} '
                          f"both read as {key!r}: the job names leaves by their '{SEP}'-joined path "
                          'and would keep only one; rename one')
-    flat[key], paths[key] = leaf, path
-  return flat
+    paths[key] = path
 
 
 def unflatten(flat: Mapping[str, Any], skeleton: Any) -> Any:
   """Nests `flat` as `skeleton` nests: a key splits where `skeleton`'s own keys end (a part may
   hold '/'), elsewhere at each '/'. Nodes that were lists (and their `None` items) get their old
   shape; `skeleton`'s subtrees without leaves (`None`, `{}`) are kept as they are."""
-  nested, seen = {}, {}
+  split = _guided_split(skeleton)
+  nested = {}
   for key, leaf in flat.items():
-    node, guide = nested, skeleton
-    while True:
-      if id(guide) not in seen:
-        seen[id(guide)] = _children(guide)
-      children, slashed = seen[id(guide)]
-      head = next((n for n in slashed if key == n or key.startswith(n + SEP)), key.split(SEP, 1)[0])
-      if len(head) == len(key):
-        node[head] = leaf
-        break
-      node, guide, key = node.setdefault(head, {}), children.get(head), key[len(head) + 1:]
+    *parents, name = split(key)
+    node = nested
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[name] = leaf
   return _restore_sequences(nested, skeleton)
+
+
+def _guided_split(skeleton: Any):
+  """A function splitting a key into the parts of its path in `skeleton`, a node's longest
+  matching key first."""
+  seen = {}  # id(node) -> ({part: child}, its parts that hold '/', longest first)
+
+  def split(key: str) -> list[str]:
+    parts, node = [], skeleton
+    while True:
+      found = seen.get(id(node))
+      if found is None:
+        found = seen[id(node)] = _children(node)
+      children, slashed = found
+      head, _, rest = key.partition(SEP)
+      if slashed:
+        head = next((n for n in slashed if key == n or key.startswith(n + SEP)), head)
+        rest = key[len(head) + 1:]
+      parts.append(head)
+      if len(head) == len(key):
+        return parts
+      node, key = children.get(head), rest
+  return split
 
 
 def _children(node: Any) -> tuple[dict[str, Any], list[str]]:
   """({key part: child} of a dict or sequence node, {} of anything else; its parts that hold '/',
   longest first)."""
   if isinstance(node, dict):
-    children = {str(k): v for k, v in node.items()}
+    children = node
   elif isinstance(node, (list, tuple)):
     children = {str(i): v for i, v in enumerate(node)}
   else:
     children = {}
-  return children, sorted((n for n in children if SEP in n), key=len, reverse=True)
+  slashed = [n for n in children if isinstance(n, str) and SEP in n]
+  return children, sorted(slashed, key=len, reverse=True) if slashed else slashed
 
 
 def _restore_sequences(node: Any, skeleton: Any) -> Any:
@@ -84,7 +115,12 @@ def _restore_sequences(node: Any, skeleton: Any) -> Any:
 
 
 def _leafless(skeleton: Any) -> bool:
-  return not jax.tree.leaves(skeleton)
+  """Whether `skeleton` holds no leaf; stops at the first one it finds."""
+  if isinstance(skeleton, dict):
+    return all(map(_leafless, skeleton.values()))
+  if isinstance(skeleton, (list, tuple)):
+    return all(map(_leafless, skeleton))
+  return skeleton is None
 
 
 def with_sequences(skeleton: Any, sequences, keys) -> Any:
