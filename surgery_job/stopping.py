@@ -68,7 +68,8 @@ def install(stop_timeout_seconds: int, stop: Callable[[int, str], None]) -> None
 
   def watch():
     while True:
-      found = [signum for signum in SIGNALS if signum in os.read(read_end, 64)]
+      arrived = os.read(read_end, 64)
+      found = [signum for signum in SIGNALS if signum in arrived]
       if found:
         _note(found[0])
         threading.Timer(stop_timeout_seconds, force_stop).start()
