@@ -1,15 +1,16 @@
 """SIGTERM (or Ctrl-C: SIGINT) at any moment: exit 75 (130) with nothing half-committed, within a
 bounded time; a rerun resumes from the groups already written.
 
-The handler only records the signal; the run stops where it checks (`check`, `sleep`: each
+The signal is only recorded; the run stops where it checks (`check`, `sleep`: each
 phase, each group, each wait), never inside whatever Python code the signal happened to land in.
 An exception raised from the handler itself lands anywhere, in a garbage-collection callback or an
 asyncio callback of Orbax's, which swallow it: the run would go on and print a traceback.
 
 Python runs a signal handler only once the main thread is back in Python code, which a long XLA
-call or a barrier can put off for minutes. So the C-level handler also writes the signal into a
-pipe (`signal.set_wakeup_fd`), and a thread that reads it at once bounds the stop: after
-`stop_timeout_seconds` it ends the process itself. A SIGTERM during a commit lets it finish, and
+call or a barrier can put off for minutes, and then wherever that thread was, maybe holding a lock
+(logging's) that recording the stop would wait for. So the C-level handler writes the signal into
+a pipe (`signal.set_wakeup_fd`), and a thread that reads it at once records it (the Python
+handler does nothing) and bounds the stop: after `stop_timeout_seconds` it ends the process itself. A SIGTERM during a commit lets it finish, and
 the run stops before its next step; once the run has nothing left to do, it ends as done (0).
 SIGINT is handled the same way: Python's own KeyboardInterrupt would land inside Orbax's or XLA's
 callbacks (a C++ `terminate`) as any exception raised from a handler does.
@@ -60,7 +61,7 @@ def install(stop_timeout_seconds: int, stop: Callable[[int, str], None]) -> None
   signal.set_wakeup_fd(write_end)
   for signum in SIGNALS:
     if signal.getsignal(signum) is not signal.SIG_IGN:
-      signal.signal(signum, lambda signum, frame: _note(signal.Signals(signum)))
+      signal.signal(signum, lambda signum, frame: None)
 
   def force_stop():
     with _commit:
@@ -71,25 +72,15 @@ def install(stop_timeout_seconds: int, stop: Callable[[int, str], None]) -> None
       arrived = os.read(read_end, 64)
       found = [signum for signum in SIGNALS if signum in arrived]
       if found:
-        _note(found[0])
+        received.append(found[0])
+        requested.set()
+        logging.warning('%s received (%s): stopping%s.', name(),
+                        'Ctrl-C' if received == [signal.SIGINT] else 'preemption?',
+                        '' if finished.is_set() else ' before the next commit')
         threading.Timer(stop_timeout_seconds, force_stop).start()
         return
 
   threading.Thread(target=watch, name='surgery_job_sigterm', daemon=True).start()
-
-
-_noted = threading.RLock()  # A second signal may come while the first is noted.
-
-
-def _note(signum: signal.Signals) -> None:
-  """Records the stop once, from the handler or the pipe's reader, whichever runs first."""
-  with _noted:
-    if not requested.is_set():
-      received.append(signum)
-      requested.set()
-      logging.warning('%s received (%s): stopping%s.', signum.name,
-                      'preemption?' if signum == signal.SIGTERM else 'Ctrl-C',
-                      '' if finished.is_set() else ' before the next commit')
 
 
 def finish() -> None:
