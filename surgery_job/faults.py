@@ -6,9 +6,9 @@
   what it reads and delete PATH to let it go on.
 - `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip a byte of each data file written, before validation.
 
-Points: each phase's name at its start (read, mesh, plan, restore, transform, write, validate,
-commit), `writing` while Orbax writes, `group_written` once a group's save is on record, `rename`
-between moving an old output aside and renaming the new one in, `renamed` just after.
+Points: each phase's name at its start (read, mesh, plan, restore, transform, write, finalize,
+validate, commit), `writing` while Orbax writes, `group_written` once a group's save is on record,
+`rename` between moving an old output aside and renaming the new one in, `renamed` just after.
 """
 
 import os

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -14,6 +15,11 @@ from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as c
                          transforms, tree, validate, writer as writer_lib)
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
+
+
+class BadStagedOutput(RuntimeError):
+  """The staged checkpoint cannot be finalized, or reads back other than computed: a rerun
+  resuming from it would fail the same way, so nothing of it is kept."""
 
 
 class Phases:
@@ -181,7 +187,7 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     try:
       return _claimed(config, claim, source, (skeleton, out_skeleton), inputs, plan, groups,
                       budget_bytes, phases, run_fingerprint, barrier, barrier_timeout_seconds)
-    except SurgeryError:
+    except (SurgeryError, BadStagedOutput):
       if jax.process_index() == 0 and not stopping.requested.is_set():
         claim.discard()
       raise
@@ -194,26 +200,41 @@ def _claimed(config, claim: output.Claim, source, skeletons, inputs, plan, group
              phases, run_fingerprint: str, barrier, barrier_timeout_seconds: int) -> dict:
   """The step once its output is claimed: already done, or written, validated and committed.
   `skeletons`: the input's tree and the output's (see `_write_and_validate`)."""
-  target, staging = claim.target, claim.staging
-  state = distributed.agree('claim', lambda: claim.acquire(
-      run_fingerprint, config.output.overwrite, config.output.wait_seconds), barrier_timeout_seconds)
+  target = claim.target
+  key = output.resume_key(run_fingerprint, source) if jax.process_index() == 0 else None
+  # Every process writes into the work folder that process 0's lock token names.
+  state, work = distributed.agree('claim', lambda: (claim.acquire(
+      key, config.output.overwrite, config.output.wait_seconds), claim.lock.token),
+      barrier_timeout_seconds)
   if state == 'done':
     if jax.process_index() == 0:
       logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
                    source.item_dir, run_fingerprint[:12])
     return json.loads((target.unit / report_lib.REPORT).read_text())
+  staging = output.Staging(target.unit, work)
   if jax.process_index() == 0 and state == 'start':
-    staging.create(run_fingerprint)
+    staging.create(key)
   barrier('staged')
+  writer = writer_lib.Writer(staging.checkpoint, source, barrier,
+                             config.output.custom_metadata.to_dict())
+  resumed = {}
+  if state == 'resume':
+    written = staging.written_groups()
+    reused = distributed.agree('resumed', lambda: _resumed(writer, groups, written),
+                               barrier_timeout_seconds)
+    resumed = {i: written[groups[i].outputs] for i in reused}
+  # Only process 0 holds the lock: it checks before each write that no other run took it over.
+  check = claim.check if jax.process_index() == 0 else lambda: None
   cast_errors = {}
   with memory.long_lived():
-    reused = _write_and_validate(source, skeletons, inputs, plan, groups, staging, phases, barrier,
-                                 budget_bytes, staging.written_groups() if state == 'resume' else None,
-                                 config.output.custom_metadata.to_dict(), cast_errors)
+    _write_and_validate(source, skeletons, inputs, plan, groups, staging, writer, phases, barrier,
+                        check, budget_bytes, resumed, cast_errors)
+  reused = sorted(resumed)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
                             reused, cast_errors)
   with phases('commit'), stopping.committing():
     if jax.process_index() == 0:
+      claim.check()
       report_lib.write(report, staging.checkpoint)
       claim.commit()
       faults.at('renamed')
@@ -250,29 +271,33 @@ def _check_fits(groups, budget: int, how: str, held: int) -> None:
         'memory.host_budget_gb')
 
 
-def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output.Staging, phases,
-                        barrier, budget_bytes, written: dict | None,
-                        custom_metadata: dict, cast_errors: dict) -> list[int]:
+def _resumed(writer: writer_lib.Writer, groups, written: dict) -> list[int]:
+  """The groups on record in `written` whose partial saves are all there to go on from (process
+  0); everything else staged is deleted, to be written again."""
+  finished = writer.resumable_saves()
+  reused = [i for i, g in enumerate(groups)
+            if g.outputs in written and set(written[g.outputs]['saves']) <= finished]
+  writer.keep_only({save for i in reused for save in written[groups[i].outputs]['saves']})
+  logging.info('Resuming: %d of %d groups were written by an earlier run (groups %s).',
+               len(reused), len(groups), ', '.join(map(str, reused)) or 'none')
+  return reused
+
+
+def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output.Staging,
+                        writer: writer_lib.Writer, phases, barrier, check: Callable[[], None],
+                        budget_bytes, resumed: dict[int, dict], cast_errors: dict) -> None:
   """Restores, transforms and writes each group into the staging folder, then reads it all back.
   `skeletons`: the input's tree (lists where it has them) and the output's (`output.sequences`).
-  Groups in `written` (by an earlier run of this surgery; None: a fresh start) are taken as they
-  are; returns their indices. Fills `cast_errors` with what each cast of a computed group lost."""
+  Groups in `resumed` ({index: its record}, written by an earlier run of this surgery) are taken as
+  they are. `check()` comes before each write. Fills `cast_errors` with what each cast of a
+  computed group lost."""
   skeleton, out_skeleton = skeletons
   streamed = len(groups) > 1
-  writer = writer_lib.Writer(staging.checkpoint, source, barrier, custom_metadata)
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
-  resumed, written = written is not None, written or {}
-  expected, reused = {}, [i for i, g in enumerate(groups) if g.outputs in written]
-  if resumed:
-    if jax.process_index() == 0:
-      # A group saved but not on record (stopped in between) is written again: drop its save.
-      writer.keep_only({save for i in reused for save in written[groups[i].outputs]['saves']})
-      logging.info('Resuming: %d of %d groups were written by an earlier run (groups %s).',
-                   len(reused), len(groups), ', '.join(map(str, reused)) or 'none')
-    barrier('resumed')
+  expected = {}
   for index, group in enumerate(groups):
-    if index in reused:
-      expected.update(written[group.outputs]['digests'])
+    if index in resumed:
+      expected.update(resumed[index]['digests'])
       progress.advance(index, group.host_bytes)
       continue
     if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
@@ -297,10 +322,12 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
       compiling.join()
       digests = validate.digests(outputs)
       saves = writer.saves() if jax.process_index() == 0 else set()
+      check()
       writer.write(tree.unflatten(outputs, out_skeleton))
       barrier(f'group_{index}_written')
       if jax.process_index() == 0:
-        staging.add_group(group.outputs, digests, sorted(writer.saves() - saves))
+        check()
+        staging.add_group(index, group.outputs, digests, sorted(writer.saves() - saves))
       faults.at('group_written')
     expected.update(digests)
     del outputs
@@ -309,14 +336,19 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
     progress.advance(index, group.host_bytes)
   if streamed:
     for name in ('restore', 'transform', 'write'):
-      phases.log(name, len(groups))
+      if name in phases.seconds:  # Not when every group was resumed.
+        phases.log(name, len(groups))
   with phases('finalize'):
-    written_trees = writer.finish()
+    check()
+    try:
+      written_trees = writer.finish()
+    except Exception as e:  # pylint: disable=broad-except
+      raise BadStagedOutput(
+          f'finalize failed: {checkpoint.read_error(e, staging.checkpoint)}') from None
     faults.corrupt_output(staging.checkpoint)
     barrier('written')
   with phases('validate'):
     _validate(written_trees, staging.checkpoint, out_skeleton, plan, groups, expected)
-  return reused
 
 
 def _validate(trees: dict[str, paths.Path], unit_dir: paths.Path, skeleton, plan: plan_lib.Plan, groups,
@@ -330,13 +362,13 @@ def _validate(trees: dict[str, paths.Path], unit_dir: paths.Path, skeleton, plan
       written = checkpoint.restore(trees, out_skeleton,
                                    {k: plan.abstract_output(k) for k in group.outputs})
     except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(f'validation failed: {checkpoint.read_error(e, unit_dir)}') from None
+      raise BadStagedOutput(f'validation failed: {checkpoint.read_error(e, unit_dir)}') from None
     bad += validate.mismatches({k: expected[k] for k in group.outputs}, validate.digests(written))
     del written
     if index < len(groups) - 1:
       memory.release()
   if bad:
-    raise RuntimeError(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
+    raise BadStagedOutput(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
 
 
 def _output(config, source: checkpoint.Location) -> output.Target | None:

@@ -7,15 +7,18 @@ does every step below for a unit U; the other processes wait at barriers and wri
 0. Check the place: what the output folder and U may hold, and what overwrite may replace
    (`output_folder.py`); the job checks beforehand that nothing it reads lies in the output.
 1. Lock: `U.surgery-lock` beside U, one live run per unit (`lock.py`).
-2. Recover, under the lock: a staging folder that an earlier run left is removed, after an older
-   output it had moved aside is put back where U is absent; one that had begun its commit on an
-   object store has it finished.
+2. Recover, under the lock: an older output that an earlier run had moved aside is put back where
+   U is absent; an object-store commit that had begun is finished. A staging folder of the same
+   surgery of the same input bytes on the same topology (`resume_key`), stopped before its commit,
+   is taken over to resume from; anything else there is removed.
 3. Decide: U holding this surgery's fingerprint is already done; a checkpoint of U's kind holding
    anything else is replaced only with `output.overwrite`; anything else is never replaced.
-4. Stage: `U.orbax-checkpoint-tmp-surgery/` beside U, holding a marker with the run's fingerprint
-   and `checkpoint/`, the future U. Orbax takes a name holding `.orbax-checkpoint-tmp` for a save
-   in progress, so no reader lists it as a step or restores it.
-5. Write into `checkpoint/`, read it back and compare every leaf, add the report.
+4. Stage: `U.orbax-checkpoint-tmp-surgery/` beside U, holding a marker (the run's `resume_key` and
+   the name of its work folder) and the work folder, named by the run's lock token: `checkpoint/`,
+   the future U, its partial saves, and a record of each group saved. Orbax takes a name holding
+   `.orbax-checkpoint-tmp` for a save in progress, so no reader lists it as a step or restores it.
+5. Write into `checkpoint/`, read it back and compare every leaf, add the report. Before each
+   write the run checks that the lock is still its own, and stops if not.
 6. Commit.
    - Local disk (POSIX): an older U is renamed into the staging folder (overwrite only),
      `checkpoint/` is renamed to U, and the staging folder is removed, its marker last.
@@ -31,15 +34,18 @@ does every step below for a unit U; the other processes wait at barriers and wri
 A run that fails or is stopped leaves its staging folder for the next run on U and releases its
 lock; a run killed outright leaves its lock as well, which the next run takes over once it sees
 the owner gone. A staging folder is the job's own when its name has the suffix and it holds the
-marker (or nothing at all: a run killed between creating it and writing the marker).
+marker, or only work folders (a run killed before writing the marker, or one that lost its lock
+and wrote on after the folder was removed).
 """
 
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 
+import jax
 from absl import logging
 
 from surgery_job import faults, lock as lock_lib, output_folder, paths
@@ -49,9 +55,9 @@ from surgery_job.report import REPORT
 
 MARKER = 'SURGERY_JOB_STAGING'
 COMMITTING = 'COMMITTING'  # Object stores: the staged checkpoint is validated and being moved.
-PARTIAL_SAVES = '.partial_save'  # Where Orbax's partial saves wait to be finalized.
 SUFFIX = '.orbax-checkpoint-tmp-surgery'
 DELETING = '.orbax-checkpoint-tmp-surgery-deleting'
+_WORK_FOLDER = re.compile(r'[0-9a-f]{32}')  # A run's lock token (`lock.Lock.token`).
 
 
 # Fields that change how a run goes, not the bits it writes.
@@ -69,6 +75,33 @@ def fingerprint(config, input_location) -> str:
                      'copied': list(input_location.copied)}
   fields['output'] = {k: v for k, v in fields['output'].items() if k not in _NOT_THE_OUTPUT}
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resume_key(run_fingerprint: str, source) -> dict:
+  """What a stopped run must share with this one for its groups to be taken over: the surgery; the
+  input's bytes, told apart without reading them by each file's size, modification time and inode
+  (generation on an object store), which a rewrite of the input in place changes; the topology
+  (each process writes its own part of a partial save)."""
+  stamps = json.dumps(paths.stamps(source.item_dir)).encode()
+  return {'fingerprint': run_fingerprint, 'input': hashlib.sha256(stamps).hexdigest(),
+          'topology': {'processes': jax.process_count(), 'devices': jax.device_count()}}
+
+
+def _not_resumable(marker: dict, key: dict) -> str | None:
+  """Why the work that a staging folder's `marker` describes is not for a run of `key`: '' where
+  there is no work worth naming; None when it is for it."""
+  if not _WORK_FOLDER.fullmatch(str(marker.get('work'))):
+    return ''
+  if marker.get('fingerprint') != key['fingerprint']:
+    return 'the stopped run was another surgery'
+  if marker.get('input') != key['input']:
+    return ('the input changed since the stopped run (a file of it has another size, time or '
+            'inode)')
+  was, now = marker.get('topology') or {}, key['topology']
+  if was != now:
+    return (f'the stopped run had {was.get("processes")} processes and {was.get("devices")} '
+            f'devices, this one {now["processes"]} and {now["devices"]}')
+  return None
 
 
 def present(unit: paths.Path) -> bool:
@@ -103,12 +136,16 @@ class Target:
             else f'step {self.step} of output.path {self.root}')
 
 
-@dataclasses.dataclass(frozen=True)
 class Staging:
-  unit: paths.Path
+  """The staging folder of `unit`. Its marker says which surgery of which input bytes on which
+  topology it holds, and names the work folder of the run that owns it: the checkpoint, the
+  partial saves and the record of groups, in a folder named by that run's lock token (`work`).
+  A run resuming an earlier one's groups renames that folder to its own name first, so whatever
+  the earlier run still writes, if it lives on without its lock, goes to a path no run uses."""
 
-  def __post_init__(self):
-    object.__setattr__(self, 'unit', paths.of(self.unit))
+  def __init__(self, unit: paths.PathLike, work: str | None = None):
+    self.unit = paths.of(unit)
+    self.work = work
 
   @property
   def root(self) -> paths.Path:
@@ -117,61 +154,89 @@ class Staging:
   @property
   def checkpoint(self) -> paths.Path:
     """What Orbax writes and the commit renames to the unit."""
-    return self.root / 'checkpoint'
+    return self.root / self.work / 'checkpoint'
 
   @property
   def displaced(self) -> paths.Path:
     return self.root / 'replaced'
 
   @property
-  def record(self) -> paths.Path:
-    """The groups written so far, with their digests, for a run that resumes."""
-    return self.root / 'groups.json'
+  def records(self) -> paths.Path:
+    """The groups written so far, one file each with its digests, for a run that resumes."""
+    return self.root / self.work / 'groups'
 
-  def recover(self, run_fingerprint: str) -> bool:
-    """Deals with what an earlier run left: an output it had moved aside is put back; its groups
-    are kept when that run was this same surgery, stopped while writing groups (returns True);
-    anything else is removed."""
+  def recover(self, key: dict) -> bool:
+    """Deals with what an earlier run left: an output it had moved aside is put back; its work is
+    taken over when that run was the same surgery of the same input bytes on the same topology
+    (`resume_key`), stopped before its commit (returns True); anything else is removed."""
     if not self.root.exists():
       return False
-    if not (self.root / MARKER).is_file() and any(self.root.iterdir()):
+    if not (self.root / MARKER).is_file() and not all(
+        _WORK_FOLDER.fullmatch(p.name) for p in self.root.iterdir()):
       raise SurgeryError(f'{self.root} exists but was not made by surgery_job; remove it or '
                          'choose another output.path')
+    marker = self._marker()
     if (self.root / COMMITTING).exists():
-      self._move_into_place()
+      # A marker without a work folder is an older version's, whose checkpoint was at the top.
+      self._move_into_place(self.root / str(marker.get('work', '')) / 'checkpoint')
       return False
     if self.displaced.exists() and not self.unit.exists():
       self.displaced.rename(self.unit)
-    if self._resumable(run_fingerprint):
+    why = _not_resumable(marker, key)
+    if why is None and (self.root / marker['work']).is_dir():
+      self._take_over(marker['work'], key)
       return True
+    if why:
+      logging.info('Starting over: %s.', why)
     self.remove()
     return False
 
-  def _resumable(self, run_fingerprint: str) -> bool:
+  def _marker(self) -> dict:
     try:
       marker = json.loads((self.root / MARKER).read_text())
     except (OSError, ValueError):
-      return False
-    # Only finished group saves, the record and the marker: nothing was finalized yet.
-    return (marker.get('fingerprint') == run_fingerprint and self.record.is_file() and
-            all(p.name in (MARKER, self.record.name) or p.name.endswith(PARTIAL_SAVES)
-                for p in self.root.iterdir()))
+      return {}
+    return marker if isinstance(marker, dict) else {}
+
+  def _take_over(self, work: str, key: dict) -> None:
+    """Makes an earlier run's work this run's: its folder renamed to this run's name; the folders
+    of runs that lost their lock while writing deleted."""
+    if work != self.work:
+      (self.root / work).rename(self.root / self.work)
+    self._write_marker(key)
+    for stray in self.root.iterdir():
+      if _WORK_FOLDER.fullmatch(stray.name) and stray.name != self.work:
+        stray.rmtree()
+
+  def _write_marker(self, key: dict) -> None:
+    paths.write_whole(self.root / MARKER, json.dumps(
+        {**key, 'work': self.work, 'created': time.time(), 'pid': os.getpid()}))
 
   def written_groups(self) -> dict[tuple[str, ...], dict]:
-    """{group outputs: {'digests': ..., 'saves': its partial saves}} of the groups on record."""
+    """{group outputs: {'digests': ..., 'saves': its partial saves}} of the groups on record; a
+    damaged record is left out (its group is written again)."""
     groups = {}
-    for line in self.record.read_text().splitlines():
-      entry = json.loads(line)
-      entry['digests'] = {k: (tuple(shape), dtype, tuple(sums))
-                          for k, (shape, dtype, sums) in entry['digests'].items()}
-      groups[tuple(entry['outputs'])] = entry
+    for name in sorted(paths.listing(self.records)):
+      if not name.endswith('.json'):
+        continue
+      try:
+        entry = json.loads((self.records / name).read_text())
+        groups[tuple(entry['outputs'])] = {
+            'saves': [str(save) for save in entry['saves']],
+            'digests': {k: (tuple(shape), dtype, tuple(sums))
+                        for k, (shape, dtype, sums) in entry['digests'].items()}}
+      except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if jax.process_index() == 0:
+          logging.warning('Ignoring the damaged record %s (its group is written again): %s',
+                          self.records / name, e)
     return groups
 
-  def add_group(self, outputs: tuple[str, ...], digests: dict, saves: list[str]) -> None:
-    """Records a group whose partial saves (one per item) finished: one JSON line, appended."""
-    line = json.dumps({'outputs': list(outputs), 'digests': digests, 'saves': saves}) + '\n'
-    # Object stores have no append: the record is rewritten whole (it is small).
-    self.record.write_text(self.record.read_text() + line)
+  def add_group(self, index: int, outputs: tuple[str, ...], digests: dict,
+                saves: list[str]) -> None:
+    """Records a group whose partial saves (one per item) finished: a file of its own, written
+    whole or not at all."""
+    paths.write_whole(self.records / f'{index}.json', json.dumps(
+        {'outputs': list(outputs), 'digests': digests, 'saves': saves}))
 
   def remove(self) -> None:
     """Deletes the staging folder, its marker last: a folder interrupted midway stays ours. A link
@@ -183,17 +248,15 @@ class Staging:
     if self.root.exists():  # On an object store the folder went with its last object.
       self.root.rmdir()
 
-  def create(self, run_fingerprint: str) -> None:
-    self.root.mkdir(parents=True)
-    (self.root / MARKER).write_text(json.dumps(
-        {'fingerprint': run_fingerprint, 'created': time.time(), 'pid': os.getpid()}))
-    self.record.write_text('')
+  def create(self, key: dict) -> None:
+    self.records.mkdir(parents=True)
+    self._write_marker(key)
 
   def commit(self) -> None:
     """Puts the validated checkpoint in place of the unit; an older output goes only now."""
     if paths.on_object_store(self.unit):
       (self.root / COMMITTING).write_text(_REPLACING)
-      self._move_into_place()
+      self._move_into_place(self.checkpoint)
       return
     if self.unit.exists():
       self.unit.rename(self.displaced)
@@ -201,10 +264,10 @@ class Staging:
     self.checkpoint.rename(self.unit)
     self.remove()
 
-  def _move_into_place(self) -> None:
-    """The object-store commit, from wherever an earlier run stopped (`COMMITTING` says where): an
-    older unit hidden, then deleted; the staged checkpoint moved object by object (server side),
-    its commit files last."""
+  def _move_into_place(self, checkpoint: paths.Path) -> None:
+    """The object-store commit of the staged `checkpoint`, from wherever an earlier run stopped
+    (`COMMITTING` says where): an older unit hidden, then deleted; the checkpoint moved object by
+    object (server side), its commit files last."""
     committing = self.root / COMMITTING
     if committing.read_text() == _REPLACING:
       if self.unit.exists():  # Nothing moved yet: everything here is the older output.
@@ -212,16 +275,20 @@ class Staging:
       committing.write_text(_MOVING)
     # What an earlier run moved is in place already; the commit files go last, the unit's own
     # (the shallowest) at the very end.
-    staged = sorted(paths.files(self.checkpoint), key=lambda f: (
+    staged = sorted(paths.files(checkpoint), key=lambda f: (
         f.name == COMMIT_FILE, -len(f.parts) if f.name == COMMIT_FILE else 0))
     for index, source in enumerate(staged):
       if source.name == COMMIT_FILE and (index == 0 or staged[index - 1].name != COMMIT_FILE):
         faults.at('rename')  # Everything but the commit files is in place.
-      paths.move(source, self.unit / source.relative_to(self.checkpoint))
+      paths.move(source, self.unit / source.relative_to(checkpoint))
     self.remove()
 
 
 _REPLACING, _MOVING = 'replacing', 'moving'  # The object-store commit's two stages.
+
+
+class LockLost(RuntimeError):
+  pass
 
 
 class Claim:
@@ -230,14 +297,15 @@ class Claim:
 
   def __init__(self, target: Target, timeout_seconds: float):
     self.target = target
-    self.staging = Staging(target.unit)
     self.lock = lock_lib.Lock(target.unit, timeout_seconds)
+    self.staging = Staging(target.unit, self.lock.token)
     self.made_root = False
     self.staging_ours = False  # The staging folder is this run's to write (or resume).
 
-  def acquire(self, run_fingerprint: str, overwrite: bool, wait_seconds: float) -> str:
+  def acquire(self, key: dict, overwrite: bool, wait_seconds: float) -> str:
     """Locks, recovers and decides: 'done' when the unit already holds this surgery, 'resume' when
-    an earlier run of it left groups to go on from, else 'start'."""
+    an earlier run of it (`resume_key`) left groups to go on from, else 'start'."""
+    run_fingerprint = key['fingerprint']
     root = self.target.root
     if root.exists() and not root.is_dir() and not paths.on_object_store(root):
       raise SurgeryError(f'output.path {root} is a file')
@@ -249,7 +317,7 @@ class Claim:
       _refuse(output_folder.export_directory_refusal(root))
     self.made_root = self.target.step is not None and not root.exists()
     self.lock.acquire(wait_seconds)
-    resumable = self.staging.recover(run_fingerprint)
+    resumable = self.staging.recover(key)
     unit = self.target.unit
     _refuse(output_folder.unit_refusal(unit, str(self.target), single=self.target.step is None))
     if paths.listing(unit):  # Seen by readers or not: only overwrite replaces it.
@@ -270,9 +338,15 @@ class Claim:
     if self.staging_ours and self.lock.held() and self.staging.root.exists():
       self.staging.remove()
 
-  def commit(self) -> None:
+  def check(self) -> None:
+    """Before each write: once another run has taken the lock over, what is staged is its own, and
+    this run stops."""
     if not self.lock.held():
-      raise RuntimeError(f'lost the lock of {self.target.unit} before the commit; not committed')
+      raise LockLost(f'lost the lock of {self.target.unit} to another run; stopped before writing '
+                     'more, nothing committed')
+
+  def commit(self) -> None:
+    self.check()
     self.staging.commit()
 
   def release(self) -> None:

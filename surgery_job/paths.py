@@ -186,3 +186,41 @@ class Lease:
       return False
     self.generation = stamp.generation
     return True
+
+
+def stamps(path: Path) -> dict[str, list]:
+  """{file under `path` (or `path` itself): what changes when it is rewritten}: its size and, on a
+  disk, modification time and inode; on an object store, its generation. One listing, no data
+  read."""
+  if on_object_store(path):
+    found = _filesystem(path).find(os.fspath(path), detail=True)
+    return {name: [info.get('size'), info.get('generation'), info.get('updated'), info.get('crc32c')]
+            for name, info in sorted(found.items())}
+  if os.path.isfile(path):
+    info = os.stat(path)
+    return {'': [info.st_size, info.st_mtime_ns, info.st_ino]}
+  found, pending = {}, ['']
+  while pending:
+    folder = pending.pop()
+    with os.scandir(os.path.join(path, folder)) as entries:
+      for entry in entries:
+        name = f'{folder}/{entry.name}' if folder else entry.name
+        if entry.is_dir():
+          pending.append(name)
+        else:
+          info = entry.stat()
+          found[name] = [info.st_size, info.st_mtime_ns, info.st_ino]
+  return dict(sorted(found.items()))
+
+
+def write_whole(path: Path, text: str) -> None:
+  """Writes `path` so that a reader finds the old text or the new, never a part: on a disk through
+  a temporary file renamed over it (a write cut short by a full disk or a kill leaves only that
+  file); an object store's upload is all or nothing."""
+  if on_object_store(path):
+    path.write_text(text)
+    return
+  partial = f'{path}.writing'
+  with open(partial, 'w') as f:
+    f.write(text)
+  os.replace(partial, path)

@@ -6,6 +6,7 @@ import json
 from typing import Any, Callable
 
 import jax
+import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental import v1
 from orbax.checkpoint.experimental.v1 import options, partial
 
@@ -14,6 +15,9 @@ from surgery_job.checkpoint import (CHECKPOINT_METADATA, COMMIT_FILE, STANDARD_H
                                     step_metadata)
 
 PARTIAL_ITEM = 'state'  # The item folder a partial save writes under the path it is given.
+_SAVES = '.partial_save'  # The folder of an item's partial saves, each `*.pending_<time>_<uuid>`.
+_PENDING = '.pending_'
+_UNFINISHED = ocp.path.atomicity.TMP_DIR_SUFFIX  # Orbax's name for a save in progress.
 
 orbax_speedups.install()
 
@@ -62,14 +66,31 @@ class Writer:
 
   def _saves_dirs(self) -> list[paths.Path]:
     # Orbax keeps each partial save in a folder of its own beside the path, until `finish` merges.
-    return [p for p in self.unit_dir.parent.glob(f'{self.unit_dir.name}.*.partial_save') if p.is_dir()]
+    return [p for p in self.unit_dir.parent.glob(f'{self.unit_dir.name}.*{_SAVES}') if p.is_dir()]
+
+  def _made(self) -> list[paths.Path]:
+    """What writing here makes beside the saves' folders: Orbax's temporary folder of a save cut
+    short, a finalized item, the laid-out checkpoint."""
+    return [p for p in self.unit_dir.parent.iterdir() if p.name.startswith(self.unit_dir.name)
+            and not (p.name.endswith(_SAVES) and p.is_dir())]
+
+  def resumable_saves(self) -> set[str]:
+    """The finished partial saves that a run may go on from: none once a finalize had begun, since
+    it moves the saves' files into the merged checkpoint one by one."""
+    merging = any(_PENDING not in save.name for folder in self._saves_dirs()
+                  for save in folder.iterdir())
+    finalized = any(_UNFINISHED not in p.name for p in self._made())
+    return set() if merging or finalized else self.saves()
 
   def keep_only(self, names: set[str]) -> None:
-    """Deletes every partial save not in `names` (process 0): those of groups written again."""
+    """Deletes everything written here but the partial saves `names` (process 0): the saves of
+    groups written again, saves cut short, a finalize cut short."""
+    for made in self._made():
+      made.rmtree() if made.is_dir() else made.unlink()
     for folder in self._saves_dirs():
       for save in folder.iterdir():
         if f'{folder.name}/{save.name}' not in names:
-          save.rmtree()
+          save.rmtree() if save.is_dir() else save.unlink()
 
   def write(self, nested: Any) -> None:
     with _context():
@@ -81,7 +102,7 @@ class Writer:
     """Finalizes the partial saves (every process); returns the PyTree folders written, as
     `Location.trees` gives them."""
     # The items that got leaves, this run or an earlier one that it resumes.
-    items = sorted(folder.name[len(self.unit_dir.name) + 1:-len('.partial_save')]
+    items = sorted(folder.name[len(self.unit_dir.name) + 1:-len(_SAVES)]
                    for folder in self._saves_dirs())
     if self.location.step is None:
       items = [None]

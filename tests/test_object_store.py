@@ -169,6 +169,24 @@ def test_sigkill_in_the_commit_hides_the_output_until_a_rerun_finishes_it(
   assert sorted(p.name for p in out.iterdir()) == ['3'] and old.keys() != want.keys()
 
 
+def test_a_stopped_run_on_gs_resumes_from_its_groups(gs_input, every_family_on_disk, gs_path, tmp_path,
+                                                    gcs):
+  config, want, _ = every_family_on_disk
+  in_path, _ = gs_input
+  out = gs_path / 'out'
+  streamed = '--config.memory.host_budget_gb=1e-5'
+  process = start_paused(config, in_path, out, 'group_written', tmp_path / 'paused', streamed,
+                         env=gcs.env)
+  process.kill()
+  process.wait(timeout=60)
+  rerun = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}', streamed,
+                  env=gcs.env)
+  ok(rerun)
+  assert 'groups were written by an earlier run (groups 0)' in rerun.stderr
+  assert_same(read(out / '3' / 'default'), want)
+  assert sorted(p.name for p in out.iterdir()) == ['3']
+
+
 def test_overwrite_keeps_the_old_output_until_the_new_one_validates(gs_input, gs_path, tmp_path, gcs):
   in_path, x = gs_input
   out = gs_path / 'out'

@@ -8,12 +8,13 @@ from surgery_job import output
 from surgery_job.errors import SurgeryError
 
 
-OTHER = 'e' * 64  # The fingerprint of another surgery: nothing staged is resumed.
+KEY = {'fingerprint': 'f' * 64, 'input': 'i' * 64, 'topology': {'processes': 1, 'devices': 8}}
+OTHER = {**KEY, 'fingerprint': 'e' * 64}  # Another surgery: nothing staged is resumed.
 
 
-def staged(tmp_path) -> output.Staging:
-  staging = output.Staging(tmp_path / 'out' / '3')
-  staging.create('f' * 64)
+def staged(tmp_path, work: str = 'a' * 32) -> output.Staging:
+  staging = output.Staging(tmp_path / 'out' / '3', work)
+  staging.create(KEY)
   (staging.checkpoint / 'default' / 'd').mkdir(parents=True)
   (staging.checkpoint / 'default' / 'd' / 'data').write_bytes(b'x' * 100)
   return staging
@@ -31,7 +32,7 @@ def test_clean_up_interrupted_midway_leaves_a_folder_the_next_run_removes(tmp_pa
     patch.setattr(shutil, 'rmtree', killed_midway)
     with pytest.raises(KeyboardInterrupt):
       staging.remove()
-  assert calls == [str(staging.checkpoint)]
+  assert calls == [str(staging.checkpoint.parent)]
   assert (staging.root / output.MARKER).is_file()  # The marker goes last: the folder stays ours.
   staging.recover(OTHER)
   assert not staging.root.exists()
@@ -75,3 +76,50 @@ def test_commit_replaces_the_unit_and_removes_the_staging_folder(tmp_path):
   assert sorted(p.name for p in staging.unit.iterdir()) == ['default']
   assert (staging.unit / 'default' / 'd' / 'data').read_bytes() == b'x' * 100
   assert not staging.root.exists()
+
+
+def test_a_run_taking_the_work_over_renames_it_to_its_own(tmp_path):
+  earlier = staged(tmp_path)
+  earlier.add_group(0, ('a',), {'a': ((2,), 'float32', (1.0, 2.0))}, ['checkpoint.default.partial_save/s0'])
+  later = output.Staging(earlier.unit, 'b' * 32)
+  assert later.recover(KEY)
+  assert not earlier.checkpoint.exists() and (later.checkpoint / 'default' / 'd' / 'data').is_file()
+  assert later.written_groups() == {('a',): {'saves': ['checkpoint.default.partial_save/s0'],
+                                             'digests': {'a': ((2,), 'float32', (1.0, 2.0))}}}
+  # What the earlier run, alive without its lock, still writes goes to a path that no run reads,
+  # and the next run removes it, even from a staging folder whose marker is gone.
+  with pytest.raises(FileNotFoundError):
+    earlier.add_group(1, ('b',), {}, [])
+  assert list(later.written_groups()) == [('a',)]
+  later.remove()
+  earlier.records.mkdir(parents=True)
+  (earlier.records / '2.json').write_text('{}')
+  assert not later.recover(KEY) and not later.root.exists()
+
+
+@pytest.mark.parametrize('change, reason', [
+    ({'input': 'j' * 64}, 'the input changed since the stopped run'),
+    ({'topology': {'processes': 2, 'devices': 8}},
+     'the stopped run had 1 processes and 8 devices, this one 2 and 8')])
+def test_work_of_other_input_bytes_or_topology_is_not_taken_over(change, reason, tmp_path, caplog):
+  caplog.set_level('INFO')
+  staging = staged(tmp_path)
+  assert not output.Staging(staging.unit, 'b' * 32).recover({**KEY, **change})
+  assert not staging.root.exists()
+  assert f'Starting over: {reason}' in caplog.text
+
+
+def test_a_record_cut_short_is_left_out_and_an_interrupted_one_leaves_no_trace(tmp_path, monkeypatch):
+  staging = staged(tmp_path)
+  staging.add_group(0, ('a',), {}, ['s0'])
+  staging.add_group(1, ('b',), {}, ['s1'])
+  (staging.records / '1.json').write_text('{"outputs": ["b"], "dig')
+  assert list(staging.written_groups()) == [('a',)]
+
+  def disk_full(*args):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(output.paths.os, 'replace', disk_full)
+  with pytest.raises(OSError):
+    staging.add_group(2, ('c',), {}, ['s2'])
+  assert list(staging.written_groups()) == [('a',)]
