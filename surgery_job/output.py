@@ -206,7 +206,7 @@ class Staging:
     self._write_marker(key)
     for stray in self.root.iterdir():
       if _WORK_FOLDER.fullmatch(stray.name) and stray.name != self.work:
-        stray.rmtree()
+        stray.unlink() if paths.is_link(stray) else stray.rmtree()
 
   def _write_marker(self, key: dict) -> None:
     paths.write_whole(self.root / MARKER, json.dumps(
