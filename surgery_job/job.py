@@ -77,6 +77,9 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   if not steps and jax.process_index() == 0:
     logging.info('Nothing to convert: every committed step of %s is in %s.', config.input.path,
                  out_root)
+  if config.input.step in ('all', 'new'):
+    return [report for step in steps
+            if (report := _convert_unless_deleted(config, step, barrier_timeout_seconds))]
   return [report for step in steps
           if (report := convert(config, step, barrier_timeout_seconds, len(steps) > 1))]
 
@@ -91,15 +94,8 @@ def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
                  config.watch.poll_seconds)
   while True:
     steps = agree_on_steps('new') if paths.of(config.input.path, 'input.path').exists() else []
-    for step in steps:
-      try:
-        reports.append(convert(config, step, barrier_timeout_seconds, named=True))
-      except Exception:  # pylint: disable=broad-except  # Whatever a vanished file made fail.
-        if stopping.requested.is_set() or _still_committed(config, step):
-          raise
-        logging.warning('Skipping input step %s: it is no longer a committed step of the input '
-                        '(deleted while it was read, as by the trainer keeping its newest steps).',
-                        step)
+    reports += [report for step in steps
+                if (report := _convert_unless_deleted(config, step, barrier_timeout_seconds))]
     if steps:
       idle_since = time.monotonic()
     elif time.monotonic() - idle_since >= config.watch.idle_timeout_seconds:
@@ -107,6 +103,19 @@ def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
         logging.info('No new step for %.0f s: the watch ends.', config.watch.idle_timeout_seconds)
       return reports
     stopping.sleep(config.watch.poll_seconds)
+
+
+def _convert_unless_deleted(config, step, barrier_timeout_seconds: int) -> dict | None:
+  """`convert` of a step the job chose itself ('all', 'new', a watch); one that failed because it
+  was deleted while it was read (the trainer keeping its newest steps) is skipped with a warning."""
+  try:
+    return convert(config, step, barrier_timeout_seconds, named=True)
+  except Exception:  # pylint: disable=broad-except  # Whatever a vanished file made fail.
+    if stopping.requested.is_set() or _still_committed(config, step):
+      raise
+    logging.warning('Skipping input step %s: it is no longer a committed step of the input '
+                    '(deleted while it was read, as by the trainer keeping its newest steps).', step)
+    return None
 
 
 def _still_committed(config, step, settle_seconds: float = 2.0) -> bool:

@@ -166,13 +166,17 @@ def test_two_processes_agree_on_the_steps(trained, tmp_path):
   assert_exported(out, [1, 2, 4], read_on_these_devices=False)
 
 
-def test_watch_skips_a_step_the_trainer_deletes_while_it_is_read(layered, tmp_path):
+@pytest.mark.parametrize('run', [
+    {'watch': {'enabled': True, 'poll_seconds': 0.5, 'idle_timeout_seconds': 2.0}},
+    {'input': {'step': 'new'}},  # A scheduled export of what is new: the steps are the job's choice.
+    {'input': {'step': 'all'}},
+], ids=['watch', 'new', 'all'])
+def test_a_step_the_trainer_deletes_while_it_is_read_is_skipped(run, layered, tmp_path):
   in_path, out, pause = tmp_path / 'in', tmp_path / 'out', tmp_path / 'paused'
   for step in (1, 2):
     shutil.copytree(layered[0] / '3', in_path / str(step))
   watcher = subprocess.Popen(
-      job_command(write_config(tmp_path, {'transforms': [], 'watch': {
-          'enabled': True, 'poll_seconds': 0.5, 'idle_timeout_seconds': 2.0}}),
+      job_command(write_config(tmp_path, {'transforms': [], **run}),
                   f'--config.input.path={in_path}', f'--config.output.path={out}'),
       cwd=REPO, env=job_env(env={'SURGERY_JOB_PAUSE': 'restore', 'SURGERY_JOB_PAUSE_FILE': str(pause)}),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
