@@ -67,6 +67,8 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
     return reader.select_steps(config.input.path, step_spec, exported)
 
   def agree_on_steps(step_spec):
+    if step_spec in ('all', 'new') and out_root is not None and jax.process_index() == 0:
+      _sweep_abandoned(config, out_root)
     return distributed.agree('steps', lambda: choose_steps(step_spec), barrier_timeout_seconds)
 
   if config.watch.enabled:
@@ -103,6 +105,19 @@ def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
         logging.info('No new step for %.0f s: the watch ends.', config.watch.idle_timeout_seconds)
       return reports
     stopping.sleep(config.watch.poll_seconds)
+
+
+def _sweep_abandoned(config, out_root: paths.Path) -> None:
+  """Before a run of 'all' or 'new' (or a watch's poll) chooses its steps: what stopped runs left
+  in the output for input steps that are gone goes, as no run will come back for it."""
+  if not out_root.is_dir():
+    return
+  try:
+    steps = sources.reader_of(config.input.path, config.input.format).select_steps(
+        config.input.path, 'all', lambda s: False)
+  except SurgeryError:  # No input to compare with: leave everything.
+    return
+  output.sweep_abandoned(out_root, set(steps), config.output.lock_timeout_seconds)
 
 
 def _convert_unless_deleted(config, step, barrier_timeout_seconds: int) -> dict | None:

@@ -165,10 +165,11 @@ class Staging:
     """The groups written so far, one file each with its digests, for a run that resumes."""
     return self.root / self.work / 'groups'
 
-  def recover(self, key: dict) -> bool:
+  def recover(self, key: dict | None) -> bool:
     """Deals with what an earlier run left: an output it had moved aside is put back; its work is
     taken over when that run was the same surgery of the same input bytes on the same topology
-    (`resume_key`), stopped before its commit (returns True); anything else is removed."""
+    (`resume_key`; None: nothing is), stopped before its commit (returns True); anything else is
+    removed."""
     if not self.root.exists():
       return False
     if not (self.root / MARKER).is_file() and not all(
@@ -182,6 +183,9 @@ class Staging:
       return False
     if self.displaced.exists() and not self.unit.exists():
       self.displaced.rename(self.unit)
+    if key is None:
+      self.remove()
+      return False
     why = _not_resumable(marker, key)
     if why is None and (self.root / marker['work']).is_dir():
       self._take_over(marker['work'], key)
@@ -399,3 +403,28 @@ def prune(root: paths.Path, keep: int, lock_timeout_seconds: float) -> None:
     logging.info('Deleted output step %d (output.max_to_keep=%d).', step, keep)
   for deleting in root.glob('*' + DELETING):  # Those of this run, and of runs killed midway.
     deleting.rmtree(missing_ok=True)
+
+
+def sweep_abandoned(root: paths.Path, input_steps: set[int], lock_timeout_seconds: float) -> None:
+  """What stopped runs left beside the steps of the output directory `root` for input steps that
+  are gone (the trainer deleted them): no run will resume that staging folder or take that lock
+  again. Each is dealt with under its lock, as a run would (an output moved aside goes back, a
+  commit under way on an object store is finished), then removed; a unit a live run holds is left."""
+  units = set()
+  for name in paths.listing(root):
+    for suffix in (SUFFIX, lock_lib.SUFFIX):
+      step = name[:-len(suffix)] if name.endswith(suffix) else ''
+      if step.isdecimal() and str(int(step)) == step and int(step) not in input_steps:
+        units.add(root / step)
+  for unit in sorted(units, key=lambda u: int(u.name)):
+    unit_lock = lock_lib.Lock(unit, lock_timeout_seconds)
+    try:
+      unit_lock.acquire(wait_seconds=0)
+    except SurgeryError:
+      continue
+    try:
+      Staging(unit, unit_lock.token).recover(None)
+    finally:
+      unit_lock.release()
+    logging.info('Removed what a stopped run left for output step %s, whose input step is gone.',
+                 unit.name)

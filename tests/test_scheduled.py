@@ -14,7 +14,7 @@ import pytest
 import checkpoints
 from jobs import REPO, assert_unlocked, job_command, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input
-from test_safety import assert_same
+from test_safety import assert_same, start_paused
 from write_steps import state_at
 
 SERVING = {'transforms': [dict(op='drop_optimizer')]}
@@ -194,4 +194,30 @@ def test_a_step_the_trainer_deletes_while_it_is_read_is_skipped(run, layered, tm
           'was read, as by the trainer keeping its newest steps)') in stderr
   assert checkpoints.visible_steps(out) == [2]
   assert sorted(p.name for p in out.iterdir()) == ['2']
+  assert_same(checkpoints.flat_numpy(checkpoints.restore_plain(out / '2' / 'default')), layered[1])
+
+
+def test_what_stopped_runs_left_for_deleted_input_steps_is_swept(layered, tmp_path):
+  # A run killed mid-write leaves its staging folder and lock for a resume; one killed just after
+  # its commit leaves its lock. Once the trainer has deleted those input steps, no run comes back
+  # for them: the next run of 'all' or 'new' removes them, and keeps the committed step.
+  in_path, out = tmp_path / 'in', tmp_path / 'out'
+  for step in (1, 2, 3):
+    shutil.copytree(layered[0] / '3', in_path / str(step))
+  config = write_config(tmp_path, {'transforms': []})
+  for step, point in ((1, 'restore'), (2, 'renamed')):
+    pause = tmp_path / f'paused_{step}'
+    process = start_paused(config, in_path, out, point, pause, f'--config.input.step={step}')
+    process.kill()
+    process.wait(timeout=60)
+  assert {'1.orbax-checkpoint-tmp-surgery', '1.surgery-lock', '2.surgery-lock'} <= {
+      p.name for p in out.iterdir()}
+  for step in (1, 2):
+    shutil.rmtree(in_path / str(step))  # As the trainer's max_to_keep does.
+  result = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}',
+                   '--config.input.step=all')
+  ok(result)
+  assert 'Removed what a stopped run left for output step 1, whose input step is gone.' in result.stderr
+  assert not [p.name for p in out.iterdir() if '.surgery-lock' in p.name or '.orbax-checkpoint-tmp' in p.name]
+  assert checkpoints.visible_steps(out) == [2, 3]
   assert_same(checkpoints.flat_numpy(checkpoints.restore_plain(out / '2' / 'default')), layered[1])
