@@ -1,0 +1,321 @@
+"""A randomized soak: multi-step, 'new' with max_to_keep and watch runs share one export directory
+beside a trainer that adds input steps and deletes them (its own max_to_keep, roll-backs), and are
+stopped at random moments: SIGTERM, SIGKILL or SIGSTOP (sometimes past the lock timeout, with a
+rival run meanwhile), at one of the job's pause points or after a random sleep. After each stop
+the rerun finishes; after each round every committed output step equals the surgery of one
+version of its input step, computed with numpy, bit for bit; the folders that are not
+checkpoints and the input's bytes are unchanged; after a final clean run no lock or staging
+folder is left.
+
+SURGERY_JOB_SOAK=N runs N rounds (default 2); a failure names its seed, and
+SURGERY_JOB_SOAK_SEED=S replays its schedule (the timing is the machine's).
+"""
+
+import collections
+import dataclasses
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import checkpoints
+from jobs import REPO, job_command, job_env, write_config
+from soak_trainer import file_hashes, state_at
+
+ROUNDS = int(os.environ.get('SURGERY_JOB_SOAK', '2'))
+TRANSFORMS = [dict(op='drop_optimizer'),
+              dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2')]
+LOCK_TIMEOUT = 2.0
+TRAINER_KEEPS = 3
+KINDS = ['multi', 'new', 'watch']
+PAUSE_POINTS = ['read', 'restore', 'writing', 'group_written', 'finalize', 'validate', 'commit',
+                'rename', 'renamed']
+BUDGETS = ['4e-6', '4e-6', '0']  # Mostly many groups (a stopped run has groups to resume from).
+# Beside the exports, and (once the export directory holds a step) inside it: not checkpoints.
+BESIDE = {'notes/keep.txt': b'beside the export directory'}
+INSIDE = {'out/0/notes.txt': b'a user folder named 0', 'out/2024/holiday.jpg': b'\xff\xd8 a photo'}
+# Exit 2 where the README documents it: a live run holds the step; a named step is gone.
+HELD, GONE = 'is being written by another run', 'not found in'
+
+
+def expected(step: int, version: int) -> dict[str, np.ndarray]:
+  """TRANSFORMS on the trainer's state of `step`, in numpy: the optimizer dropped, the layers
+  stacked."""
+  flat = {k: v for k, v in checkpoints.flat_numpy(state_at(step, version)).items()
+          if not k.startswith('opt_state/')}
+  layered = collections.defaultdict(dict)
+  for key in list(flat):
+    if match := re.fullmatch(r'params/layers_(\d+)/(.*)', key):
+      layered[match[2]][int(match[1])] = flat.pop(key)
+  for rest, layers in layered.items():
+    flat[f'params/layers/{rest}'] = np.stack([layers[i] for i in sorted(layers)])
+  return flat
+
+
+def differing(got: dict, want: dict) -> list[str]:
+  keys = sorted(set(got) | set(want))
+  return [k for k in keys if k not in got or k not in want or got[k].dtype != want[k].dtype
+          or not np.array_equal(got[k], want[k])]
+
+
+@dataclasses.dataclass
+class Run:
+  """One job process: its kind, its command-line overrides and its log (stderr)."""
+  kind: str
+  overrides: list[str]
+  process: subprocess.Popen
+  log: Path
+
+  def stderr(self) -> str:
+    return self.log.read_text(errors='replace')
+
+
+class Soak:
+  """One input directory, its trainer, one export directory, and the runs on them."""
+
+  def __init__(self, root: Path, seed: int):
+    self.rng = random.Random(seed)
+    self.root, self.input, self.out = root, root / 'in', root / 'out'
+    self.config = write_config(root, {'transforms': TRANSFORMS,
+                                      'output': {'lock_timeout_seconds': LOCK_TIMEOUT}})
+    self.record = root / 'trainer.jsonl'
+    self.record.touch()
+    (root / 'logs').mkdir()
+    self.events: list[str] = []
+    self.start_time = time.monotonic()
+    self.processes: list[subprocess.Popen] = []
+    self.foreign: dict[str, bytes] = {}
+    self.next_step = 1
+    self.trainer = self._popen(
+        [sys.executable, str(REPO / 'tests' / 'soak_trainer.py'), str(self.input),
+         str(self.record), str(TRAINER_KEEPS)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    self._place(BESIDE)
+
+  def note(self, text: str) -> None:
+    self.events.append(f'{time.monotonic() - self.start_time:6.1f} s  {text}')
+
+  def _popen(self, command, **kwargs) -> subprocess.Popen:
+    process = subprocess.Popen(command, cwd=REPO, env=job_env(env=kwargs.pop('env', None)), **kwargs)
+    self.processes.append(process)
+    return process
+
+  def _place(self, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+      (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+      (self.root / name).write_bytes(data)
+    self.foreign.update(files)
+
+  # The trainer.
+
+  def save(self, step: int, version: int = 0) -> None:
+    self.trainer.stdin.write(f'save {step} {version}\n')
+    self.trainer.stdin.flush()
+    assert self.trainer.stdout.readline().split() == ['done', str(step)], 'the trainer failed'
+    self.note(f'trainer saved step {step} (version {version})')
+
+  def train(self, count: int) -> threading.Thread:
+    """Saves `count` new steps in the background, a random pause before each."""
+    steps = [self.next_step + i for i in range(count)]
+    self.next_step += count
+    pauses = [self.rng.uniform(0.2, 2.0) for _ in steps]
+
+    def saves():
+      for step, pause in zip(steps, pauses):
+        time.sleep(pause)
+        self.save(step)
+    thread = threading.Thread(target=saves, daemon=True)
+    thread.start()
+    return thread
+
+  def versions(self) -> dict[int, list[int]]:
+    """{step: every version the trainer saved of it}."""
+    found = collections.defaultdict(list)
+    for line in self.record.read_text().splitlines():
+      entry = json.loads(line)
+      found[entry['step']].append(entry['version'])
+    return found
+
+  def input_steps(self) -> list[int]:
+    return sorted(int(p.name) for p in self.input.iterdir() if p.name.isdigit())
+
+  def roll_back(self) -> None:
+    """The trainer restarts from before a step and saves it again with other values; preferably a
+    step a stopped run left staged."""
+    present = self.input_steps()
+    staged = [s for s in present if (self.out / f'{s}.orbax-checkpoint-tmp-surgery').exists()]
+    step = self.rng.choice(staged or present[-2:])
+    self.note(f'roll-back to step {step}')
+    self.save(step, max(self.versions()[step]) + 1)
+
+  # Runs of the job.
+
+  def overrides(self, kind: str) -> list[str]:
+    chosen = [f'--config.memory.host_budget_gb={self.rng.choice(BUDGETS)}']
+    if kind == 'multi':
+      present = self.input_steps()
+      named = sorted(self.rng.sample(present, self.rng.randint(1, len(present))))
+      chosen.append('--config.input.step=' + self.rng.choice(['all', json.dumps(named)]))
+    elif kind == 'new':
+      chosen += ['--config.input.step=new', f'--config.output.max_to_keep={self.rng.randint(2, 3)}']
+    else:
+      chosen += ['--config.watch.enabled=True', '--config.watch.poll_seconds=0.3',
+                 '--config.watch.idle_timeout_seconds=2.0']
+      if self.rng.random() < 0.5:
+        chosen.append(f'--config.output.max_to_keep={self.rng.randint(2, 3)}')
+    return chosen
+
+  def start(self, kind: str, overrides: list[str], pause_point: str | None = None) -> Run:
+    log = self.root / 'logs' / f'{len(self.processes):03d}-{kind}.log'
+    env = {'SURGERY_JOB_PAUSE': pause_point, 'SURGERY_JOB_PAUSE_FILE': str(log.with_suffix('.paused'))
+           } if pause_point else None
+    with log.open('w') as stderr:
+      process = self._popen(job_command(self.config, f'--config.input.path={self.input}',
+                                        f'--config.output.path={self.out}', *overrides),
+                            env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    self.note(f'{log.stem} started: {" ".join(overrides)}'
+              + (f' (pausing at {pause_point})' if pause_point else ''))
+    return Run(kind, overrides, process, log)
+
+  def ended(self, run: Run, stopped_by: str | None = None) -> int:
+    """Waits for `run`; its exit must be one the README documents (after `stopped_by`)."""
+    code = run.process.wait(timeout=600)
+    stderr = run.stderr()
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ''
+    self.note(f'{run.log.stem} exited {code}: {last[-200:]}')
+    allowed = {0} | ({2} if HELD in last or (GONE in last and run.kind == 'multi') else set())
+    allowed |= {'SIGTERM': {75}, 'SIGKILL': {-signal.SIGKILL}, 'SIGSTOP': {1, 75}}.get(stopped_by, set())
+    assert code in allowed, f'{run.log.stem} exited {code}: {stderr[-3000:]}'
+    if code in (0, 2, 75):
+      assert 'Traceback' not in stderr, f'{run.log.stem}: {stderr[-3000:]}'
+    return code
+
+  def stop(self, run: Run, pause_point: str | None) -> None:
+    """Stops `run` at its pause point or after a random sleep, unless it ended first."""
+    if pause_point:
+      paused = run.log.with_suffix('.paused')
+      while not paused.exists() and run.process.poll() is None:
+        time.sleep(0.1)
+      how = self.rng.choice(['SIGTERM', 'SIGKILL'])
+    else:
+      time.sleep(self.rng.uniform(0.5, 8.0))
+      how = self.rng.choice(['SIGTERM', 'SIGKILL', 'SIGSTOP'])
+    if run.process.poll() is not None:
+      self.ended(run)
+      return
+    self.note(f'{how} to {run.log.stem}')
+    if how == 'SIGSTOP':
+      held = self.rng.uniform(0.5, 3 * LOCK_TIMEOUT)
+      run.process.send_signal(signal.SIGSTOP)
+      start = time.monotonic()
+      if self.rng.random() < 0.5:
+        kind = self.rng.choice(KINDS)
+        self.ended(self.start(kind, self.overrides(kind)))
+      time.sleep(max(0.0, held - (time.monotonic() - start)))
+      run.process.send_signal(signal.SIGCONT)
+      self.note(f'SIGCONT to {run.log.stem} after {time.monotonic() - start:.1f} s')
+      try:
+        run.process.wait(timeout=30)
+      except subprocess.TimeoutExpired:  # A watch goes on: end it as a preemption would.
+        run.process.send_signal(signal.SIGTERM)
+    else:
+      run.process.send_signal(getattr(signal, how))
+    self.ended(run, how)
+
+  def rerun_until_done(self, run: Run) -> None:
+    """Runs `run`'s command again, alone, until it ends as done (or a named step is gone)."""
+    for _ in range(3):
+      again = self.start(run.kind, run.overrides)
+      if self.ended(again) == 0 or GONE in again.stderr():
+        return
+    raise AssertionError(f'{run.log.stem}: three reruns did not finish')
+
+  # What must hold.
+
+  def committed(self) -> list[int]:
+    foreign = {int(Path(name).parts[1]) for name in self.foreign if name.startswith('out/')}
+    return [s for s in checkpoints.visible_steps(self.out) if s not in foreign]
+
+  def check(self) -> None:
+    versions = self.versions()
+    for step in self.committed():
+      got = checkpoints.flat_numpy(checkpoints.restore_plain(self.out / str(step) / 'default'))
+      wrong = {v: differing(got, expected(step, v)) for v in versions.get(step, [])}
+      assert wrong and min(map(len, wrong.values())) == 0, (
+          f'output step {step} is not the surgery of any version of input step {step}; '
+          f'the leaves that differ from each version: {wrong}')
+    for name, data in self.foreign.items():
+      path = self.root / name
+      assert path.is_file() and path.read_bytes() == data, f'{name} was changed or deleted'
+    saved = {json.loads(line)['step']: json.loads(line)['files']
+             for line in self.record.read_text().splitlines()}
+    for entry in self.input.iterdir():
+      assert entry.name.isdigit() and int(entry.name) in saved, f'input: {entry} was not saved there'
+      assert file_hashes(entry) == saved[int(entry.name)], f'input step {entry.name} changed'
+    self.note(f'checked: output steps {self.committed()}, input steps {self.input_steps()}')
+
+  def check_no_leftovers(self) -> None:
+    left = sorted(p.name for p in self.out.iterdir()
+                  if '.surgery-lock' in p.name or '.orbax-checkpoint-tmp' in p.name)
+    assert not left, f'left in {self.out} after a clean run: {left}'
+
+  # The schedule.
+
+  def round(self) -> None:
+    training = self.train(self.rng.randint(1, 3))
+    pause_point = self.rng.choice(PAUSE_POINTS) if self.rng.random() < 0.5 else None
+    kind = self.rng.choice(KINDS)
+    victim = self.start(kind, self.overrides(kind), pause_point)
+    peers = []
+    if self.rng.random() < 0.5:
+      peer_kind = self.rng.choice(KINDS)
+      peers.append(self.start(peer_kind, self.overrides(peer_kind)))
+    self.stop(victim, pause_point)
+    for peer in peers:
+      self.ended(peer)
+    training.join()
+    if self.rng.random() < 0.3:
+      self.roll_back()
+    self.rerun_until_done(victim)
+    self.check()
+    if self.committed() and not set(INSIDE) <= set(self.foreign):
+      self._place(INSIDE)
+
+  def run(self, rounds: int) -> None:
+    for step in range(1, 3):
+      self.save(step)
+    self.next_step = 3
+    for _ in range(rounds):
+      self.round()
+    final = self.start('multi', ['--config.input.step=all'])
+    assert self.ended(final) == 0
+    self.check()
+    self.check_no_leftovers()
+
+  def close(self) -> None:
+    for process in self.processes:
+      if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait()
+
+
+def test_soak(tmp_path):
+  seed = int(os.environ.get('SURGERY_JOB_SOAK_SEED') or random.randrange(2**32))
+  soak = Soak(tmp_path, seed)
+  try:
+    soak.run(ROUNDS)
+  except AssertionError as e:
+    raise AssertionError(f'SURGERY_JOB_SOAK_SEED={seed} (logs in {tmp_path / "logs"}): {e}\n'
+                         + '\n'.join(soak.events)) from None
+  finally:
+    soak.close()
+    print(f'SURGERY_JOB_SOAK_SEED={seed}', *soak.events, sep='\n')
