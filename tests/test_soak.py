@@ -3,9 +3,9 @@ beside a trainer that adds input steps and deletes them (its own max_to_keep, ro
 stopped at random moments: SIGTERM, SIGKILL or SIGSTOP (sometimes past the lock timeout, with a
 rival run meanwhile), at one of the job's pause points or after a random sleep. After each stop
 the rerun finishes; after each round every committed output step equals the surgery of one
-version of its input step, computed with numpy, bit for bit; the folders that are not
-checkpoints and the input's bytes are unchanged; after a final clean run no lock or staging
-folder is left.
+version of its input step, computed with numpy, bit for bit; a step another program saved in the
+export directory, a file beside it and the input's bytes are unchanged; after a final clean run
+no lock or staging folder is left.
 
 SURGERY_JOB_SOAK=N runs N rounds (default 2); a failure names its seed, and
 SURGERY_JOB_SOAK_SEED=S replays its schedule (the timing is the machine's).
@@ -42,9 +42,8 @@ PAUSE_POINTS = ['read', 'restore', 'writing', 'group_written', 'finalize', 'vali
 # Inside the commit, where a SIGTERM waits for the commit to end: a run paused there never would.
 IN_COMMIT = ('rename', 'renamed')
 BUDGETS = ['4e-6', '4e-6', '0']  # Mostly many groups (a stopped run has groups to resume from).
-# Beside the exports, and (once the export directory holds a step) inside it: not checkpoints.
-BESIDE = {'notes/keep.txt': b'beside the export directory'}
-INSIDE = {'out/0/notes.txt': b'a user folder named 0', 'out/2024/holiday.jpg': b'\xff\xd8 a photo'}
+NOTES = {'notes/keep.txt': b'beside the export directory'}
+FOREIGN_STEP = 0  # A step of the export directory saved by plain Orbax, not by the job.
 # Exit 2 where the README documents it: a live run holds the step; a named step is gone.
 HELD, GONE = 'is being written by another run', 'not found in'
 
@@ -95,13 +94,12 @@ class Soak:
     self.events: list[str] = []
     self.start_time = time.monotonic()
     self.processes: list[subprocess.Popen] = []
-    self.foreign: dict[str, bytes] = {}
     self.next_step = 1
     self.trainer = self._popen(
         [sys.executable, str(REPO / 'tests' / 'soak_trainer.py'), str(self.input),
          str(self.record), str(TRAINER_KEEPS)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    self._place(BESIDE)
+    self._place_foreign()
 
   def note(self, text: str) -> None:
     self.events.append(f'{time.monotonic() - self.start_time:6.1f} s  {text}')
@@ -111,11 +109,15 @@ class Soak:
     self.processes.append(process)
     return process
 
-  def _place(self, files: dict[str, bytes]) -> None:
-    for name, data in files.items():
-      (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+  def _place_foreign(self) -> None:
+    """What the job must leave as it is: a file beside the export directory, and in it a step
+    that another program saved (the output rules accept it; it is not the job's to prune)."""
+    for name, data in NOTES.items():
+      (self.root / name).parent.mkdir(parents=True)
       (self.root / name).write_bytes(data)
-    self.foreign.update(files)
+    checkpoints.save_manager(self.out, {'w': np.arange(4.0)}, step=FOREIGN_STEP)
+    self.foreign = {**NOTES, **{str(f.relative_to(self.root)): f.read_bytes()
+                                for f in (self.out / str(FOREIGN_STEP)).rglob('*') if f.is_file()}}
 
   # The trainer.
 
@@ -261,8 +263,7 @@ class Soak:
   # What must hold.
 
   def committed(self) -> list[int]:
-    foreign = {int(Path(name).parts[1]) for name in self.foreign if name.startswith('out/')}
-    return [s for s in checkpoints.visible_steps(self.out) if s not in foreign]
+    return [s for s in checkpoints.visible_steps(self.out) if s != FOREIGN_STEP]
 
   def check(self) -> None:
     versions = self.versions()
@@ -306,8 +307,6 @@ class Soak:
       self.roll_back()
     self.rerun_until_done(victim)
     self.check()
-    if self.committed() and not set(INSIDE) <= set(self.foreign):
-      self._place(INSIDE)
 
   def run(self, rounds: int) -> None:
     for step in range(1, 3):
