@@ -12,6 +12,7 @@ SURGERY_JOB_SOAK_SEED=S replays its schedule (the timing is the machine's).
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -20,7 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -94,6 +94,7 @@ class Soak:
     self.events: list[str] = []
     self.start_time = time.monotonic()
     self.processes: list[subprocess.Popen] = []
+    self.background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self.next_step = 1
     self.trainer = self._popen(
         [sys.executable, str(REPO / 'tests' / 'soak_trainer.py'), str(self.input),
@@ -127,7 +128,7 @@ class Soak:
     assert self.trainer.stdout.readline().split() == ['done', str(step)], 'the trainer failed'
     self.note(f'trainer saved step {step} (version {version})')
 
-  def train(self, count: int) -> threading.Thread:
+  def train(self, count: int) -> concurrent.futures.Future:
     """Saves `count` new steps in the background, a random pause before each."""
     steps = [self.next_step + i for i in range(count)]
     self.next_step += count
@@ -137,9 +138,7 @@ class Soak:
       for step, pause in zip(steps, pauses):
         time.sleep(pause)
         self.save(step)
-    thread = threading.Thread(target=saves, daemon=True)
-    thread.start()
-    return thread
+    return self.background.submit(saves)
 
   def versions(self) -> dict[int, list[int]]:
     """{step: every version the trainer saved of it}."""
@@ -302,7 +301,7 @@ class Soak:
     self.stop(victim, pause_point)
     for peer in peers:
       self.ended(peer)
-    training.join()
+    training.result()
     if self.rng.random() < ROLL_BACKS:
       self.roll_back()
     self.rerun_until_done(victim)
@@ -325,6 +324,7 @@ class Soak:
         process.send_signal(signal.SIGCONT)
         process.kill()
         process.wait()
+    self.background.shutdown(cancel_futures=True)
 
 
 def test_soak(tmp_path):
