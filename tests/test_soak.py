@@ -39,8 +39,6 @@ ROLL_BACKS = 0.3  # The share of rounds that end with the trainer rolling back.
 KINDS = ['multi', 'new', 'watch']
 PAUSE_POINTS = ['read', 'restore', 'writing', 'group_written', 'finalize', 'validate', 'commit',
                 'rename', 'renamed']
-# Inside the commit, where a SIGTERM waits for the commit to end: a run paused there never would.
-IN_COMMIT = ('rename', 'renamed')
 BUDGETS = ['4e-6', '4e-6', '0']  # Mostly many groups (a stopped run has groups to resume from).
 NOTES = {'notes/keep.txt': b'beside the export directory'}
 FOREIGN_STEP = 0  # A step of the export directory saved by plain Orbax, not by the job.
@@ -206,7 +204,7 @@ class Soak:
     unless it ended first."""
     if pause_point:
       self.wait_for(run, lambda: run.log.with_suffix('.paused').exists())
-      how = 'SIGKILL' if pause_point in IN_COMMIT else self.rng.choice(['SIGTERM', 'SIGKILL'])
+      how = self.rng.choice(['SIGTERM', 'SIGKILL'])
     else:
       self.wait_for(run, lambda: 'Phase ' in run.stderr())
       time.sleep(self.rng.uniform(0.0, 5.0))
@@ -219,6 +217,8 @@ class Soak:
       self.suspend(run)
     else:
       run.process.send_signal(getattr(signal, how))
+      # The pause ends: a SIGTERM inside the commit (rename, renamed) lets the commit finish.
+      run.log.with_suffix('.paused').unlink(missing_ok=True)
     self.ended(run, how)
 
   def suspend(self, run: Run) -> None:
