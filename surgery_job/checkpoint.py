@@ -1,7 +1,6 @@
 """Orbax I/O on the read side: find the input's committed steps and items, read their metadata,
 restore what is needed (the output is written by `writer.py`)."""
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -18,6 +17,7 @@ from surgery_job.errors import SurgeryError
 
 CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'
 COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
+TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX  # Orbax's temporary folders: `<name>.orbax-checkpoint-tmp...`.
 STANDARD_HANDLER = (f'{ocp.StandardCheckpointHandler.__module__}.'
                     f'{ocp.StandardCheckpointHandler.__qualname__}')
 
@@ -64,12 +64,28 @@ def _items(step_dir: paths.Path) -> list[str]:
   return [p.name for p in _folders(step_dir) if _is_pytree(p)]
 
 
+def step_of(name: str) -> int | None:
+  """The step of the input step folder `name`: a name one of Orbax's standard name formats gives a
+  step (`3`, zero-padded `0003`, prefixed `step_3`), or Orbax's temporary folder of one
+  (`3.orbax-checkpoint-tmp-1234`); None for any other name (`³`, `٣`, `notes`)."""
+  final = name.split(TMP_SUFFIX, 1)[0]
+  prefix, _, digits = final.rpartition('_')
+  if not (digits.isascii() and digits.isdigit()):
+    return None
+  step = int(digits)
+  padded = len(digits) if len(digits) > 1 and digits.startswith('0') else None
+  name_format = ocp.path.step.standard_name_format(step_prefix=prefix or None,
+                                                   step_format_fixed_length=padded)
+  return step if name_format.build_name(step) == final else None
+
+
 def _step_folders(root: paths.Path) -> dict[int, list[paths.Path]]:
-  """Step number -> the folders Orbax would name for it: `3`, `0003`, `step_3`, temporaries."""
+  """Step number -> its folders (`step_of`): `3`, `0003`, `step_3`, temporaries."""
   folders = {}
   for path in _folders(root):
-    with contextlib.suppress(ValueError):
-      folders.setdefault(ocp.path.step.step_from_checkpoint_name(path.name), []).append(path)
+    step = step_of(path.name)
+    if step is not None:
+      folders.setdefault(step, []).append(path)
   return folders
 
 

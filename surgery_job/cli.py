@@ -47,7 +47,7 @@ def locate(path: str, step: Any = None) -> checkpoint.Location:
   if legacy_flax.is_msgpack(str(folder), None):
     return legacy_flax.locate(str(folder), step, None)
   if is_step_folder(folder) and step is None:
-    return checkpoint.locate(str(folder.parent), int(folder.name), None)
+    return checkpoint.locate(str(folder.parent), checkpoint.step_of(folder.name), None)
   if step is not None and not (folder / '_METADATA').is_file():
     committed = checkpoint.committed_steps(folder)
     if step not in committed:
@@ -57,8 +57,9 @@ def locate(path: str, step: Any = None) -> checkpoint.Location:
 
 def is_step_folder(folder: paths.Path) -> bool:
   """Whether `folder` is one committed step of a CheckpointManager directory."""
-  return (folder.name.isdigit() and folder.is_dir() and not (folder / '_METADATA').is_file()
-          and int(folder.name) in checkpoint.committed_steps(folder.parent))
+  step = checkpoint.step_of(folder.name)
+  return (step is not None and checkpoint.TMP_SUFFIX not in folder.name and folder.is_dir()
+          and not (folder / '_METADATA').is_file() and step in checkpoint.committed_steps(folder.parent))
 
 
 def load_config(spec: str):

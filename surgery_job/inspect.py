@@ -24,7 +24,6 @@ from surgery_job import checkpoint, cli, legacy_flax, paths, saved_leaves, tree
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-inspect'
-TMP = '.orbax-checkpoint-tmp'
 
 
 def list_steps(root: paths.Path) -> list[dict]:
@@ -32,16 +31,16 @@ def list_steps(root: paths.Path) -> list[dict]:
   committed = set(checkpoint.committed_steps(root))
   found = []
   for folder in root.iterdir():
-    number = folder.name.split('.', 1)[0]
-    if not folder.is_dir() or not number.isdigit() or not (folder.name.isdigit() or TMP in folder.name):
+    number = checkpoint.step_of(folder.name)
+    if not folder.is_dir() or number is None:
       continue
-    if not folder.name.isdigit():
+    if checkpoint.TMP_SUFFIX in folder.name:
       state = 'in progress'
-    elif int(folder.name) in committed:
+    elif number in committed:
       state = 'committed'
     else:
       state = 'in progress (no item yet)'
-    found.append({'step': int(number), 'folder': folder.name, 'state': state})
+    found.append({'step': number, 'folder': folder.name, 'state': state})
   return sorted(found, key=lambda s: (s['step'], s['folder']))
 
 

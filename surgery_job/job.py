@@ -59,11 +59,13 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   def choose_steps(step_spec) -> list:
     # The output is listed once per choice, not once per input step.
     kept = output.steps(out_root) if out_root is not None and out_root.is_dir() else []
+    held = set(kept) | (output.exported_before(out_root) if out_root is not None else set())
     keep = config.output.max_to_keep
 
     def exported(step: int) -> bool:
-      """Whether the output has `step`, or had it and let it go (older than every step it keeps)."""
-      return step in kept or (keep is not None and len(kept) >= keep and step < min(kept))
+      """Whether the output has or ever had `step` (since deleted by pruning or by hand), or would
+      let it go at once (older than every step it keeps, with max_to_keep of them)."""
+      return step in held or (keep is not None and len(kept) >= keep and step < min(kept))
     return reader.select_steps(config.input.path, step_spec, exported)
 
   def agree_on_steps(step_spec):
@@ -76,9 +78,11 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   steps = agree_on_steps(config.input.step)
   if len(steps) > 1 and config.output.step is not None:
     raise SurgeryError(f'config: output.step is set but input.step names {len(steps)} steps')
-  if not steps and jax.process_index() == 0:
-    logging.info('Nothing to convert: every committed step of %s is in %s.', config.input.path,
-                 out_root)
+  if not steps:
+    if jax.process_index() == 0:
+      logging.info('Nothing to convert: every committed step of %s is in %s.', config.input.path,
+                   out_root)
+    _prune(config, out_root)  # What an earlier run stopped midway.
   if config.input.step in ('all', 'new'):
     return [report for step in steps
             if (report := _convert_unless_deleted(config, step, barrier_timeout_seconds))]
@@ -90,6 +94,10 @@ def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
   """Converts each new committed input step as it appears, until none has for the idle timeout."""
   if config.input.step not in (None, 'new'):
     raise SurgeryError(f"config: watch.enabled converts input.step='new', not {config.input.step!r}")
+  if config.output.step is not None:
+    raise SurgeryError('config: output.step is set but watch.enabled converts each new input step '
+                       'into its own output step')
+  _prune(config, paths.of(config.output.path, 'output.path'))  # What an earlier run stopped midway.
   reports, idle_since = [], time.monotonic()
   if jax.process_index() == 0:
     logging.info('Watching %s for new committed steps every %.0f s.', config.input.path,
@@ -234,6 +242,8 @@ def _claimed(config, claim: output.Claim, source, skeletons, inputs, plan, group
     if jax.process_index() == 0:
       logging.info('Already done: %s holds this surgery of %s (fingerprint %s).', target,
                    source.item_dir, run_fingerprint[:12])
+    if target.step is not None:
+      _prune(config, target.root)  # What an earlier run stopped midway.
     return json.loads((target.unit / report_lib.REPORT).read_text())
   staging = output.Staging(target.unit, work)
   if jax.process_index() == 0 and state == 'start':
@@ -263,10 +273,22 @@ def _claimed(config, claim: output.Claim, source, skeletons, inputs, plan, group
       claim.commit()
       faults.at('renamed')
     barrier('committed')
-  if jax.process_index() == 0 and config.output.max_to_keep and target.step is not None:
-    output.prune(target.root, config.output.max_to_keep, config.output.lock_timeout_seconds)
+  if target.step is not None:
+    _prune(config, target.root)
   report['seconds'] = phases.seconds
   return report
+
+
+def _prune(config, out_root: paths.Path | None) -> None:
+  """Process 0 prunes the output directory to `output.max_to_keep` steps. It runs after commits,
+  so a failure is logged, not the run's: the next run prunes again."""
+  if jax.process_index() != 0 or not config.output.max_to_keep or config.dry_run or out_root is None:
+    return
+  try:
+    output.prune(out_root, config.output.max_to_keep, config.output.lock_timeout_seconds)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Pruning %s to output.max_to_keep=%d stopped: %s: %s', out_root,
+                    config.output.max_to_keep, type(e).__name__, e)
 
 
 def _budget(host_budget_gb: float | None) -> tuple[int | None, str]:

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import serialization
 from jax.sharding import Mesh
 
@@ -22,7 +21,8 @@ from surgery_job.errors import SurgeryError
 
 FORMAT = 'flax_msgpack'
 ITEM = 'default'  # The output's item, as a CheckpointManager names a single item.
-_NAME = re.compile(r'checkpoint_(\d+)')  # flax.training.checkpoints' default prefix.
+# flax.training.checkpoints' default name, `checkpoint_{step}`: no padding, ASCII digits.
+_NAME = re.compile(r'checkpoint_(0|[1-9][0-9]*)')
 # The first byte of a msgpack map (fixmap, map 16, map 32): a Flax state dict's.
 _MAP_STARTS = {bytes([b]) for b in (*range(0x80, 0x90), 0xde, 0xdf)}
 
@@ -60,15 +60,7 @@ def is_msgpack(path: str, input_format: str | None) -> bool:
   if not root.is_dir() or (root / '_METADATA').exists():
     return False
   return bool(_step_files(root)) and not any(
-      p.is_dir() and _orbax_step(p.name) for p in root.iterdir())
-
-
-def _orbax_step(name: str) -> bool:
-  try:
-    ocp.path.step.step_from_checkpoint_name(name)
-  except ValueError:
-    return False
-  return True
+      p.is_dir() and checkpoint.step_of(p.name) is not None for p in root.iterdir())
 
 
 def _steps(root: paths.Path) -> dict[int | None, paths.Path]:

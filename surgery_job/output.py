@@ -44,19 +44,25 @@ import json
 import os
 import re
 import time
+import uuid
 
 import jax
+import orbax.checkpoint as ocp
 from absl import logging
 
-from surgery_job import faults, lock as lock_lib, output_folder, paths
+from surgery_job import checkpoint, faults, lock as lock_lib, output_folder, paths
 from surgery_job.checkpoint import COMMIT_FILE
 from surgery_job.errors import SurgeryError
+from surgery_job.output_folder import RECORD
 from surgery_job.report import REPORT
 
 MARKER = 'SURGERY_JOB_STAGING'
 COMMITTING = 'COMMITTING'  # Object stores: the staged checkpoint is validated and being moved.
 SUFFIX = '.orbax-checkpoint-tmp-surgery'
-DELETING = '.orbax-checkpoint-tmp-surgery-deleting'
+DELETING = '.orbax-checkpoint-tmp-surgery-deleting'  # A pruned step, out of readers' sight.
+DELETING_MARKER = 'SURGERY_JOB_DELETING'  # Object stores: in a unit being deleted, until its end.
+# How CheckpointManager names step folders by default, and the only name the job gives one: `3`.
+STEP_NAMES = ocp.path.step.standard_name_format()
 _WORK_FOLDER = re.compile(r'[0-9a-f]{32}')  # A run's lock token (`lock.Lock.token`).
 
 
@@ -323,12 +329,15 @@ class Claim:
     self.lock.acquire(wait_seconds)
     resumable = self.staging.recover(key)
     unit = self.target.unit
+    if (unit / DELETING_MARKER).exists():  # What a stopped prune left of an older export.
+      _hide_and_delete(unit)
     _refuse(output_folder.unit_refusal(unit, str(self.target), single=self.target.step is None))
     if paths.listing(unit):  # Seen by readers or not: only overwrite replaces it.
       found = existing_fingerprint(unit) if present(unit) else None
       if found == run_fingerprint:
         if resumable:
           self.staging.remove()
+        self._record()
         return 'done'
       if not overwrite:
         raise SurgeryError(f'{self.target} exists' + (
@@ -352,6 +361,18 @@ class Claim:
   def commit(self) -> None:
     self.check()
     self.staging.commit()
+    self._record()
+
+  def _record(self) -> None:
+    """Adds the step this run holds to its output directory's record (`record_export`). After
+    the commit: a failure here is logged, not the run's."""
+    if self.target.step is None:
+      return
+    try:
+      record_export(self.target.root, self.target.step)
+    except (OSError, ValueError) as e:  # tensorstore's errors are ValueErrors.
+      logging.warning('Could not add step %d to %s: %s', self.target.step,
+                      self.target.root / RECORD, str(e).splitlines()[0] if str(e) else e)
 
   def release(self) -> None:
     """Gives the unit up; an output directory this run made and left empty goes too."""
@@ -368,24 +389,84 @@ def _refuse(refusal: str | None) -> None:
     raise SurgeryError(refusal)
 
 
+def _named_step(name: str) -> int | None:
+  """The step of a folder named `name` as the job names steps (`STEP_NAMES`: `3`, never `003`,
+  `step_3` or `³`); None for any other name."""
+  step = checkpoint.step_of(name)
+  return step if step is not None and STEP_NAMES.build_name(step) == name else None
+
+
+def exported_step(folder: paths.Path) -> int | None:
+  """The step `folder` holds if it is a committed output step of the job: named as the job names
+  steps (`_named_step`), holding the commit file (the last file a commit puts in place, and what
+  readers on an object store go by) and the job's report. Anything else (a user's folder, a step
+  of another writer, an unfinished save) is no exported step: never counted, never deleted."""
+  step = _named_step(folder.name)
+  if step is None:
+    return None
+  files = {name for name, (is_dir, _) in paths.listing(folder).items() if not is_dir}
+  return step if {COMMIT_FILE, REPORT} <= files else None
+
+
 def steps(root: paths.Path) -> list[int]:
-  """The step folders of the output directory `root` that readers see, oldest first."""
-  return sorted(int(name) for name, (is_dir, _) in paths.listing(root).items()
-                if name.isdigit() and is_dir and present(root / name))
+  """The exported steps of the output directory `root` (`exported_step`), oldest first."""
+  return sorted(step for name, (is_dir, _) in paths.listing(root).items()
+                if is_dir and (step := exported_step(root / name)) is not None)
+
+
+def _records(data: bytes | None) -> set[int]:
+  try:
+    found = json.loads(data)['steps'] if data is not None else []
+  except (ValueError, TypeError, KeyError):
+    found = []  # Damaged: the steps in place still count.
+  return {step for step in found if isinstance(step, int)} if isinstance(found, list) else set()
+
+
+def exported_before(root: paths.Path) -> set[int]:
+  """Every step the output directory `root` has held (its record), pruned or deleted since or not."""
+  return _records(paths.Lease(root / RECORD).read()) if root.is_dir() else set()
+
+
+def record_export(root: paths.Path, step: int) -> None:
+  """Adds `step` to the record of `root`: read, then replaced only if no other run changed it
+  meanwhile (runs on other steps of `root` commit at the same time), else read again."""
+  record = paths.Lease(root / RECORD)
+  while step not in (held := _records(record.read())):
+    if record.write_if_unchanged(json.dumps({'steps': sorted(held | {step})}).encode()):
+      return
 
 
 def _hide_and_delete(unit: paths.Path) -> None:
-  """Deletes an object-store unit so that no reader sees it half gone: its commit files first, its
-  own (the shallowest) before its items', then the rest."""
-  for commit_file in sorted((f for f in paths.files(unit) if f.name == COMMIT_FILE),
-                            key=lambda f: len(f.parts)):
+  """Deletes an object-store unit so that no reader sees it half gone: marked first (a deletion
+  stopped midway is finished by the next run that finds the mark), its commit files next, its
+  own (the shallowest) before its items', then the rest, the mark last."""
+  marker = unit / DELETING_MARKER
+  marker.write_text('')
+  found = [f for f in paths.files(unit) if f != marker]
+  for commit_file in sorted((f for f in found if f.name == COMMIT_FILE), key=lambda f: len(f.parts)):
     commit_file.unlink(missing_ok=True)
-  unit.rmtree()
+  faults.at('pruning')  # Out of readers' sight, not deleted yet.
+  for file in found:
+    file.unlink(missing_ok=True)
+  marker.unlink(missing_ok=True)
+  paths.remove_tree(unit)  # The folders a disk keeps.
+
+
+def _stopped_deletions(root: paths.Path) -> list[paths.Path]:
+  """What deletions stopped midway left in `root`: steps renamed aside (a disk), marked units (an
+  object store)."""
+  listed = paths.listing(root)
+  marked = [root / name for name, (is_dir, _) in listed.items()
+            if paths.on_object_store(root) and is_dir and _named_step(name) is not None
+            and DELETING_MARKER in paths.listing(root / name)]
+  return [root / name for name in listed if DELETING in name] + marked
 
 
 def prune(root: paths.Path, keep: int, lock_timeout_seconds: float) -> None:
-  """Deletes all but the newest `keep` step folders of the output directory `root`. A step goes in
-  one rename out of readers' sight, then is deleted; a step another run holds is left alone."""
+  """Deletes all but the newest `keep` exported steps of the output directory `root`, and what an
+  earlier prune stopped midway left. A step leaves readers' sight at once (renamed aside on a
+  disk; on an object store, its commit files deleted first), then is deleted. Each is checked again
+  under its lock: a step another run holds is left alone, one it deleted meanwhile is gone."""
   for step in steps(root)[:-keep]:
     unit = root / str(step)
     step_lock = lock_lib.Lock(unit, lock_timeout_seconds)
@@ -394,15 +475,30 @@ def prune(root: paths.Path, keep: int, lock_timeout_seconds: float) -> None:
     except SurgeryError:
       continue
     try:
+      if exported_step(unit) is None:
+        continue
       if paths.on_object_store(unit):
         _hide_and_delete(unit)
       else:
-        unit.rename(unit.with_name(unit.name + DELETING))
+        unit.rename(unit.with_name(f'{unit.name}{DELETING}-{uuid.uuid4().hex[:8]}'))
+        faults.at('pruning')
     finally:
       step_lock.release()
     logging.info('Deleted output step %d (output.max_to_keep=%d).', step, keep)
-  for deleting in root.glob('*' + DELETING):  # Those of this run, and of runs killed midway.
-    deleting.rmtree(missing_ok=True)
+  for leftover in _stopped_deletions(root):  # This run's, and those of runs stopped midway.
+    if DELETING in leftover.name:
+      paths.remove_tree(leftover)
+      continue
+    step_lock = lock_lib.Lock(leftover, lock_timeout_seconds)
+    try:
+      step_lock.acquire(wait_seconds=0)
+    except SurgeryError:
+      continue
+    try:
+      if (leftover / DELETING_MARKER).exists():
+        _hide_and_delete(leftover)
+    finally:
+      step_lock.release()
 
 
 def sweep_abandoned(root: paths.Path, input_steps: set[int], lock_timeout_seconds: float) -> None:

@@ -10,13 +10,14 @@ import os
 
 import orbax.checkpoint as ocp
 
-from surgery_job import lock, paths
+from surgery_job import checkpoint, lock, paths
 from surgery_job.checkpoint import CHECKPOINT_METADATA, COMMIT_FILE
 
 # Beside the steps: Orbax's saves in progress (the job's staging and -deleting folders carry the
 # same mark, so readers skip them too), and a CheckpointManager's root metadata folder.
 _TEMPORARY = '.orbax-checkpoint-tmp'
 _ROOT_METADATA = 'metadata'
+RECORD = 'surgery_exported_steps.json'  # The steps an export directory has held (`output.py`).
 
 
 def is_checkpoint(folder: paths.Path) -> bool:
@@ -26,8 +27,8 @@ def is_checkpoint(folder: paths.Path) -> bool:
 
 def _left_beside_steps(name: str) -> bool:
   """Whether `name`, in an export directory, is a lock, a staging or `-deleting` folder, an Orbax
-  save in progress or Orbax's root metadata."""
-  return lock.SUFFIX in name or _TEMPORARY in name or name == _ROOT_METADATA
+  save in progress, Orbax's root metadata or the job's record of exported steps."""
+  return lock.SUFFIX in name or _TEMPORARY in name or name in (_ROOT_METADATA, RECORD)
 
 
 def is_step(folder: paths.Path) -> bool:
@@ -35,9 +36,7 @@ def is_step(folder: paths.Path) -> bool:
   metadata or commit file or a PyTree item in it. On an object store, a step folder without its
   commit file is a save in progress, which readers skip (Orbax's, or a commit that the job's next
   run finishes): it counts too."""
-  try:
-    ocp.path.step.step_from_checkpoint_name(folder.name)
-  except ValueError:
+  if checkpoint.step_of(folder.name) is None:
     return False
   if paths.on_object_store(folder):
     return True

@@ -10,6 +10,7 @@ promise, so the lock is the same code on both.
 """
 
 import os
+import shutil
 from typing import Union
 
 import fsspec
@@ -133,6 +134,20 @@ def listing(folder: Path) -> dict[str, tuple[bool, int]]:
       return {e.name: (e.is_dir(), 0 if e.is_dir() else e.stat().st_size) for e in entries}
   except (FileNotFoundError, NotADirectoryError):
     return {}
+
+
+def remove_tree(folder: Path) -> None:
+  """Deletes `folder` and everything under it, if it is there; what another process deletes
+  meanwhile is no error."""
+  if on_object_store(folder):
+    folder.rmtree()  # The object-store backend takes a missing folder as deleted.
+    return
+
+  def gone_already(function, path, error):
+    del function, path
+    if not issubclass(error[0], FileNotFoundError):
+      raise error[1]
+  shutil.rmtree(folder, onerror=gone_already)
 
 
 def is_file(path: Path) -> bool:
