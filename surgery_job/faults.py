@@ -8,7 +8,8 @@
 
 Points: each phase's name at its start (read, mesh, plan, restore, transform, write, finalize,
 validate, commit), `writing` while Orbax writes, `group_written` once a group's save is on record,
-`rename` between moving an old output aside and renaming the new one in, `renamed` just after.
+`rename` between moving an old output aside and renaming the new one in, `renamed` just after,
+`pruning` once a pruned step is out of readers' sight and not yet deleted.
 """
 
 import os

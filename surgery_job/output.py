@@ -464,41 +464,39 @@ def _stopped_deletions(root: paths.Path) -> list[paths.Path]:
 
 def prune(root: paths.Path, keep: int, lock_timeout_seconds: float) -> None:
   """Deletes all but the newest `keep` exported steps of the output directory `root`, and what an
-  earlier prune stopped midway left. A step leaves readers' sight at once (renamed aside on a
-  disk; on an object store, its commit files deleted first), then is deleted. Each is checked again
-  under its lock: a step another run holds is left alone, one it deleted meanwhile is gone."""
+  earlier prune stopped midway left."""
   for step in steps(root)[:-keep]:
-    unit = root / str(step)
-    step_lock = lock_lib.Lock(unit, lock_timeout_seconds)
-    try:
-      step_lock.acquire(wait_seconds=0)
-    except SurgeryError:
-      continue
-    try:
-      if exported_step(unit) is None:
-        continue
-      if paths.on_object_store(unit):
-        _hide_and_delete(unit)
-      else:
-        unit.rename(unit.with_name(f'{unit.name}{DELETING}-{uuid.uuid4().hex[:8]}'))
-        faults.at('pruning')
-    finally:
-      step_lock.release()
-    logging.info('Deleted output step %d (output.max_to_keep=%d).', step, keep)
+    if _hide_under_lock(root / str(step), lambda unit: exported_step(unit) is not None,
+                        lock_timeout_seconds):
+      logging.info('Deleted output step %d (output.max_to_keep=%d).', step, keep)
   for leftover in _stopped_deletions(root):  # This run's, and those of runs stopped midway.
     if DELETING in leftover.name:
+      faults.at('pruning')  # Out of readers' sight, not deleted yet.
       paths.remove_tree(leftover)
-      continue
-    step_lock = lock_lib.Lock(leftover, lock_timeout_seconds)
-    try:
-      step_lock.acquire(wait_seconds=0)
-    except SurgeryError:
-      continue
-    try:
-      if (leftover / DELETING_MARKER).exists():
-        _hide_and_delete(leftover)
-    finally:
-      step_lock.release()
+    else:
+      _hide_under_lock(leftover, lambda unit: (unit / DELETING_MARKER).exists(), lock_timeout_seconds)
+
+
+def _hide_under_lock(unit: paths.Path, still_to_go, lock_timeout_seconds: float) -> bool:
+  """Takes `unit` out of readers' sight at once, under its lock: renamed aside on a disk (deleted
+  after), deleted on an object store (commit files first). A unit another run holds is left
+  alone; `still_to_go(unit)` is asked again under the lock, as another run may have deleted it
+  meanwhile. Whether it went."""
+  unit_lock = lock_lib.Lock(unit, lock_timeout_seconds)
+  try:
+    unit_lock.acquire(wait_seconds=0)
+  except SurgeryError:
+    return False
+  try:
+    if not still_to_go(unit):
+      return False
+    if paths.on_object_store(unit):
+      _hide_and_delete(unit)
+    else:
+      unit.rename(unit.with_name(f'{unit.name}{DELETING}-{uuid.uuid4().hex[:8]}'))
+  finally:
+    unit_lock.release()
+  return True
 
 
 def sweep_abandoned(root: paths.Path, input_steps: set[int], lock_timeout_seconds: float) -> None:

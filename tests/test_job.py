@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 from jobs import REPO, ok, run_job, surgery, write_config
-from surgery_job import example
+from surgery_job import example, output
 from test_bad_input import digest
 
 STACK = dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2')
@@ -134,7 +134,7 @@ def test_overwrite_replaces_its_own_step_only(layered, tmp_path):
   before = digest(out / '5')
   config = write_config(tmp_path, {'transforms': [dict(op='set_step', value=9)], 'output': {'overwrite': True, 'step': 9}})
   ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}'))
-  assert sorted(p.name for p in out.iterdir()) == ['5', '9'] and digest(out / '5') == before
+  assert sorted(p.name for p in out.iterdir()) == ['5', '9', output.RECORD] and digest(out / '5') == before
   assert sorted(p.name for p in (out / '9').iterdir()) == ['_CHECKPOINT_METADATA', 'commit_success.txt', 'default',
                                                            'surgery_report.json']
   with ocp.CheckpointManager(out, item_names=('default',)) as manager:

@@ -16,9 +16,11 @@ from jobs import REPO, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input
 from test_ops import SPLIT, STACK, bf16
 from test_safety import start_paused
+from test_scheduled import SERVING, expected, trained  # pylint: disable=unused-import
 
 from surgery_job import checkpoint
 from surgery_job.errors import SurgeryError
+from surgery_job.output import DELETING_MARKER, RECORD
 
 COMMIT_FILE = 'commit_success.txt'
 STAGING = '3.orbax-checkpoint-tmp-surgery'
@@ -96,7 +98,7 @@ def test_every_op_family_on_gs_equals_the_local_disk(gs_input, every_family_on_d
   # Orbax's marker of a finished save on an object store, in the step and in its item; no
   # staging folder, no lock, no folder placeholders left behind.
   assert (out / '3' / COMMIT_FILE).exists() and (out / '3' / 'default' / COMMIT_FILE).exists()
-  assert sorted(p.name for p in out.iterdir()) == ['3']
+  assert sorted(p.name for p in out.iterdir()) == ['3', RECORD]
   report = json.loads((out / '3' / 'surgery_report.json').read_text())
   assert report['validation']['ok'] and report['output']['path'] == str(out)
   # surgery-job-inspect reads it where it is.
@@ -166,7 +168,7 @@ def test_sigkill_in_the_commit_hides_the_output_until_a_rerun_finishes_it(
   assert 'Already done' in rerun.stderr
   assert checkpoints.visible_steps(out) == [3]
   assert_same(read(out / '3' / 'default'), want)
-  assert sorted(p.name for p in out.iterdir()) == ['3'] and old.keys() != want.keys()
+  assert sorted(p.name for p in out.iterdir()) == ['3', RECORD] and old.keys() != want.keys()
 
 
 def test_a_stopped_run_on_gs_resumes_from_its_groups(gs_input, every_family_on_disk, gs_path, tmp_path,
@@ -252,3 +254,35 @@ def test_a_gs_step_whose_item_has_no_commit_file_is_skipped(gs_path, gcs):
   with pytest.raises(SurgeryError, match=f'input.step 4 is not a committed checkpoint: {root / "4"} '
                                          f'item default has no {COMMIT_FILE}'):
     checkpoint.locate(str(root), 4, None)
+
+
+def test_a_prune_killed_midway_on_gs_is_finished_by_the_next_run(trained, gs_path, tmp_path, gcs):
+  """A step whose commit file a killed prune deleted is out of sight but still stored: exported
+  again, it is written anew; a rerun that is already done deletes it."""
+  out = gs_path / 'out'
+  config = write_config(tmp_path, SERVING)
+
+  def export(*overrides):
+    return run_job(config, f'--config.input.path={trained}', f'--config.output.path={out}',
+                   *overrides, env=gcs.env)
+
+  def kill_while_pruning(attempt: int) -> None:
+    process = start_paused(config, trained, out, 'pruning', tmp_path / f'paused{attempt}',
+                           '--config.input.step=2', '--config.output.max_to_keep=1', env=gcs.env)
+    process.kill()
+    process.wait(timeout=60)
+    assert checkpoints.visible_steps(out) == [2]
+    assert (out / '1' / 'default' / '_METADATA').exists() and (out / '1' / DELETING_MARKER).exists()
+
+  ok(export('--config.input.step=[1,2]'))
+  kill_while_pruning(1)
+  ok(export('--config.input.step=1'))
+  assert checkpoints.visible_steps(out) == [1, 2] and not (out / '1' / DELETING_MARKER).exists()
+  assert_same(read(out / '1' / 'default'), expected(1))
+  kill_while_pruning(2)
+  done = export('--config.input.step=2', '--config.output.max_to_keep=1')
+  ok(done)
+  assert 'Already done' in done.stderr
+  assert sorted(p.name for p in out.iterdir()) == ['2', RECORD]
+  assert json.loads((out / RECORD).read_text()) == {'steps': [1, 2]}
+  assert_same(read(out / '2' / 'default'), expected(2))

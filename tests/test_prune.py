@@ -9,6 +9,7 @@ import numpy as np
 import checkpoints
 from jobs import REPO, assert_unlocked, job_command, job_env, ok, outcome, write_config
 from test_bad_input import assert_refused
+from test_safety import start_paused
 from test_scheduled import SERVING, expected, trained  # pylint: disable=unused-import
 
 from surgery_job import inspect, output
@@ -134,13 +135,18 @@ def test_watch_with_output_step_is_refused(tmp_path):
 def test_a_rerun_that_is_already_done_finishes_a_stopped_prune(trained, tmp_path):
   out = tmp_path / 'out'
   ok(run(tmp_path, trained, out, '--config.input.step=all'))
-  # What a prune killed midway leaves: a step out of readers' sight but not yet deleted.
-  (out / '1').rename(out / ('1' + DELETING))
+  # Killed once steps 1 and 2 are out of readers' sight, before they are deleted.
+  process = start_paused(write_config(tmp_path, SERVING), trained, out, 'pruning',
+                         tmp_path / 'paused', '--config.input.step=4', '--config.output.max_to_keep=1')
+  process.kill()
+  process.wait(timeout=60)
+  assert checkpoints.visible_steps(out) == [4] and len(list(out.glob('*' + DELETING + '*'))) == 2
   done = run(tmp_path, trained, out, '--config.input.step=4', '--config.output.max_to_keep=1')
   ok(done)
   assert 'Already done' in done.stderr
   assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ['4']
   assert_exported_values(out, [4])
+  assert_unlocked(out)
 
 
 def test_a_failing_prune_does_not_fail_the_committed_run(trained, tmp_path):
@@ -171,5 +177,6 @@ def test_two_runs_pruning_one_export_directory(trained, tmp_path):
     assert process.returncode == 0, stderr[-3000:]
   # Step 1001 stays when its own run still held it while the other one pruned.
   assert exported_folders(out) in (['1002'], ['1001', '1002'])
+  assert output.exported_before(out) == {1, 1001, 1002}  # Both commits on record.
   assert not list(out.glob('*' + DELETING + '*'))
   assert_unlocked(out)
