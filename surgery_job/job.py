@@ -74,7 +74,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
     return distributed.agree('steps', lambda: choose_steps(step_spec), barrier_timeout_seconds)
 
   if config.watch.enabled:
-    return _watch(config, barrier_timeout_seconds, agree_on_steps)
+    return _watch(config, out_root, barrier_timeout_seconds, agree_on_steps)
   steps = agree_on_steps(config.input.step)
   if len(steps) > 1 and config.output.step is not None:
     raise SurgeryError(f'config: output.step is set but input.step names {len(steps)} steps')
@@ -90,14 +90,15 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
           if (report := convert(config, step, barrier_timeout_seconds, len(steps) > 1))]
 
 
-def _watch(config, barrier_timeout_seconds: int, agree_on_steps) -> list[dict]:
+def _watch(config, out_root: paths.Path | None, barrier_timeout_seconds: int,
+           agree_on_steps) -> list[dict]:
   """Converts each new committed input step as it appears, until none has for the idle timeout."""
   if config.input.step not in (None, 'new'):
     raise SurgeryError(f"config: watch.enabled converts input.step='new', not {config.input.step!r}")
   if config.output.step is not None:
     raise SurgeryError('config: output.step is set but watch.enabled converts each new input step '
                        'into its own output step')
-  _prune(config, paths.of(config.output.path, 'output.path'))  # What an earlier run stopped midway.
+  _prune(config, out_root)  # What an earlier run stopped midway.
   reports, idle_since = [], time.monotonic()
   if jax.process_index() == 0:
     logging.info('Watching %s for new committed steps every %.0f s.', config.input.path,
