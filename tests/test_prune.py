@@ -8,7 +8,7 @@ import numpy as np
 
 import checkpoints
 from jobs import REPO, assert_unlocked, job_command, job_env, ok, outcome, write_config
-from test_bad_input import assert_refused
+from test_bad_input import assert_bad_input, assert_refused, digest
 from test_safety import start_paused
 from test_scheduled import SERVING, expected, trained  # pylint: disable=unused-import
 
@@ -76,16 +76,16 @@ def test_prune_checks_each_step_again_under_its_lock(tmp_path, monkeypatch):
   assert sorted(p.name for p in root.iterdir()) == ['3']
 
 
-def test_max_to_keep_never_deletes_a_users_folders(trained, tmp_path):
+def test_max_to_keep_never_deletes_another_writers_steps(trained, tmp_path):
+  """Steps `0` and `2024` that a plain CheckpointManager wrote beside the exports are not exported
+  steps: `2024` is not the newest of them, and neither is ever deleted."""
   out = tmp_path / 'out'
   ok(run(tmp_path, trained, out, '--config.input.step=[1]'))
-  (out / '0').mkdir()
-  (out / '0' / 'notes.txt').write_text('mine')
-  (out / '2024').mkdir()
-  (out / '2024' / 'holiday.jpg').write_bytes(b'\xff\xd8\xff')
+  for name in ('0', '2024'):
+    shutil.copytree(trained / '1', out / name)
+  before = digest(out / '0'), digest(out / '2024')
   ok(run(tmp_path, trained, out, '--config.input.step=all', '--config.output.max_to_keep=2'))
-  assert (out / '0' / 'notes.txt').read_text() == 'mine'
-  assert (out / '2024' / 'holiday.jpg').read_bytes() == b'\xff\xd8\xff'
+  assert (digest(out / '0'), digest(out / '2024')) == before
   assert exported_folders(out) == ['2', '4']
   assert_exported_values(out, [2, 4])
   assert_unlocked(out)
@@ -93,15 +93,18 @@ def test_max_to_keep_never_deletes_a_users_folders(trained, tmp_path):
 
 def test_odd_step_folder_names(trained, tmp_path):
   """`004` is not step 4 and `002` not step 2 (CheckpointManager names steps `4` and `2`), `³` is no
-  step at all; in an input, `٣` is not step 3 and `³` is no step either."""
+  step at all (in the output: a folder that is no checkpoint, refused in one line); in an input,
+  `٣` is not step 3 and `³` is no step either."""
   out = tmp_path / 'out'
   ok(run(tmp_path, trained, out, '--config.input.step=[1,2]'))
   shutil.copytree(out / '2', out / '004')
   shutil.copytree(out / '2', out / '002')
-  (out / '³').mkdir()
   ok(run(tmp_path, trained, out, '--config.input.step=new', '--config.output.max_to_keep=2'))
   assert exported_folders(out) == ['002', '004', '2', '4']
   assert_exported_values(out, [2, 4])
+  (out / '³').mkdir()
+  assert_bad_input(run(tmp_path, trained, out, '--config.input.step=all'),
+                   f'output.path {out} holds ³, which is not a checkpoint')
   odd_input = tmp_path / 'in'
   shutil.copytree(trained, odd_input)
   (odd_input / '³').mkdir()
