@@ -17,7 +17,7 @@ from surgery_job.errors import SurgeryError
 
 CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'
 COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
-TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX  # Orbax's temporary folders: `<name>.orbax-checkpoint-tmp...`.
+TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX  # In the name of each of Orbax's temporary folders.
 STANDARD_HANDLER = (f'{ocp.StandardCheckpointHandler.__module__}.'
                     f'{ocp.StandardCheckpointHandler.__qualname__}')
 

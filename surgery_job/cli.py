@@ -59,7 +59,8 @@ def is_step_folder(folder: paths.Path) -> bool:
   """Whether `folder` is one committed step of a CheckpointManager directory."""
   step = checkpoint.step_of(folder.name)
   return (step is not None and checkpoint.TMP_SUFFIX not in folder.name and folder.is_dir()
-          and not (folder / '_METADATA').is_file() and step in checkpoint.committed_steps(folder.parent))
+          and not (folder / '_METADATA').is_file()
+          and step in checkpoint.committed_steps(folder.parent))
 
 
 def load_config(spec: str):

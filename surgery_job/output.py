@@ -36,6 +36,10 @@ lock; a run killed outright leaves its lock as well, which the next run takes ov
 the owner gone. A staging folder is the job's own when its name has the suffix and it holds the
 marker, or only work folders (a run killed before writing the marker, or one that lost its lock
 and wrote on after the folder was removed).
+
+After the commit, `output.max_to_keep` prunes the directory's older exported steps
+(`exported_step`, nothing else), each under its own lock, and process 0 adds the step to the
+directory's record of the steps it has held (`record_export`), which `input.step='new'` reads.
 """
 
 import dataclasses
