@@ -17,6 +17,8 @@ from test_bad_input import assert_bad_input
 from test_safety import assert_same, start_paused
 from write_steps import state_at
 
+from surgery_job.output import RECORD
+
 SERVING = {'transforms': [dict(op='drop_optimizer')]}
 WRITER = [sys.executable, str(REPO / 'tests' / 'write_steps.py')]
 
@@ -193,7 +195,7 @@ def test_a_step_the_trainer_deletes_while_it_is_read_is_skipped(run, layered, tm
   assert ('Skipping input step 1: it is no longer a committed step of the input (deleted while it '
           'was read, as by the trainer keeping its newest steps)') in stderr
   assert checkpoints.visible_steps(out) == [2]
-  assert sorted(p.name for p in out.iterdir()) == ['2']
+  assert sorted(p.name for p in out.iterdir()) == ['2', RECORD]
   assert_same(checkpoints.flat_numpy(checkpoints.restore_plain(out / '2' / 'default')), layered[1])
 
 
