@@ -186,7 +186,7 @@ def test_a_stopped_run_on_gs_resumes_from_its_groups(gs_input, every_family_on_d
   ok(rerun)
   assert 'groups were written by an earlier run (groups 0)' in rerun.stderr
   assert_same(read(out / '3' / 'default'), want)
-  assert sorted(p.name for p in out.iterdir()) == ['3']
+  assert sorted(p.name for p in out.iterdir()) == ['3', RECORD]
 
 
 def test_overwrite_keeps_the_old_output_until_the_new_one_validates(gs_input, gs_path, tmp_path, gcs):
