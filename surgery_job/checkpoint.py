@@ -1,5 +1,5 @@
 """Orbax I/O on the read side: find the input's committed steps and items, read their metadata,
-restore what is needed (the output is written by `writer.py`)."""
+restore what is needed (the output is written by `formats/orbax.py`)."""
 
 import dataclasses
 import json

@@ -9,7 +9,8 @@ import os
 import sys
 from typing import Any, Callable
 
-from surgery_job import checkpoint, config as config_lib, errors, legacy_flax, paths
+from surgery_job import checkpoint, config as config_lib, errors, paths
+from surgery_job.formats import flax_msgpack as legacy_flax
 from surgery_job.errors import SurgeryError
 
 EXIT_BAD_INPUT = 2

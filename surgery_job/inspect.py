@@ -20,7 +20,8 @@ from typing import Any
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from surgery_job import checkpoint, cli, legacy_flax, paths, saved_leaves, tree
+from surgery_job import checkpoint, cli, paths, saved_leaves, tree
+from surgery_job.formats import flax_msgpack as legacy_flax
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-inspect'

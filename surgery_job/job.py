@@ -10,9 +10,10 @@ import ml_collections
 from absl import logging
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
-                         distributed, faults, legacy_flax, memory, output, paths,
+                         distributed, faults, memory, output, paths,
                          plan as plan_lib, report as report_lib, sharding, sources, stopping,
-                         transforms, tree, validate, writer as writer_lib)
+                         transforms, tree, validate)
+from surgery_job.formats import flax_msgpack as legacy_flax, orbax as writer_lib
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
 

@@ -7,7 +7,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from surgery_job import checkpoint, keys, legacy_flax, plan as plan_lib, tree
+from surgery_job import checkpoint, keys, plan as plan_lib, tree
+from surgery_job.formats import flax_msgpack as legacy_flax
 
 
 def reader_of(path: str, input_format: str | None):

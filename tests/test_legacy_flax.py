@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec as P, SingleDeviceSharding
 
 import checkpoints
 from jobs import REPO, launch, ok, run_job, surgery, write_config
-from surgery_job import example, legacy_flax, memory, plan as plan_lib, transforms, tree
+from surgery_job import example, memory, plan as plan_lib, transforms, tree
 from surgery_job.errors import SurgeryError
+from surgery_job.formats import flax_msgpack as legacy_flax
 from surgery_job.transforms import Leaf
 from test_bad_input import assert_bad_input
 from test_memory import fake_cgroup

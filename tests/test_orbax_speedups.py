@@ -6,7 +6,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 from orbax.checkpoint._src.serialization.async_io_engine import BatchRequest
 
-from surgery_job import orbax_speedups, writer  # pylint: disable=unused-import  # writer installs them.
+from surgery_job import orbax_speedups
+from surgery_job.formats import orbax  # pylint: disable=unused-import  # Its writer installs them.
 
 
 def request(handler, keys):
