@@ -7,10 +7,10 @@ import importlib.util
 import math
 import os
 import sys
+from types import ModuleType
 from typing import Any, Callable
 
-from surgery_job import checkpoint, config as config_lib, errors, paths
-from surgery_job.formats import flax_msgpack as legacy_flax
+from surgery_job import checkpoint, config as config_lib, errors, formats, paths
 from surgery_job.errors import SurgeryError
 
 EXIT_BAD_INPUT = 2
@@ -38,22 +38,28 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
     return 0
 
 
-def locate(path: str, step: Any = None) -> checkpoint.Location:
-  """The checkpoint `path` names: a single PyTree checkpoint, a CheckpointManager directory (its
-  `step`, default the latest committed one), one step folder of such a directory, or a Flax
-  msgpack checkpoint (a `checkpoint_<step>` file or a folder of them)."""
+def locate(path: str, step: Any = None,
+           input_config=None) -> tuple[ModuleType, checkpoint.Location]:
+  """(the format module that reads it, the checkpoint) `path` names: a single PyTree checkpoint, a
+  CheckpointManager directory (its `step`, default the latest committed one), one step folder of
+  such a directory, a Flax msgpack checkpoint (a `checkpoint_<step>` file or a folder of them), or
+  safetensors (a file, a folder of them, or a folder of step folders of them). `input_config`:
+  how the job reads inputs (`input.key_separator`); None: the defaults."""
   folder = paths.of(path)
   if not folder.exists():
     raise SurgeryError(f'{folder} does not exist')
-  if legacy_flax.is_msgpack(str(folder), None):
-    return legacy_flax.locate(str(folder), step, None)
+  reader = formats.reader(str(folder))
+  options = (input_config or config_lib.get_default_config().input).copy_and_resolve_references()
+  options.path, options.item = str(folder), None
+  if reader is not formats.module('orbax'):
+    return reader, reader.locate(options, step)
   if is_step_folder(folder) and step is None:
-    return checkpoint.locate(str(folder.parent), checkpoint.step_of(folder.name), None)
+    return reader, checkpoint.locate(str(folder.parent), checkpoint.step_of(folder.name), None)
   if step is not None and not (folder / '_METADATA').is_file():
     committed = checkpoint.committed_steps(folder)
     if step not in committed:
       raise SurgeryError(f'step {step} is not a committed step of {folder} (committed: {committed})')
-  return checkpoint.locate(str(folder), step, None)
+  return reader, checkpoint.locate(str(folder), step, None)
 
 
 def is_step_folder(folder: paths.Path) -> bool:

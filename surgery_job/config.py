@@ -19,13 +19,20 @@ def get_default_config() -> ml_collections.ConfigDict:
   # step) or 'new' (every committed step the output does not have yet).
   config.input.step = config_dict.placeholder(object)
   config.input.item = config_dict.placeholder(str)  # None: every item of the step; a name: that one.
-  # 'orbax' or 'flax_msgpack' (`checkpoint_<step>` files of flax.training.checkpoints); None: such a
-  # file (or one starting with a msgpack map), or a folder of them with no Orbax checkpoint, is
-  # msgpack, anything else Orbax.
+  # 'orbax', 'flax_msgpack' (`checkpoint_<step>` files of flax.training.checkpoints) or
+  # 'safetensors'; None: such a file (or one starting with a msgpack map), or a folder of them with
+  # no Orbax checkpoint, is msgpack; a `*.safetensors` file, or a folder holding them (or step
+  # folders of them) is safetensors; anything else Orbax.
   config.input.format = config_dict.placeholder(str)
+  config.input.key_separator = '.'  # Safetensors: what splits a tensor's name into a key's parts.
 
   config.output = ml_collections.ConfigDict()
   config.output.path = config_dict.placeholder(str)  # Same layout as the input.
+  config.output.format = 'orbax'  # Or 'safetensors': the layout transformers' save_pretrained writes.
+  # Safetensors: the largest shard file, in bytes or as transformers writes it ('5GB', '500MB').
+  config.output.max_shard_size = config_dict.placeholder(object)
+  config.output.key_separator = '.'  # Safetensors: what stands for '/' in tensor names.
+  config.output.extra_files = []  # Safetensors: files copied into the step (config.json, tokenizer).
   config.output.step = config_dict.placeholder(int)  # None: the input's step.
   config.output.overwrite = False  # False: refuse an existing output (step).
   config.output.wait_seconds = 0.0  # How long to wait for another run that holds the output's lock.
@@ -83,9 +90,21 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   budget = config.memory.host_budget_gb
   if budget is not None and budget < 0:
     raise SurgeryError(f'config: memory.host_budget_gb must be positive, or 0 for none, got {budget}')
-  if config.input.format not in (None, 'orbax', 'flax_msgpack'):
-    raise SurgeryError(f"config: input.format must be 'orbax', 'flax_msgpack' or None, "
-                       f'got {config.input.format!r}')
+  if config.input.format not in (None, 'orbax', 'flax_msgpack', 'safetensors'):
+    raise SurgeryError(f"config: input.format must be 'orbax', 'flax_msgpack', 'safetensors' or "
+                       f'None, got {config.input.format!r}')
+  if config.output.format not in ('orbax', 'safetensors'):
+    raise SurgeryError(f"config: output.format must be 'orbax' or 'safetensors', "
+                       f'got {config.output.format!r}')
+  config.output.max_shard_size = shard_size(config.output.max_shard_size)
+  if config.output.format == 'safetensors' and str(config.output.path).startswith('gs://'):
+    raise SurgeryError('config: output.format safetensors writes to local (or mounted) disks '
+                       f'only, not {config.output.path}')
+  for field in ('input.key_separator', 'output.key_separator'):
+    group, name = field.split('.')
+    if not config[group][name] or '/' in config[group][name]:
+      raise SurgeryError(f"config: {field} must be a non-empty string without '/', "
+                         f'got {config[group][name]!r}')
   config.output.sequences = [_sequence(i, s) for i, s in enumerate(config.output.sequences)]
   step = config.input.step
   if not (step in (None, 'latest', 'all', 'new') or _is_step(step) or (
@@ -103,6 +122,27 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
                        f'and {config.output.lock_timeout_seconds}')
   _check_mesh(config.mesh.shape, config.mesh.axes)
   return config
+
+
+_UNITS = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12,
+          'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'TIB': 2**40}
+DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default, '5GB'.
+
+
+def shard_size(value: Any) -> int:
+  """`output.max_shard_size` in bytes: an int, or a string as transformers reads it ('5GB': 10**9
+  bytes a GB, '5GiB': 2**30); None: 5 GB."""
+  if value is None:
+    return DEFAULT_SHARD_SIZE
+  found = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*', str(value), re.IGNORECASE)
+  if isinstance(value, bool) or not isinstance(value, (int, str)) or not found or (
+      isinstance(value, int) and value <= 0):
+    raise SurgeryError("config: output.max_shard_size must be a number of bytes or a size like "
+                       f"'5GB', got {value!r}")
+  size = int(float(found.group(1)) * _UNITS[(found.group(2) or '').upper()])
+  if size <= 0:
+    raise SurgeryError(f'config: output.max_shard_size must be more than 0, got {value!r}')
+  return size
 
 
 def _is_step(value: Any) -> bool:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from surgery_job import (checkpoint, cli, config as config_lib, distributed, keys, memory,
-                         plan as plan_lib, sharding, sources, transforms, tree, validate)
+                         plan as plan_lib, sharding, transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-diff'
@@ -91,11 +91,11 @@ def diff(a_path: str, b_path: str, config_spec: str | None = None, values: bool 
 
 
 def _diff(a_path, b_path, config_spec, values, host_budget_gb) -> dict:
-  a, b = cli.locate(a_path), cli.locate(b_path)
   config = cli.load_config(config_spec) if config_spec else config_lib.get_default_config()
+  (a_reader, a), (b_reader, b) = cli.locate(a_path, None, config.input), cli.locate(b_path)
   config.input.path, config.dry_run = str(a.root), True
   config = config_lib.resolve(config)
-  a_skeleton, b_skeleton = sources.read_metadata(a), sources.read_metadata(b)
+  a_skeleton, b_skeleton = a_reader.read_metadata(a), b_reader.read_metadata(b)
   a_metadata, b_metadata = tree.flatten(a_skeleton), tree.flatten(b_skeleton)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes,
                             sharding.saved_mesh_shape(list(a_metadata.values())), jax.devices())
@@ -103,13 +103,17 @@ def _diff(a_path, b_path, config_spec, values, host_budget_gb) -> dict:
     layout = tree.find_layout(list(a_metadata), config.params_root)
   except ValueError as e:
     raise SurgeryError(f'config: {e}') from None
-  a_inputs = sources.abstract_inputs(a, a_metadata, layout, mesh, config.partition_rules)
-  # A msgpack B records no specs: it is laid out as A would be, by the config's partition rules.
-  b_leaves = sources.abstract_inputs(b, b_metadata, layout, mesh, config.partition_rules)
+  a_inputs = a_reader.abstract_inputs(a, a_metadata, layout, mesh, config.partition_rules)
+  # A msgpack or safetensors B records no specs: it is laid out as A would be, by the config's
+  # partition rules.
+  b_leaves = b_reader.abstract_inputs(b, b_metadata, layout, mesh, config.partition_rules)
   # Without a config this is the empty surgery: every output is its input, passed through.
   plan = plan_lib.make_plan(transforms.build(config.transforms), layout, a_inputs, mesh,
                             config.partition_rules)
   expected = {k: _describe(leaf.shape, leaf.dtype, leaf.spec) for k, leaf in plan.outputs.items()}
+  if not b_reader.RECORDS_SHARDINGS:
+    # B has no specs of its own to compare: each leaf is taken as A's mapped spec for it.
+    b_leaves = {k: plan.abstract_output(k) if k in plan.outputs else x for k, x in b_leaves.items()}
   actual = {k: _describe(x.shape, x.dtype, x.sharding.spec) for k, x in b_leaves.items()}
   found = {'a': str(a.item_dir), 'b': str(b.item_dir), 'map': config_spec,
            **compare_metadata(expected, actual)}
@@ -120,20 +124,22 @@ def _diff(a_path, b_path, config_spec, values, host_budget_gb) -> dict:
     budget = None if host_budget_gb is None else int(host_budget_gb * 1e9)
     found['values'] = {}
     for group in plan.groups(budget):
-      found['values'].update(_compare_group(plan, group, comparable, a, a_skeleton, b, b_skeleton))
+      found['values'].update(_compare_group(plan, group, comparable, (a_reader, a, a_skeleton),
+                                            (b_reader, b, b_skeleton)))
     equal = equal and all(v['equal'] for v in found['values'].values())
   found['equal'] = equal
   return found
 
 
-def _compare_group(plan, group, comparable, a, a_skeleton, b, b_skeleton) -> dict[str, dict]:
+def _compare_group(plan, group, comparable, a_read, b_read) -> dict[str, dict]:
   """One group, as the job streams it: A's inputs restored and transformed, B's leaves restored,
-  compared, and freed before the next group."""
+  compared, and freed before the next group. `a_read`, `b_read`: (format module, location, tree)."""
+  (a_reader, a, a_skeleton), (b_reader, b, b_skeleton) = a_read, b_read
   outputs = [k for k in group.outputs if k in comparable]
   if not outputs:
     return {}
   try:
-    restored = sources.restore(a, a_skeleton, {k: plan.inputs[k] for k in group.inputs})
+    restored = a_reader.restore(a, a_skeleton, {k: plan.inputs[k] for k in group.inputs})
   except Exception as e:  # pylint: disable=broad-except
     raise SurgeryError(checkpoint.read_error(e, a.item_dir)) from None
   transform = plan_lib.transform_fn(plan, group)
@@ -142,7 +148,7 @@ def _compare_group(plan, group, comparable, a, a_skeleton, b, b_skeleton) -> dic
             else restored[plan.outputs[k].passthrough] for k in outputs}
   del restored, computed
   try:
-    written = sources.restore(b, b_skeleton, {k: plan.abstract_output(k) for k in outputs})
+    written = b_reader.restore(b, b_skeleton, {k: plan.abstract_output(k) for k in outputs})
   except Exception as e:  # pylint: disable=broad-except
     raise SurgeryError(checkpoint.read_error(e, b.item_dir)) from None
   result = compare_values({k: (mapped[k], written[k]) for k in outputs}, plan.mesh)

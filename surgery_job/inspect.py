@@ -8,7 +8,9 @@ For a CheckpointManager directory it lists the steps (committed, and saves in pr
 items and custom metadata. Each leaf has its shape, dtype, saved PartitionSpec and size; each
 subtree its leaf count and bytes; the params root and the optimizer mirrors are those the job finds.
 A Flax msgpack checkpoint (`checkpoint_<step>`, or a folder of them) is decoded whole, as the job
-reads it: msgpack has no index of shapes, and no shardings.
+reads it: msgpack has no index of shapes, and no shardings. Safetensors (a file, a folder of them,
+or a folder of step folders of them) show their tensors from the headers, keyed as the job keys
+them (`.` read as `/`); they record no shardings either.
 """
 
 import collections
@@ -20,8 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from surgery_job import checkpoint, cli, paths, saved_leaves, tree
-from surgery_job.formats import flax_msgpack as legacy_flax
+from surgery_job import checkpoint, cli, formats, paths, saved_leaves, tree
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-inspect'
@@ -71,10 +72,11 @@ def inspect(path: str, step: int | None = None, pattern: str | None = None,
   """Everything `inspect` shows, as the JSON it prints with `--json`."""
   root = paths.of(path)
   info: dict[str, Any] = {'path': str(root)}
-  if root.exists() and legacy_flax.is_msgpack(str(root), None):
-    saved = _msgpack_leaves(root, step, info)
-  else:
+  reader = formats.reader(str(root)) if root.exists() else formats.module('orbax')
+  if reader is formats.module('orbax'):
     saved = _orbax_leaves(root, step, info)
+  else:
+    saved = _unsharded_leaves(root, step, info)
   meshes = collections.Counter(tuple(leaf.mesh.items()) for leaf in saved.values() if leaf.mesh)
   info['saved_mesh'] = dict(meshes.most_common(1)[0][0]) if meshes else None
   try:
@@ -101,7 +103,7 @@ def _orbax_leaves(root: paths.Path, step: int | None, info: dict) -> dict[str, s
     if not any(s['state'] == 'committed' for s in info['steps']):
       raise SurgeryError(f'{root} holds no committed step (step folders: '
                          f'{[s["folder"] for s in info["steps"]]})')
-  location = cli.locate(str(root), step)
+  _, location = cli.locate(str(root), step)
   step_metadata = checkpoint.step_metadata(location)
   if location.step is not None:
     handlers = step_metadata.get('item_handlers') or {}
@@ -115,16 +117,16 @@ def _orbax_leaves(root: paths.Path, step: int | None, info: dict) -> dict[str, s
           for key, leaf in saved_leaves.read(item_dir).items()}
 
 
-def _msgpack_leaves(root: paths.Path, step: int | None,
-                    info: dict) -> dict[str, saved_leaves.SavedLeaf]:
-  """The leaves of a Flax msgpack checkpoint (a `checkpoint_<step>` file, or a folder of them),
-  decoded whole: msgpack has no index to read shapes from. It holds no shardings."""
-  source = legacy_flax.locate(str(root), step, None)
-  info['format'] = legacy_flax.FORMAT
+def _unsharded_leaves(root: paths.Path, step: int | None,
+                      info: dict) -> dict[str, saved_leaves.SavedLeaf]:
+  """The leaves of a format that records no shardings: a Flax msgpack checkpoint, decoded whole
+  (msgpack has no index to read shapes from), or safetensors, from their headers."""
+  reader, source = cli.locate(str(root), step)
+  info['format'] = reader.FORMAT
   if source.step is not None:
     info['step'] = source.step
   return {key: saved_leaves.SavedLeaf(tuple(x.shape), jnp.dtype(x.dtype), PartitionSpec(), None, None)
-          for key, x in tree.flatten(legacy_flax.read_metadata(source)).items()}
+          for key, x in tree.flatten(reader.read_metadata(source)).items()}
 
 
 def _tree_order(key: str) -> tuple:
@@ -147,8 +149,8 @@ def render(info: dict) -> str:
       chosen = '  <- shown' if s['folder'] == str(info['step']) else ''
       folder = f" ({s['folder']})" if s['folder'] != str(s['step']) else ''
       lines.append(f"  step {s['step']:<8} {s['state']}{folder}{chosen}")
-  elif info.get('format') == legacy_flax.FORMAT:
-    lines.append(f"{info['path']}: Flax msgpack checkpoint"
+  elif 'format' in info:
+    lines.append(f"{info['path']}: {formats.module(info['format']).TITLE}"
                  + (f", step {info['step']}" if 'step' in info else ''))
   else:
     lines.append(f"{info['path']}" + (f": step {info['step']}" if 'step' in info else

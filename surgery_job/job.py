@@ -10,10 +10,9 @@ import ml_collections
 from absl import logging
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
-                         distributed, faults, memory, output, paths,
-                         plan as plan_lib, report as report_lib, sharding, sources, stopping,
+                         distributed, faults, formats, memory, output, paths,
+                         plan as plan_lib, report as report_lib, sharding, stopping,
                          transforms, tree, validate)
-from surgery_job.formats import flax_msgpack as legacy_flax, orbax as writer_lib
 from surgery_job.errors import SurgeryError
 from surgery_job.progress import Progress
 
@@ -55,7 +54,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   # every op names the dtypes it creates, so nothing else changes.
   jax.config.update('jax_enable_x64', True)
   out_root = paths.of(config.output.path, 'output.path') if config.output.path else None
-  reader = sources.reader_of(config.input.path, config.input.format)
+  reader = formats.reader(config.input.path, config.input.format)
 
   def choose_steps(step_spec) -> list:
     # The output is listed once per choice, not once per input step.
@@ -146,7 +145,7 @@ def _convert_unless_deleted(config, step, barrier_timeout_seconds: int) -> dict 
 def _still_committed(config, step, settle_seconds: float = 2.0) -> bool:
   """Whether `step` is still a committed input step, looked at again once a deletion under way
   (a trainer's rmtree) has had `settle_seconds` to end."""
-  reader = sources.reader_of(config.input.path, config.input.format)
+  reader = formats.reader(config.input.path, config.input.format)
   for wait in (0, settle_seconds):
     stopping.sleep(wait)
     try:
@@ -177,8 +176,8 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   phases = Phases()
 
   with phases('read'):
-    reader = sources.reader_of(config.input.path, config.input.format)
-    source = reader.locate(config.input.path, step, config.input.item)
+    reader = formats.reader(config.input.path, config.input.format)
+    source = reader.locate(config.input, step)
     skeleton = reader.read_metadata(source)
     metadata = tree.flatten(skeleton)
     try:
@@ -196,17 +195,20 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
                    jax.process_count())
 
   with phases('plan'):
-    inputs = sources.abstract_inputs(source, metadata, layout, mesh, config.partition_rules)
+    inputs = reader.abstract_inputs(source, metadata, layout, mesh, config.partition_rules)
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
                               config.partition_rules)
     try:
       out_skeleton = tree.with_sequences(skeleton, config.output.sequences, list(plan.outputs))
     except ValueError as e:
       raise SurgeryError(f'config: {e}') from None
+    # Leaves the output format cannot hold are refused before anything is written.
+    formats.writer(config.output.format).check_outputs(
+        {k: plan.abstract_output(k) for k in plan.outputs}, config.output)
 
   budget_bytes, default_budget = _budget(config.memory.host_budget_gb)
   # A msgpack input stays in host memory while the groups stream: they share what it leaves.
-  held = legacy_flax.held_bytes(source)
+  held = reader.held_bytes(source)
   groups = plan.groups(None if budget_bytes is None else budget_bytes - held)
   if default_budget:
     _check_fits(groups, budget_bytes, default_budget, held)
@@ -219,8 +221,8 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   # Process 0 holds the output's lock until the end of the step, however the process ends.
   with distributed.before_exit(claim.release) if jax.process_index() == 0 else contextlib.nullcontext():
     try:
-      return _claimed(config, claim, source, (skeleton, out_skeleton), inputs, plan, groups,
-                      budget_bytes, phases, run_fingerprint, barrier, barrier_timeout_seconds)
+      return _claimed(config, claim, (reader, source), (skeleton, out_skeleton), inputs, plan,
+                      groups, budget_bytes, phases, run_fingerprint, barrier, barrier_timeout_seconds)
     except (SurgeryError, BadStagedOutput):
       if jax.process_index() == 0 and not stopping.requested.is_set():
         claim.discard()
@@ -230,11 +232,13 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
         claim.release()
 
 
-def _claimed(config, claim: output.Claim, source, skeletons, inputs, plan, groups, budget_bytes,
+def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups, budget_bytes,
              phases, run_fingerprint: str, barrier, barrier_timeout_seconds: int) -> dict:
   """The step once its output is claimed: already done, or written, validated and committed.
-  `skeletons`: the input's tree and the output's (see `_write_and_validate`)."""
+  `read`: the input's format module and location; `skeletons`: the input's tree and the output's
+  (see `_write_and_validate`)."""
   target = claim.target
+  reader, source = read
   key = output.resume_key(run_fingerprint, source) if jax.process_index() == 0 else None
   # Every process writes into the work folder that process 0's lock token names.
   state, work = distributed.agree('claim', lambda: (claim.acquire(
@@ -251,20 +255,24 @@ def _claimed(config, claim: output.Claim, source, skeletons, inputs, plan, group
   if jax.process_index() == 0 and state == 'start':
     staging.create(key)
   barrier('staged')
-  writer = writer_lib.Writer(staging.checkpoint, source, barrier,
-                             config.output.custom_metadata.to_dict())
+  writer = formats.writer(config.output.format).Writer(
+      staging.checkpoint, source, barrier, config.output,
+      {k: plan.abstract_output(k) for k in plan.outputs}, skeletons[1])
   resumed = {}
   if state == 'resume':
     written = staging.written_groups()
     reused = distributed.agree('resumed', lambda: _resumed(writer, groups, written),
                                barrier_timeout_seconds)
     resumed = {i: written[groups[i].outputs] for i in reused}
+  if jax.process_index() == 0:
+    writer.start(state == 'resume')
+  barrier('started')
   # Only process 0 holds the lock: it checks before each write that no other run took it over.
   check = claim.check if jax.process_index() == 0 else lambda: None
   cast_errors = {}
   with memory.long_lived():
-    _write_and_validate(source, skeletons, inputs, plan, groups, staging, writer, phases, barrier,
-                        check, budget_bytes, resumed, cast_errors)
+    _write_and_validate((reader, source), skeletons[0], inputs, plan, groups, staging, writer,
+                        phases, barrier, check, budget_bytes, resumed, cast_errors)
   reused = sorted(resumed)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
                             reused, cast_errors)
@@ -319,7 +327,7 @@ def _check_fits(groups, budget: int, how: str, held: int) -> None:
         'memory.host_budget_gb')
 
 
-def _resumed(writer: writer_lib.Writer, groups, written: dict) -> list[int]:
+def _resumed(writer, groups, written: dict) -> list[int]:
   """The groups on record in `written` whose partial saves are all there to go on from (process
   0); everything else staged is deleted, to be written again."""
   finished = writer.resumable_saves()
@@ -331,15 +339,15 @@ def _resumed(writer: writer_lib.Writer, groups, written: dict) -> list[int]:
   return reused
 
 
-def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output.Staging,
-                        writer: writer_lib.Writer, phases, barrier, check: Callable[[], None],
-                        budget_bytes, resumed: dict[int, dict], cast_errors: dict) -> None:
-  """Restores, transforms and writes each group into the staging folder, then reads it all back.
-  `skeletons`: the input's tree (lists where it has them) and the output's (`output.sequences`).
-  Groups in `resumed` ({index: its record}, written by an earlier run of this surgery) are taken as
-  they are. `check()` comes before each write. Fills `cast_errors` with what each cast of a
-  computed group lost."""
-  skeleton, out_skeleton = skeletons
+def _write_and_validate(read, skeleton, inputs, plan, groups, staging: output.Staging, writer,
+                        phases, barrier, check: Callable[[], None], budget_bytes,
+                        resumed: dict[int, dict], cast_errors: dict) -> None:
+  """Restores, transforms and writes each group into the staging folder with the output format's
+  `writer`, then reads it all back. `read`: the input's format module and location; `skeleton`:
+  the input's tree (lists where it has them). Groups in `resumed` ({index: its record}, written by
+  an earlier run of this surgery) are taken as they are. `check()` comes before each write. Fills
+  `cast_errors` with what each cast of a computed group lost."""
+  reader, source = read
   streamed = len(groups) > 1
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
   expected = {}
@@ -356,7 +364,9 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
     with phases('restore', log=not streamed):
       try:
         wanted = {k: inputs[k] for k in group.inputs}
-        restored = sources.restore(source, skeleton, wanted)
+        restored = reader.restore(source, skeleton, wanted)
+      except SurgeryError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
     with phases('transform', log=not streamed):
@@ -371,7 +381,7 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
       digests = validate.digests(outputs)
       saves = writer.saves() if jax.process_index() == 0 else set()
       check()
-      writer.write(tree.unflatten(outputs, out_skeleton))
+      writer.write(outputs)
       barrier(f'group_{index}_written')
       if jax.process_index() == 0:
         check()
@@ -396,19 +406,18 @@ def _write_and_validate(source, skeletons, inputs, plan, groups, staging: output
     faults.corrupt_output(staging.checkpoint)
     barrier('written')
   with phases('validate'):
-    _validate(written_trees, staging.checkpoint, out_skeleton, plan, groups, expected)
+    _validate(writer, written_trees, staging.checkpoint, plan, groups, expected)
 
 
-def _validate(trees: dict[str, paths.Path], unit_dir: paths.Path, skeleton, plan: plan_lib.Plan, groups,
+def _validate(writer, written_trees, unit_dir: paths.Path, plan: plan_lib.Plan, groups,
               expected: dict) -> None:
   """Reads the written checkpoint back, group by group, with the planned shardings; the digest of
-  every leaf must equal the one taken of the computed array. `skeleton`: the output's."""
-  out_skeleton = tree.unflatten({k: plan.abstract_output(k) for k in plan.outputs}, skeleton)
+  every leaf must equal the one taken of the computed array. `written_trees`: what
+  `writer.finish` returned."""
   bad = []
   for index, group in enumerate(groups):
     try:
-      written = checkpoint.restore(trees, out_skeleton,
-                                   {k: plan.abstract_output(k) for k in group.outputs})
+      written = writer.read_back(written_trees, {k: plan.abstract_output(k) for k in group.outputs})
     except Exception as e:  # pylint: disable=broad-except
       raise BadStagedOutput(f'validation failed: {checkpoint.read_error(e, unit_dir)}') from None
     bad += validate.mismatches({k: expected[k] for k in group.outputs}, validate.digests(written))

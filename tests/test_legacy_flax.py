@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P, SingleDeviceSharding
 
 import checkpoints
 from jobs import REPO, launch, ok, run_job, surgery, write_config
-from surgery_job import example, memory, plan as plan_lib, transforms, tree
+from surgery_job import config as config_lib, example, formats, memory, plan as plan_lib, transforms, tree
 from surgery_job.errors import SurgeryError
 from surgery_job.formats import flax_msgpack as legacy_flax
 from surgery_job.transforms import Leaf
@@ -216,16 +216,18 @@ def test_bad_msgpack_input_is_one_line_and_writes_nothing(msgpack_dir, tmp_path,
 
 def test_msgpack_is_detected_and_steps_listed(msgpack_dir, layered, tmp_path):
   folder, _ = msgpack_dir
-  assert legacy_flax.is_msgpack(str(folder), None)
-  assert legacy_flax.is_msgpack(str(folder / 'checkpoint_3'), None)
+  assert legacy_flax.detect(str(folder))
+  assert legacy_flax.detect(str(folder / 'checkpoint_3'))
   (tmp_path / 'notes.txt').write_text('not a checkpoint')
-  assert not legacy_flax.is_msgpack(str(tmp_path / 'notes.txt'), None)  # Orbax's error names it.
-  assert not legacy_flax.is_msgpack(str(layered[0]), None)
-  assert not legacy_flax.is_msgpack(str(folder), 'orbax')
+  assert not legacy_flax.detect(str(tmp_path / 'notes.txt'))  # Orbax's error names it.
+  assert not legacy_flax.detect(str(layered[0]))
+  assert formats.reader(str(folder), 'orbax') is formats.module('orbax')
   assert legacy_flax.select_steps(str(folder), 'all', lambda step: False) == [3, STEP]
   assert legacy_flax.select_steps(str(folder), 'new', lambda step: step == 3) == [STEP]
-  assert legacy_flax.locate(str(folder), None, None).step == STEP
-  assert legacy_flax.locate(str(folder), 3, None).root.name == 'checkpoint_3'
+  input_config = config_lib.get_default_config().input
+  input_config.path = str(folder)
+  assert legacy_flax.locate(input_config, None).step == STEP
+  assert legacy_flax.locate(input_config, 3).root.name == 'checkpoint_3'
 
 
 @pytest.mark.parametrize('fits', [False, True])

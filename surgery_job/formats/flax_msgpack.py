@@ -20,6 +20,8 @@ from surgery_job import checkpoint, paths, sharding, tree
 from surgery_job.errors import SurgeryError
 
 FORMAT = 'flax_msgpack'
+TITLE = 'Flax msgpack checkpoint'  # How surgery-job-inspect names it.
+RECORDS_SHARDINGS = False  # Whether a leaf's saved PartitionSpec is on disk.
 ITEM = 'default'  # The output's item, as a CheckpointManager names a single item.
 # flax.training.checkpoints' default name, `checkpoint_{step}`: no padding, ASCII digits.
 _NAME = re.compile(r'checkpoint_(0|[1-9][0-9]*)')
@@ -44,13 +46,10 @@ def _step_files(folder: paths.Path) -> dict[int, paths.Path]:
           if (m := _NAME.fullmatch(p.name)) and p.is_file()}
 
 
-def is_msgpack(path: str, input_format: str | None) -> bool:
-  """Whether `input.path` is read as msgpack: `input.format`, else what the path holds. A file named
-  `checkpoint_<step>`, or starting as a msgpack map does, is msgpack (Orbax writes folders); so is a
-  folder of `checkpoint_<step>` files with no Orbax checkpoint in it (no `_METADATA`, no step
-  folders)."""
-  if input_format is not None:
-    return input_format == FORMAT
+def detect(path: str) -> bool:
+  """Whether `input.path` holds msgpack: a file named `checkpoint_<step>`, or starting as a msgpack
+  map does (Orbax writes folders); or a folder of `checkpoint_<step>` files with no Orbax
+  checkpoint in it (no `_METADATA`, no step folders)."""
   root = paths.of(path, 'input.path')
   if root.is_file():
     if _NAME.fullmatch(root.name):
@@ -88,11 +87,11 @@ def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[
   return checkpoint.choose_steps(step, found, exported, path, 'steps')
 
 
-def locate(path: str, step: Any, item: str | None) -> Source:
+def locate(input_config, step: Any) -> Source:
   """The file `input.path` and `input.step` name: a file, or a folder's latest (or chosen) step."""
-  if item is not None:
-    raise SurgeryError(f'input.item is {item!r} but a {FORMAT} checkpoint has no items')
-  root = paths.of(path, 'input.path')
+  if input_config.item is not None:
+    raise SurgeryError(f'input.item is {input_config.item!r} but a {FORMAT} checkpoint has no items')
+  root = paths.of(input_config.path, 'input.path')
   files = _steps(root)
   if step is None or step == 'latest':
     step = max(files, key=lambda s: -1 if s is None else s)
@@ -133,15 +132,17 @@ def read_metadata(source: Source) -> dict[str, Any]:
   return tree.unflatten(shapes, state)
 
 
-def held_bytes(source: checkpoint.Location) -> int:
-  """Host bytes the input holds for the whole run: a msgpack file's arrays; 0 for Orbax's."""
-  return sum(x.nbytes for x in source.arrays.values()) if isinstance(source, Source) else 0
+def held_bytes(source: Source) -> int:
+  """Host bytes the input holds for the whole run: the file's arrays, decoded whole."""
+  return sum(x.nbytes for x in source.arrays.values())
 
 
-def abstract_inputs(metadata: dict[str, Any], layout: tree.Layout, mesh: Mesh,
-                    rules) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_inputs(source: checkpoint.Location, metadata: dict[str, Any], layout: tree.Layout,
+                    mesh: Mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
   """Every leaf on `mesh` with the spec of the first partition rule that names it (by its full key,
-  its path under params_root or its parameter's path in a mirror); replicated if none does."""
+  its path under params_root or its parameter's path in a mirror); replicated if none does: the
+  format records no sharding."""
+  del source
   inputs = {}
   for key, meta in metadata.items():
     spec = sharding.fit_spec(sharding.rule_spec(rules, key, layout.names(key), meta.shape, mesh),
@@ -150,9 +151,11 @@ def abstract_inputs(metadata: dict[str, Any], layout: tree.Layout, mesh: Mesh,
   return inputs
 
 
-def restore(source: Source, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+def restore(source: Source, skeleton: Any,
+            targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   """The `targets` leaves put on their shardings (each process places its own shards); the host
   copies are let go, as each leaf is read by one group only."""
+  del skeleton
   placed = {}
   for key, target in targets.items():
     host = source.arrays.pop(key)

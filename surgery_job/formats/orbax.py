@@ -1,16 +1,17 @@
-"""Writing the output with Orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`, the
-one place the job uses that experimental API): one save per group, then one ordinary checkpoint in
-the input's layout."""
+"""Orbax checkpoints. Read through `checkpoint.py`; written with Orbax's partial saves
+(`orbax.checkpoint.experimental.v1.partial`, the one place the job uses that experimental API): one
+save per group, then one ordinary checkpoint in the input's layout."""
 
 import json
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 from orbax.checkpoint.experimental import v1
 from orbax.checkpoint.experimental.v1 import options, partial
 
-from surgery_job import faults, orbax_speedups, paths
+from surgery_job import checkpoint, faults, keys, orbax_speedups, paths, plan as plan_lib, tree
 from surgery_job.checkpoint import (CHECKPOINT_METADATA, COMMIT_FILE, STANDARD_HANDLER, Location,
                                     step_metadata)
 
@@ -20,6 +21,48 @@ _PENDING = '.pending_'
 _UNFINISHED = ocp.path.atomicity.TMP_DIR_SUFFIX  # Orbax's name for a save in progress.
 
 orbax_speedups.install()
+
+RECORDS_SHARDINGS = True  # Whether a leaf's saved PartitionSpec is on disk.
+
+select_steps = checkpoint.select_steps
+read_metadata = checkpoint.read_metadata
+
+
+def detect(path: str) -> bool:
+  """Whatever no other format claims is read as Orbax (whose errors then say what is wrong)."""
+  del path
+  return True
+
+
+def locate(input_config, step: Any) -> Location:
+  return checkpoint.locate(input_config.path, step, input_config.item)
+
+
+def abstract_inputs(source: Location, metadata: dict[str, Any], layout: tree.Layout, mesh: Mesh,
+                    rules) -> dict[str, jax.ShapeDtypeStruct]:
+  """{key: the leaf as it is read onto `mesh`}: with the spec it was saved with, fitted to the
+  mesh (Orbax records one; `partition_rules` apply to the outputs)."""
+  del layout, rules
+  impls = checkpoint.joined({
+      prefix: keys.implementations(item_dir, part) for (prefix, item_dir), part in zip(
+          source.trees().items(), checkpoint.per_tree(source.trees(), metadata).values())})
+  return plan_lib.abstract_inputs(metadata, impls, mesh)
+
+
+def restore(source: Location, skeleton: Any,
+            targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  return checkpoint.restore(source.trees(), skeleton, targets)
+
+
+def held_bytes(source: Location) -> int:
+  """Orbax reads each group's leaves when it needs them: nothing is held for the whole run."""
+  del source
+  return 0
+
+
+def check_outputs(outputs: dict[str, jax.ShapeDtypeStruct], output_config) -> None:
+  """Orbax writes every leaf the job computes."""
+  del outputs, output_config
 
 
 def _context() -> v1.Context:
@@ -40,12 +83,17 @@ class Writer:
   checkpoint at `unit_dir`: a single PyTree checkpoint, or a step folder holding the PyTree items
   (`location.item`, or each top-level key of the tree when `location.items`) and the copied items.
   The step keeps the input step's handler names and custom metadata (updated with
-  `custom_metadata`)."""
+  `output.custom_metadata`). `outputs`: every output leaf, abstract; `skeleton`: the output's
+  tree (its sequences)."""
 
   def __init__(self, unit_dir: paths.Path, location: Location, barrier: Callable[[str], None],
-               custom_metadata: dict | None = None):
+               output_config, outputs: dict[str, jax.ShapeDtypeStruct], skeleton: Any):
     self.unit_dir, self.location, self.barrier = unit_dir, location, barrier
-    self.custom_metadata = custom_metadata or {}
+    self.custom_metadata = output_config.custom_metadata.to_dict()
+    self.skeleton, self.abstract_tree = skeleton, tree.unflatten(outputs, skeleton)
+
+  def start(self) -> None:
+    """Nothing to prepare: each group's partial save makes its own folders."""
 
   def _partial(self, item: str | None) -> paths.Path:
     """Where the partial saves of `item` go: Orbax puts an item folder named `state` in it."""
@@ -92,9 +140,10 @@ class Writer:
         if f'{folder.name}/{save.name}' not in names:
           save.rmtree() if save.is_dir() else save.unlink()
 
-  def write(self, nested: Any) -> None:
+  def write(self, outputs: dict[str, jax.Array]) -> None:
+    """One group's leaves, keyed as the job keys them, in one partial save per item."""
     with _context():
-      for item, part in self._items(nested).items():
+      for item, part in self._items(tree.unflatten(outputs, self.skeleton)).items():
         partial.save(self._partial(item), part)
     faults.at('writing')
 
@@ -151,3 +200,8 @@ class Writer:
     (first / COMMIT_FILE).copy(self.unit_dir / COMMIT_FILE)
     for item in items:
       self._partial(item).rmtree()
+
+  def read_back(self, trees: dict[str, paths.Path],
+                targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """The `targets` leaves of the finished checkpoint (`trees`, as `finish` returns them)."""
+    return checkpoint.restore(trees, self.abstract_tree, targets)

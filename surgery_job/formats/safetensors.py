@@ -1,0 +1,303 @@
+"""Safetensors, as transformers' `save_pretrained` lays them out: `model.safetensors`, or
+`model-0000k-of-0000n.safetensors` shards with `model.safetensors.index.json`.
+
+Written without gathering: the plan fixes every tensor's byte range in every file up front
+(`safetensors_file.encode`), process 0 writes the headers and sizes the files, and each process
+writes the bytes of the shards it holds (replica 0 only) at their offsets. Read the same way: each
+process reads the byte ranges of its own shards. The files record no sharding: inputs are placed
+by `partition_rules`, else replicated. Tensor names are keys with `/` written as the key separator.
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from surgery_job import checkpoint, output, paths, tree
+from surgery_job.errors import SurgeryError
+from surgery_job.formats import flax_msgpack, safetensors_file as sf
+
+FORMAT = 'safetensors'
+TITLE = 'safetensors checkpoint'  # How surgery-job-inspect names it.
+RECORDS_SHARDINGS = False  # Whether a leaf's saved PartitionSpec is on disk.
+SUFFIX = '.safetensors'
+ITEM = 'default'  # The item of an Orbax output of a step, as a CheckpointManager names a single item.
+METADATA = {'format': 'pt'}  # What save_pretrained writes; transformers 4.x requires it.
+
+abstract_inputs = flax_msgpack.abstract_inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Source(checkpoint.Location):
+  """A safetensors file, or a folder of them (with an index when sharded); `step` set: the step
+  folder of a folder of steps. `entries` ({key: (file, Entry)}) is filled by `read_metadata`."""
+  separator: str = '.'
+  entries: dict[str, tuple[paths.Path, sf.Entry]] = dataclasses.field(
+      default_factory=dict, compare=False, repr=False)
+
+  @property
+  def item_dir(self) -> paths.Path:
+    """The file or the folder of files: what messages name."""
+    return self.root if self.step is None else self.step_dir
+
+
+def _holds(folder: paths.Path) -> bool:
+  return any(name.endswith(SUFFIX) or name == sf.INDEX for name in paths.listing(folder))
+
+
+def _steps(root: paths.Path) -> dict[int | None, paths.Path]:
+  """{step: folder} of a folder of step folders; {None: root} for a file or a folder of files."""
+  if root.is_file() or _holds(root):
+    return {None: root}
+  return {int(name): root / name for name, (is_dir, _) in paths.listing(root).items()
+          if is_dir and name.isdigit() and _holds(root / name)}
+
+
+def detect(path: str) -> bool:
+  """A `*.safetensors` file, a folder holding them (or an index), or a folder of step folders of
+  them with no Orbax checkpoint in it."""
+  root = paths.of(path, 'input.path')
+  if root.is_file():
+    return root.name.endswith(SUFFIX)
+  return root.is_dir() and not (root / '_METADATA').exists() and bool(_steps(root))
+
+
+def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[int | None]:
+  """As `checkpoint.select_steps`, over the step folders that hold safetensors."""
+  if not isinstance(step, (list, tuple)) and step not in ('all', 'new'):
+    return [step]
+  found = sorted(s for s in _steps(paths.of(path, 'input.path')) if s is not None)
+  if not found:
+    raise SurgeryError(f'input.step={step!r} needs step folders of safetensors at input.path {path}')
+  return checkpoint.choose_steps(step, found, exported, path, 'steps')
+
+
+def locate(input_config, step: Any) -> Source:
+  if input_config.item is not None:
+    raise SurgeryError(f'input.item is {input_config.item!r} but safetensors have no items')
+  root = paths.of(input_config.path, 'input.path')
+  if not root.exists():
+    raise SurgeryError(f'input.path {root} does not exist')
+  found = _steps(root)
+  if not found:
+    raise SurgeryError(f'input.path {root} holds no safetensors file (input.format is {FORMAT})')
+  if step is None or step == 'latest':
+    step = max(found, key=lambda s: -1 if s is None else s)
+  elif step not in found:
+    raise SurgeryError(f'input.step {step} not found in {root} '
+                       f'(steps: {sorted(s for s in found if s is not None)})')
+  if step is None:
+    return Source(root, None, None, separator=input_config.key_separator)
+  return Source(root, step, ITEM, step_folder=found[step].name,
+                separator=input_config.key_separator)
+
+
+def _files(location: paths.Path) -> list[paths.Path]:
+  """The files of a safetensors checkpoint: the index's, or every `*.safetensors` of the folder."""
+  if location.is_file():
+    return [location]
+  if (location / sf.INDEX).exists():
+    return [location / name for name in sorted(set(sf.read_index(location).values()))]
+  return sorted(location / name for name, (is_dir, _) in paths.listing(location).items()
+                if name.endswith(SUFFIX) and not is_dir)
+
+
+def read_metadata(source: Source) -> dict[str, Any]:
+  """The headers of every file (checked); returns their tensors as a nested tree of
+  ShapeDtypeStructs, names split on `input.key_separator`."""
+  for file in _files(source.item_dir):
+    for name, entry in sf.read_header(file)[0].items():
+      key = tree.SEP.join(name.split(source.separator))
+      if key in source.entries:
+        raise SurgeryError(f'safetensors file {file}: tensor {name!r} is also in '
+                           f'{source.entries[key][0]}' if source.entries[key][1].name == name else
+                           f'safetensors file {file}: tensor {name!r} and tensor '
+                           f'{source.entries[key][1].name!r} both make the key {key!r}')
+      if '' in key.split(tree.SEP):
+        raise SurgeryError(f'safetensors file {file}: tensor {name!r} makes the key {key!r}, which '
+                           f'has an empty part (input.key_separator is {source.separator!r})')
+      source.entries[key] = (file, entry)
+  if not source.entries:
+    raise SurgeryError(f'{source.item_dir} holds no tensors')
+  return tree.unflatten({k: jax.ShapeDtypeStruct(e.shape, e.dtype)
+                         for k, (_, e) in source.entries.items()}, {})
+
+
+def _read(entries: dict[str, tuple[paths.Path, sf.Entry]],
+          targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  """Each target put on its sharding, each process reading only the bytes of its own shards."""
+  readers = {}
+  try:
+    placed = {}
+    for key, target in targets.items():
+      file, entry = entries[key]
+      if file not in readers:
+        readers[file] = sf.Reader(file)
+      placed[key] = jax.make_array_from_callback(
+          target.shape, target.sharding,
+          lambda index, reader=readers[file], entry=entry: sf.read_block(reader, entry, index))
+    return placed
+  finally:
+    for reader in readers.values():
+      reader.__exit__(None, None, None)
+
+
+def restore(source: Source, skeleton: Any,
+            targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  del skeleton
+  return _read(source.entries, targets)
+
+
+def held_bytes(source: Source) -> int:
+  """Each group reads its own byte ranges: nothing is held for the whole run."""
+  del source
+  return 0
+
+
+def tensor_name(key: str, output_config) -> str:
+  return key.replace(tree.SEP, output_config.key_separator)
+
+
+def check_outputs(outputs: dict[str, jax.ShapeDtypeStruct], output_config) -> None:
+  """Every leaf has a safetensors dtype, and every name is one tensor's; the extra files exist."""
+  names = {}
+  for key, leaf in outputs.items():
+    try:
+      sf.dtype_name(leaf.dtype)
+    except SurgeryError as e:
+      raise SurgeryError(f'output.format is {FORMAT} but leaf {key!r}: {e} (drop it or cast it '
+                         'first)') from None
+    name = tensor_name(key, output_config)
+    if name in names:
+      raise SurgeryError(f'output.format is {FORMAT} but leaves {names[name]!r} and {key!r} both '
+                         f'make the tensor name {name!r} (output.key_separator is '
+                         f'{output_config.key_separator!r})')
+    names[name] = key
+  for extra in output_config.extra_files:
+    if not paths.of(extra, 'output.extra_files').is_file():
+      raise SurgeryError(f'output.extra_files: {extra} is not a file')
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where every tensor goes: {file name: header bytes}, {key: (file name, Entry)}."""
+  headers: dict[str, bytes]
+  entries: dict[str, tuple[str, sf.Entry]]
+
+  @property
+  def weight_map(self) -> dict[str, str]:
+    return {entry.name: file for file, entry in self.entries.values()}
+
+
+def plan_files(outputs: dict[str, jax.ShapeDtypeStruct], output_config) -> Layout:
+  """Files of at most `output.max_shard_size` bytes, filled in the plan's order as transformers
+  fills them; each file's header and tensor offsets as `safetensors` lays them out."""
+  keys = {tensor_name(key, output_config): key for key in outputs}
+  sizes = [(name, outputs[key].size * outputs[key].dtype.itemsize) for name, key in keys.items()]
+  shards = sf.shard_files(sizes, output_config.max_shard_size)
+  headers, entries = {}, {}
+  for file, names in zip(sf.file_names(len(shards)), shards):
+    headers[file], placed = sf.encode(
+        [(name, outputs[keys[name]].dtype, outputs[keys[name]].shape) for name in names], METADATA)
+    entries.update({keys[name]: (file, entry) for name, entry in placed.items()})
+  return Layout(headers, entries)
+
+
+def _end(header: bytes, entries) -> int:
+  return max([len(header), *(e.offset + e.nbytes for e in entries)])
+
+
+class Writer:
+  """Writes the safetensors files into a folder beside `unit_dir` (named as Orbax's partial saves
+  are, so that a stopped run's groups are resumed), then moves them to `unit_dir` with the index
+  and `output.extra_files`. Every process writes the bytes of the shards it holds."""
+
+  def __init__(self, unit_dir: paths.Path, location: checkpoint.Location,
+               barrier: Callable[[str], None], output_config, outputs: dict[str, jax.ShapeDtypeStruct],
+               skeleton: Any):
+    del location, skeleton
+    self.unit_dir, self.barrier = unit_dir, barrier
+    self.layout = plan_files(outputs, output_config)
+    self.extra_files = [paths.of(extra) for extra in output_config.extra_files]
+    self.staged = unit_dir.with_name(f'{unit_dir.name}.{FORMAT}{output.PARTIAL_SAVES}')
+    self.fds: dict[str, int] = {}
+    self.bytes_written = 0
+    self.checked = False  # Whether the written headers were found to be the planned ones.
+
+  def start(self) -> None:
+    """Process 0: every file created with its header and at its full size (the umask sets its
+    mode: the `safetensors` writer's 0600 would hide it from other users)."""
+    self.staged.mkdir(parents=True)
+    for file, header in self.layout.headers.items():
+      fd = os.open(self.staged / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+      try:
+        os.pwrite(fd, header, 0)
+        os.ftruncate(fd, _end(header, [e for f, e in self.layout.entries.values() if f == file]))
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+  def saves(self) -> set[str]:
+    """Nothing to record: a group's byte ranges are fixed, and written again when not on record."""
+    return set()
+
+  def keep_only(self, names: set[str]) -> None:
+    del names
+
+  def write(self, outputs: dict[str, jax.Array]) -> None:
+    """This process's shards of one group's leaves, each at its offsets, synced to disk before the
+    group goes on record."""
+    touched = set()
+    for key, array in outputs.items():
+      file, entry = self.layout.entries[key]
+      if file not in self.fds:
+        self.fds[file] = os.open(self.staged / file, os.O_WRONLY)
+      for shard in array.addressable_shards:
+        if shard.replica_id == 0:
+          sf.write_block(self.fds[file], entry, shard.index, np.asarray(shard.data))
+          self.bytes_written += shard.data.nbytes
+          touched.add(file)
+    for file in touched:
+      os.fdatasync(self.fds[file])
+
+  def finish(self) -> dict[str, paths.Path]:
+    """Every process's bytes written; process 0 moves the files into `unit_dir` and adds the index
+    (sharded) and the extra files."""
+    for fd in self.fds.values():
+      os.close(fd)
+    self.fds.clear()
+    logging.info('Process %d wrote %d bytes of safetensors data.', jax.process_index(),
+                 self.bytes_written)
+    self.barrier('safetensors_written')
+    if jax.process_index() == 0:
+      self.staged.rename(self.unit_dir)
+      if len(self.layout.headers) > 1:
+        (self.unit_dir / sf.INDEX).write_text(sf.index_json(
+            dict(sorted(self.layout.weight_map.items())),
+            sum(e.nbytes for _, e in self.layout.entries.values())))
+      for extra in self.extra_files:
+        extra.copy(self.unit_dir / extra.name)
+    self.barrier('laid_out')
+    return {'': self.unit_dir}
+
+  def read_back(self, trees: dict[str, paths.Path],
+                targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """The `targets` leaves read from the written files, after their headers (and index) are found
+    to be the planned ones."""
+    folder = trees['']
+    if not self.checked:
+      self._check(folder)
+      self.checked = True
+    return _read({k: (folder / file, e) for k, (file, e) in self.layout.entries.items()}, targets)
+
+  def _check(self, folder: paths.Path) -> None:
+    for file in self.layout.headers:
+      entries, metadata = sf.read_header(folder / file)
+      planned = {e.name: e for f, e in self.layout.entries.values() if f == file}
+      if entries != planned or metadata != METADATA:
+        raise RuntimeError(f'{folder / file}: its header is not the planned one')
+    if len(self.layout.headers) > 1 and sf.read_index(folder) != self.layout.weight_map:
+      raise RuntimeError(f'{folder / sf.INDEX}: its weight map is not the planned one')

@@ -1,0 +1,255 @@
+"""Safetensors out and in: an Orbax checkpoint exported as transformers lays out a model, read back
+by `safetensors`' own reader and by the job, on one process and on two; bad files refused in one
+line with nothing written."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import checkpoints
+from jobs import REPO, launch, ok, outcome, run_job, write_config
+from surgery_job import config as config_lib
+from surgery_job.errors import SurgeryError
+from surgery_job.formats import safetensors_file as sf
+
+EXPORT = {'transforms': [{'op': 'drop_optimizer'}], 'output': {'format': 'safetensors'}}
+# Safetensors keep no sharding: the way back to Orbax lays leaves out as the source was saved.
+IMPORT = {'mesh': {'shape': (2, 4), 'axes': ('data', 'model')},
+          'partition_rules': [(suffix, tuple(spec)) for suffix, spec in checkpoints.SPECS.items()]}
+SHARD_BYTES = 2000  # The layered params and step (4980 bytes) in 3 files.
+
+
+def exported(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """What an export of `flat` holds by tensor name: the params and the step, '/' written '.'."""
+  return {k.replace('/', '.'): v for k, v in flat.items() if not k.startswith('opt_state/')}
+
+
+def tensors(folder) -> dict[str, np.ndarray]:
+  """Every tensor of every file in `folder`, read with `safetensors`' own reader; each file's
+  metadata must be {"format": "pt"}."""
+  found = {}
+  for path in sorted(folder.glob('*.safetensors')):
+    with safe_open(path, framework='np') as f:
+      assert f.metadata() == {'format': 'pt'}
+      found.update({name: f.get_tensor(name) for name in f.keys()})
+  return found
+
+
+def assert_bit_equal(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+  assert sorted(actual) == sorted(expected)
+  for name, value in expected.items():
+    assert actual[name].dtype == value.dtype and actual[name].shape == value.shape, name
+    assert actual[name].tobytes() == value.tobytes(), name
+
+
+def run(tmp_path, name: str, config: dict, in_path, out, *overrides, processes: int = 1):
+  config_file = write_config(tmp_path, config, f'{name}.py')
+  args = [f'--config.input.path={in_path}', f'--config.output.path={out}', *overrides]
+  if processes == 1:
+    return run_job(config_file, *args)
+  return launch(processes, f'--config={config_file}', *args, log_dir=tmp_path / f'{name}_logs')
+
+
+def test_sharded_export_and_back_to_orbax(layered, tmp_path):
+  in_path, x = layered
+  out, back = tmp_path / 'hf', tmp_path / 'back'
+  ok(run(tmp_path, 'export', EXPORT, in_path, out, f'--config.output.max_shard_size={SHARD_BYTES}'))
+  step = out / '3'
+  names = sf.file_names(3)
+  assert sorted(p.name for p in step.iterdir()) == sorted(
+      [*names, sf.INDEX, 'surgery_report.json'])
+  index = json.loads((step / sf.INDEX).read_text())
+  expected = exported(x)
+  assert index['metadata'] == {'total_size': sum(v.nbytes for v in expected.values())}
+  assert sorted(index['weight_map']) == sorted(expected)
+  assert set(index['weight_map'].values()) == set(names)
+  for name in names:
+    entries, _ = sf.read_header(step / name)
+    assert 0 < sum(e.nbytes for e in entries.values()) <= SHARD_BYTES
+    assert {index['weight_map'][t] for t in entries} == {name}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(step / name).st_mode & 0o777 == 0o666 & ~umask
+  assert_bit_equal(tensors(step), expected)
+
+  ok(run(tmp_path, 'import', IMPORT, out, back))
+  restored = checkpoints.flat_numpy(checkpoints.restore_plain(back / '3' / 'default'))
+  assert_bit_equal(restored, {k: v for k, v in x.items() if not k.startswith('opt_state/')})
+  assert checkpoints.saved_specs(back / '3' / 'default') == {
+      k: checkpoints.normalized(checkpoints.saved_spec(k)) for k in restored}
+
+
+def test_single_file_is_what_save_file_writes(layered, tmp_path):
+  in_path, x = layered
+  out = tmp_path / 'hf'
+  ok(run(tmp_path, 'export', EXPORT, in_path, out))
+  assert sorted(p.name for p in (out / '3').iterdir()) == ['model.safetensors', 'surgery_report.json']
+  save_file(exported(x), tmp_path / 'reference.safetensors', metadata={'format': 'pt'})
+  assert (out / '3' / 'model.safetensors').read_bytes() == (
+      tmp_path / 'reference.safetensors').read_bytes()
+
+
+def test_two_processes_each_write_their_shards(two_process_checkpoint, tmp_path):
+  in_path, x = two_process_checkpoint
+  out, back = tmp_path / 'hf', tmp_path / 'back'
+  ok(run(tmp_path, 'export', EXPORT, in_path, out, f'--config.output.max_shard_size={SHARD_BYTES}',
+         processes=2))
+  expected = exported(x)
+  wrote = [int(re.search(r'Process \d wrote (\d+) bytes', (tmp_path / 'export_logs' /
+                                                          f'process_{i}.log').read_text()).group(1))
+           for i in range(2)]
+  # Each process wrote the shards it holds, every replicated byte by one process only.
+  assert min(wrote) > 0 and sum(wrote) == sum(v.nbytes for v in expected.values())
+  assert_bit_equal(tensors(out / '3'), expected)
+  ok(run(tmp_path, 'import', IMPORT, out, back, processes=2))
+  restored = checkpoints.flat_numpy(checkpoints.restore_plain(back / '3' / 'default'))
+  assert_bit_equal(restored, {k: v for k, v in x.items() if not k.startswith('opt_state/')})
+
+
+def test_single_file_input_and_its_key_separator(tmp_path):
+  rng = np.random.default_rng(0)
+  values = {'model.embed.weight': rng.normal(size=(6, 4)).astype(np.float32),
+            'model.norm.weight': np.ones(4, np.float16), 'lm_head.weight': rng.integers(0, 9, (4, 6), dtype=np.int32)}
+  save_file(values, tmp_path / 'model.safetensors')
+  out = tmp_path / 'orbax'
+  ok(run(tmp_path, 'import', {}, tmp_path / 'model.safetensors', out))
+  restored = checkpoints.flat_numpy(checkpoints.restore_plain(out))
+  assert_bit_equal(restored, {k.replace('.', '/'): v for k, v in values.items()})
+
+
+def test_inspect_and_diff_read_an_export(layered, tmp_path):
+  in_path, _ = layered
+  out = tmp_path / 'hf'
+  config_file = write_config(tmp_path, EXPORT, 'export.py')
+  ok(run_job(config_file, f'--config.input.path={in_path}', f'--config.output.path={out}'))
+  shown = subprocess.run([sys.executable, '-m', 'surgery_job.inspect', str(out)], cwd=REPO,
+                         capture_output=True, text=True, check=False)
+  assert shown.returncode == 0, shown.stderr
+  assert shown.stdout.splitlines()[0] == f'{out}: safetensors checkpoint, step 3'
+  assert '    embedding   (16, 8) float32 P() 512 B' in shown.stdout
+  diff = subprocess.run([sys.executable, '-m', 'surgery_job.diff', str(in_path), str(out), '--values',
+                         '--map', str(config_file)], cwd=REPO, capture_output=True, text=True,
+                        check=False)
+  assert diff.returncode == 0, diff.stdout[-2000:] + diff.stderr[-2000:]
+  assert diff.stdout.splitlines()[-1] == (
+      'EQUAL: 0 only in A, 0 only in B, 0 changed; 13 of 13 leaves bit-equal')
+
+
+@pytest.mark.parametrize('value, size', [(None, 5 * 10**9), ('5GB', 5 * 10**9), ('500MB', 5 * 10**8),
+                                         ('2GiB', 2 * 2**30), (1000, 1000)])
+def test_max_shard_size_as_transformers_reads_it(value, size):
+  assert config_lib.shard_size(value) == size
+
+
+@pytest.mark.parametrize('value', ['5 parsecs', 0, -1, True, 1.5])
+def test_bad_max_shard_size(value):
+  with pytest.raises(SurgeryError, match='output.max_shard_size'):
+    config_lib.shard_size(value)
+
+
+def test_leaves_without_a_safetensors_dtype_are_refused(layered, tmp_path):
+  in_path, _ = layered
+  out = tmp_path / 'hf'
+  fields = {**EXPORT, 'transforms': [*EXPORT['transforms'],
+                                     {'op': 'cast', 'pattern': 'head/bias', 'dtype': 'int4'}],
+            'input': {'path': str(in_path)}, 'output': {'path': str(out), 'format': 'safetensors'}}
+  assert outcome(fields) == (
+      "error: output.format is safetensors but leaf 'params/head/bias': dtype int4 has no "
+      'safetensors equivalent (safetensors stores ' + ', '.join(sf.DTYPES) + ') (drop it or cast '
+      'it first)')
+  assert not out.exists()
+
+
+def test_typed_prng_keys_are_refused(tmp_path):
+  in_path, out = tmp_path / 'ckpt', tmp_path / 'hf'
+  checkpoints.save_manager(in_path, {'params': {'w': np.ones(3, np.float32)},
+                                     'rng': jax.random.key(0)}, step=1)
+  error = outcome({'input': {'path': str(in_path)}, 'output': {'path': str(out), 'format': 'safetensors'}})
+  assert error.startswith("error: output.format is safetensors but leaf 'rng': dtype key<fry> has "
+                          'no safetensors equivalent'), error
+  assert not out.exists()
+
+
+def raw_file(path, header: dict, data: bytes) -> None:
+  """A safetensors file from a header as given, right or wrong."""
+  text = json.dumps(header).encode()
+  text += b' ' * (-len(text) % 8)
+  path.write_bytes(len(text).to_bytes(8, 'little') + text + data)
+
+
+F32_2 = {'dtype': 'F32', 'shape': [2]}
+
+
+def _bad_inputs(folder) -> dict:
+  """{case: (input path, expected text of the error line)}, each input written into `folder`."""
+  cases = {}
+
+  def case(name, header=None, data=b'\0' * 16, expected=''):
+    path = folder / name / 'model.safetensors'
+    path.parent.mkdir()
+    if header is not None:
+      raw_file(path, header, data)
+    cases[name] = (path.parent, expected.format(file=path))
+    return path
+
+  length = case('header_length', {'a': {**F32_2, 'data_offsets': [0, 8]}}, b'\0' * 8,
+                'safetensors file {file}: header length 1000000 runs past the end of the file')
+  length.write_bytes((10**6).to_bytes(8, 'little') + length.read_bytes()[8:])
+  broken = case('broken_json', {'a': {**F32_2, 'data_offsets': [0, 8]}}, b'\0' * 8,
+                'safetensors file {file}: header is not valid JSON')
+  broken.write_bytes(broken.read_bytes().replace(b'{"a"', b'["a"', 1))
+  case('unknown_dtype', {'a': {'dtype': 'F31', 'shape': [2], 'data_offsets': [0, 8]}}, b'\0' * 8,
+       "safetensors file {file}: tensor 'a': unknown dtype \"F31\"")
+  case('shape_size', {'a': {'dtype': 'F32', 'shape': [3], 'data_offsets': [0, 8]}}, b'\0' * 8,
+       "safetensors file {file}: tensor 'a': shape [3] of F32 is 12 bytes but data_offsets [0, 8] hold 8")
+  case('overlap', {'a': {**F32_2, 'data_offsets': [0, 8]}, 'b': {**F32_2, 'data_offsets': [4, 12]}},
+       b'\0' * 12, "safetensors file {file}: tensor 'b': data_offsets [4, 12] overlap those of 'a'")
+  case('gap', {'a': {**F32_2, 'data_offsets': [0, 8]}, 'b': {**F32_2, 'data_offsets': [12, 20]}},
+       b'\0' * 20, "safetensors file {file}: tensor 'b': bytes 8 to 12 of the data")
+  truncated = case('truncated', {'a': {**F32_2, 'data_offsets': [0, 8]},
+                                 'b': {**F32_2, 'data_offsets': [8, 16]}}, b'\0' * 16,
+                   "safetensors file {file}: tensor 'b': data_offsets [8, 16] run past the end")
+  truncated.write_bytes(truncated.read_bytes()[:-3])
+  missing = case('index_missing_file', expected="tensor 'b': its file model-00002-of-00002.safetensors "
+                 'does not exist')
+  raw_file(missing.parent / 'model-00001-of-00002.safetensors',
+           {'a': {**F32_2, 'data_offsets': [0, 8]}}, b'\0' * 8)
+  (missing.parent / sf.INDEX).write_text(json.dumps({'metadata': {}, 'weight_map': {
+      'a': 'model-00001-of-00002.safetensors', 'b': 'model-00002-of-00002.safetensors'}}))
+  twice = case('index_tensor_twice', expected="tensor 'a' is in both model-00001-of-00002.safetensors "
+               'and model-00002-of-00002.safetensors')
+  first, second = sf.file_names(2)
+  raw_file(twice.parent / first, {'a': {**F32_2, 'data_offsets': [0, 8]}}, b'\0' * 8)
+  raw_file(twice.parent / second, {'a': {**F32_2, 'data_offsets': [0, 8]},
+                                   'b': {**F32_2, 'data_offsets': [8, 16]}}, b'\0' * 16)
+  (twice.parent / sf.INDEX).write_text(json.dumps({'metadata': {}, 'weight_map': {
+      'a': first, 'b': second}}))
+  return cases
+
+
+def test_bad_safetensors_inputs_are_refused_in_one_line(tmp_path):
+  (tmp_path / 'in').mkdir()
+  for name, (in_path, expected) in _bad_inputs(tmp_path / 'in').items():
+    out = tmp_path / f'out_{name}'
+    error = outcome({'input': {'path': str(in_path)}, 'output': {'path': str(out)}})
+    assert error.startswith('error: ') and expected in error and '\n' not in error, (name, error)
+    assert not out.exists(), name
+
+
+def test_a_bad_file_is_exit_2_from_the_command(tmp_path):
+  in_path = tmp_path / 'bad.safetensors'
+  raw_file(in_path, {'a': {'dtype': 'F31', 'shape': [2], 'data_offsets': [0, 8]}}, b'\0' * 8)
+  result = run(tmp_path, 'import', {}, in_path, tmp_path / 'out')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"surgery-job: error: safetensors file {in_path}: tensor 'a': unknown dtype \"F31\" "
+      f'(known: {", ".join(sf.DTYPES)})')
+  assert not (tmp_path / 'out').exists()
