@@ -11,11 +11,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import checkpoints
 from jobs import REPO, launch, ok, outcome, run_job, write_config
+from test_safety import STREAMED, start_paused
 from surgery_job import config as config_lib
 from surgery_job.errors import SurgeryError
 from surgery_job.formats import safetensors_file as sf
@@ -61,11 +63,14 @@ def run(tmp_path, name: str, config: dict, in_path, out, *overrides, processes: 
 def test_sharded_export_and_back_to_orbax(layered, tmp_path):
   in_path, x = layered
   out, back = tmp_path / 'hf', tmp_path / 'back'
-  ok(run(tmp_path, 'export', EXPORT, in_path, out, f'--config.output.max_shard_size={SHARD_BYTES}'))
+  (tmp_path / 'config.json').write_text('{"model_type": "layered"}')
+  export = {**EXPORT, 'output': {**EXPORT['output'], 'extra_files': [str(tmp_path / 'config.json')]}}
+  ok(run(tmp_path, 'export', export, in_path, out, f'--config.output.max_shard_size={SHARD_BYTES}'))
   step = out / '3'
   names = sf.file_names(3)
   assert sorted(p.name for p in step.iterdir()) == sorted(
-      [*names, sf.INDEX, 'surgery_report.json'])
+      [*names, sf.INDEX, 'config.json', 'surgery_report.json'])
+  assert (step / 'config.json').read_text() == '{"model_type": "layered"}'
   index = json.loads((step / sf.INDEX).read_text())
   expected = exported(x)
   assert index['metadata'] == {'total_size': sum(v.nbytes for v in expected.values())}
@@ -87,11 +92,37 @@ def test_sharded_export_and_back_to_orbax(layered, tmp_path):
       k: checkpoints.normalized(checkpoints.saved_spec(k)) for k in restored}
 
 
+def test_the_ready_export_config(layered, tmp_path):
+  in_path, x = layered
+  out = tmp_path / 'hf'
+  ok(run_job(REPO / 'configs' / 'export_safetensors.py', f'--config.input.path={in_path}',
+             f'--config.output.path={out}'))
+  assert_bit_equal(tensors(out / '3'), {k[len('params/'):].replace('/', '.'): v
+                                        for k, v in x.items() if k.startswith('params/')})
+
+
 def test_single_file_is_what_save_file_writes(layered, tmp_path):
   in_path, x = layered
   out = tmp_path / 'hf'
   ok(run(tmp_path, 'export', EXPORT, in_path, out))
   assert sorted(p.name for p in (out / '3').iterdir()) == ['model.safetensors', 'surgery_report.json']
+  save_file(exported(x), tmp_path / 'reference.safetensors', metadata={'format': 'pt'})
+  assert (out / '3' / 'model.safetensors').read_bytes() == (
+      tmp_path / 'reference.safetensors').read_bytes()
+
+
+def test_a_stopped_export_resumes_from_the_groups_it_wrote(layered, tmp_path):
+  in_path, x = layered
+  out = tmp_path / 'hf'
+  config = write_config(tmp_path, EXPORT)
+  process = start_paused(config, in_path, out, 'group_written', tmp_path / 'paused', STREAMED)
+  process.kill()
+  process.wait(timeout=60)
+  assert not (out / '3').exists()
+  rerun = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}', STREAMED)
+  ok(rerun)
+  assert 'groups were written by an earlier run (groups 0)' in rerun.stderr
+  assert json.loads((out / '3' / 'surgery_report.json').read_text())['groups_reused'] == [0]
   save_file(exported(x), tmp_path / 'reference.safetensors', metadata={'format': 'pt'})
   assert (out / '3' / 'model.safetensors').read_bytes() == (
       tmp_path / 'reference.safetensors').read_bytes()
@@ -253,3 +284,32 @@ def test_a_bad_file_is_exit_2_from_the_command(tmp_path):
       f"surgery-job: error: safetensors file {in_path}: tensor 'a': unknown dtype \"F31\" "
       f'(known: {", ".join(sf.DTYPES)})')
   assert not (tmp_path / 'out').exists()
+
+
+def test_transformers_loads_an_exported_llama(tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  hf_config = transformers.LlamaConfig(
+      vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+      tie_word_embeddings=False)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  # A JAX run's checkpoint of the same weights: keys are the HF names under `params`, '.' as '/'.
+  flat = {f'params/{name.replace(".", "/")}': value.detach().numpy()
+          for name, value in model.state_dict().items()}
+  in_path, out = tmp_path / 'ckpt', tmp_path / 'hf'
+  checkpoints.save_manager(in_path, traverse_util.unflatten_dict(flat, sep='/'), step=1)
+  hf_config.save_pretrained(tmp_path / 'config')
+  config = tmp_path / 'export.py'
+  config.write_text('from configs.export_safetensors import get_config as export\n\n\n'
+                    'def get_config():\n  config = export()\n'
+                    f'  config.output.extra_files = [{str(tmp_path / "config" / "config.json")!r}]\n'
+                    '  return config\n')
+  ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}',
+             '--config.output.max_shard_size=20000'))
+  assert len(list((out / '1').glob('model-*.safetensors'))) > 1
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(out / '1').eval()
+  tokens = torch.arange(10).reshape(1, 10)
+  with torch.no_grad():
+    assert torch.equal(loaded(tokens).logits, model(tokens).logits)

@@ -92,8 +92,9 @@ class Writer:
     self.custom_metadata = output_config.custom_metadata.to_dict()
     self.skeleton, self.abstract_tree = skeleton, tree.unflatten(outputs, skeleton)
 
-  def start(self) -> None:
+  def start(self, resumed: bool) -> None:
     """Nothing to prepare: each group's partial save makes its own folders."""
+    del resumed
 
   def _partial(self, item: str | None) -> paths.Path:
     """Where the partial saves of `item` go: Orbax puts an item folder named `state` in it."""

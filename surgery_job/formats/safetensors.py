@@ -57,12 +57,18 @@ def _steps(root: paths.Path) -> dict[int | None, paths.Path]:
 
 
 def detect(path: str) -> bool:
-  """A `*.safetensors` file, a folder holding them (or an index), or a folder of step folders of
-  them with no Orbax checkpoint in it."""
+  """A `*.safetensors` file, a folder holding them (or an index), or a folder whose latest step
+  folder holds them (one listing: an Orbax directory may have hundreds of steps)."""
   root = paths.of(path, 'input.path')
   if root.is_file():
     return root.name.endswith(SUFFIX)
-  return root.is_dir() and not (root / '_METADATA').exists() and bool(_steps(root))
+  if not root.is_dir():
+    return False
+  listing = paths.listing(root)
+  if any(name.endswith(SUFFIX) or name == sf.INDEX for name in listing):
+    return True
+  steps = [int(name) for name, (is_dir, _) in listing.items() if is_dir and name.isdigit()]
+  return bool(steps) and _holds(root / str(max(steps)))
 
 
 def select_steps(path: str, step: Any, exported: Callable[[int], bool]) -> list[int | None]:
@@ -227,15 +233,21 @@ class Writer:
     self.bytes_written = 0
     self.checked = False  # Whether the written headers were found to be the planned ones.
 
-  def start(self) -> None:
+  def start(self, resumed: bool) -> None:
     """Process 0: every file created with its header and at its full size (the umask sets its
-    mode: the `safetensors` writer's 0600 would hide it from other users)."""
-    self.staged.mkdir(parents=True)
+    mode: the `safetensors` writer's 0600 would hide it from other users). `resumed`: an earlier
+    run of this surgery made them, and wrote groups into them, unless it stopped first."""
+    sizes = {file: _end(header, [e for f, e in self.layout.entries.values() if f == file])
+             for file, header in self.layout.headers.items()}
+    if resumed and all(paths.is_file(self.staged / file) and paths.size(self.staged / file) == size
+                       for file, size in sizes.items()):
+      return
+    self.staged.mkdir(parents=True, exist_ok=True)
     for file, header in self.layout.headers.items():
       fd = os.open(self.staged / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
       try:
         os.pwrite(fd, header, 0)
-        os.ftruncate(fd, _end(header, [e for f, e in self.layout.entries.values() if f == file]))
+        os.ftruncate(fd, sizes[file])
         os.fsync(fd)
       finally:
         os.close(fd)
