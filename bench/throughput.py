@@ -2,6 +2,7 @@
 
   .venv/bin/python bench/throughput.py [--dir=/tmp/surgery_throughput] [--gib=1] [--runs=3]
                                        [--leaves=100,1000,10000] [--moments=trained]
+                                       [--safetensors_budget_gb=0.1]
 
 Builds a float32 checkpoint of `--gib` GiB: params (4 large matrices, many small ones) and their
 optax Adam state (after one step from random gradients, or `--moments=zeros` as `init` leaves it,
@@ -12,6 +13,10 @@ Then times, interleaved, the median of `--runs` runs of:
   (b) the job, renaming every param (every leaf passed through; validated);
   (c) the job, `configs/params_only_bf16.py`;
   (d) `cp -r` + `sync` of the checkpoint: the disk's practical limit.
+A safetensors table times the export of the params (a third of the checkpoint):
+  (e) naive: restore everything, `np.asarray` every param, `safetensors.numpy.save_file`;
+  (f) the job, `configs/export_safetensors.py` (validated), with the default budget and with
+      `--safetensors_budget_gb`, its peak RSS next to that budget.
 A second table times (b) on checkpoints of the same size cut into `--leaves` leaves. A third runs
 (b) with no `memory.host_budget_gb` under a faked cgroup limit of `--cgroup_gb` GB, so that the
 default budget it picks cuts the checkpoint into groups, and compares its peak RSS with 1.5x that
@@ -85,6 +90,20 @@ NAIVE = textwrap.dedent('''
       manager.wait_until_finished()
 ''')
 
+# The usual export script: everything gathered on one host, then one save_file.
+NAIVE_SAFETENSORS = textwrap.dedent('''
+    import os, sys
+    import numpy as np, orbax.checkpoint as ocp
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+    source, target = sys.argv[1], sys.argv[2]
+    with ocp.CheckpointManager(source, item_names=('default',)) as manager:
+      state = manager.restore(1)['default']
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(state['params'], sep='.').items()}
+    os.makedirs(target)
+    save_file(flat, f'{target}/model.safetensors', metadata={'format': 'pt'})
+''')
+
 RENAME = textwrap.dedent('''
     import ml_collections
     def get_config():
@@ -133,6 +152,7 @@ def main() -> None:
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--leaves', default='100,1000,10000')
   parser.add_argument('--cgroup_gb', type=float, default=1.0)
+  parser.add_argument('--safetensors_budget_gb', type=float, default=0.1)
   parser.add_argument('--moments', choices=('trained', 'zeros'), default='trained',
                       help="Adam's moments after one step, or as `init` leaves them (zstd packs zeros)")
   args = parser.parse_args()
@@ -171,6 +191,7 @@ def main() -> None:
           f"{phases(row)} |")
     shutil.rmtree(many)
 
+  safetensors_rows(root, source, out, size, args)
   default_budget(root, source, out, args)
 
 
@@ -180,6 +201,26 @@ def disk_mib(path: Path) -> float:
 
 def phases(row: dict) -> str:
   return ', '.join(f'{k} {v:.1f}' for k, v in row['phases'].items() if v >= 0.05)
+
+
+def safetensors_rows(root: Path, source: Path, out: Path, size: int, args) -> None:
+  """(e) and (f): the params exported to safetensors, gathered on one host or not."""
+  (root / 'naive_safetensors.py').write_text(NAIVE_SAFETENSORS)
+  export = job(str(REPO / 'configs' / 'export_safetensors.py'), source, out)
+  budget = args.safetensors_budget_gb
+  rows = median_runs({
+      '(e) naive: restore all, np.asarray, save_file': [
+          sys.executable, str(root / 'naive_safetensors.py'), str(source), str(out)],
+      '(f) job, export_safetensors': export,
+      f'(f) job, export_safetensors, budget {budget} GB': [
+          *export, f'--config.memory.host_budget_gb={budget}'],
+  }, out, args.runs)
+  print(f'\nsafetensors export of the params ({size / 3 / GIB:.2f} GiB), median of {args.runs}\n')
+  print('| run | wall s | peak RSS GiB | groups | phases (s) |')
+  print('|---|---|---|---|---|')
+  for name, row in rows.items():
+    print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | "
+          f"{phases(row)} |")
 
 
 def default_budget(root: Path, source: Path, out: Path, args) -> None:

@@ -199,6 +199,15 @@ def test_leaves_without_a_safetensors_dtype_are_refused(layered, tmp_path):
   assert not out.exists()
 
 
+def test_custom_metadata_is_refused(layered, tmp_path):
+  out = tmp_path / 'hf'
+  assert outcome({**EXPORT, 'input': {'path': str(layered[0])}, 'output': {
+      'path': str(out), 'format': 'safetensors', 'custom_metadata': {'scan_layers': True}}}) == (
+          'error: output.custom_metadata is set but output.format safetensors has no step '
+          'metadata to record it in')
+  assert not out.exists()
+
+
 def test_typed_prng_keys_are_refused(tmp_path):
   in_path, out = tmp_path / 'ckpt', tmp_path / 'hf'
   checkpoints.save_manager(in_path, {'params': {'w': np.ones(3, np.float32)},

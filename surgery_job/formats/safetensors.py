@@ -169,6 +169,9 @@ def tensor_name(key: str, output_config) -> str:
 
 def check_outputs(outputs: dict[str, jax.ShapeDtypeStruct], output_config) -> None:
   """Every leaf has a safetensors dtype, and every name is one tensor's; the extra files exist."""
+  if output_config.custom_metadata:
+    raise SurgeryError(f'output.custom_metadata is set but output.format {FORMAT} has no step '
+                       'metadata to record it in')
   names = {}
   for key, leaf in outputs.items():
     try:
