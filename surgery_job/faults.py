@@ -4,7 +4,8 @@
 - `SURGERY_JOB_PAUSE=POINT@PROCESS` and `SURGERY_JOB_PAUSE_FILE=PATH`: at that point, write PATH
   and wait while it is there, so that a test can kill the process at a known moment, or change
   what it reads and delete PATH to let it go on.
-- `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip a byte of each data file written, before validation.
+- `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip a byte of each data file written (OCDBT's, or safetensors
+  files), before validation.
 
 Points: each phase's name at its start (read, mesh, plan, restore, transform, write, finalize,
 validate, commit), `writing` while Orbax writes, `group_written` once a group's save is on record,
@@ -47,13 +48,14 @@ def at(point: str) -> None:
 
 
 def corrupt_output(item_dir: paths.Path) -> None:
-  """Flips a byte in the middle of every data file (OCDBT's `d/` folders) just written: which of
-  them readers read (a process's values, or the merged tree's nodes with small values inline)
-  depends on the sizes."""
+  """Flips a byte in the middle of every data file (OCDBT's `d/` folders, safetensors files) just
+  written: which of them readers read (a process's values, or the merged tree's nodes with small
+  values inline) depends on the sizes; a safetensors file's middle is in its data but for tiny
+  ones."""
   if not os.environ.get(CORRUPT_OUTPUT) or jax.process_index() != 0:
     return
   for target in paths.files(item_dir):
-    if target.parent.name == 'd':
+    if target.parent.name == 'd' or target.name.endswith('.safetensors'):
       data = bytearray(target.read_bytes())
       data[len(data) // 2] ^= 0xFF
       target.write_bytes(bytes(data))

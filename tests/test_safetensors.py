@@ -52,11 +52,12 @@ def assert_bit_equal(actual: dict[str, np.ndarray], expected: dict[str, np.ndarr
     assert actual[name].tobytes() == value.tobytes(), name
 
 
-def run(tmp_path, name: str, config: dict, in_path, out, *overrides, processes: int = 1):
+def run(tmp_path, name: str, config: dict, in_path, out, *overrides, processes: int = 1,
+        env: dict | None = None):
   config_file = write_config(tmp_path, config, f'{name}.py')
   args = [f'--config.input.path={in_path}', f'--config.output.path={out}', *overrides]
   if processes == 1:
-    return run_job(config_file, *args)
+    return run_job(config_file, *args, env=env)
   return launch(processes, f'--config={config_file}', *args, log_dir=tmp_path / f'{name}_logs')
 
 
@@ -126,6 +127,15 @@ def test_a_stopped_export_resumes_from_the_groups_it_wrote(layered, tmp_path):
   save_file(exported(x), tmp_path / 'reference.safetensors', metadata={'format': 'pt'})
   assert (out / '3' / 'model.safetensors').read_bytes() == (
       tmp_path / 'reference.safetensors').read_bytes()
+
+
+def test_validation_catches_a_flipped_byte(layered, tmp_path):
+  in_path, _ = layered
+  out = tmp_path / 'hf'
+  result = run(tmp_path, 'export', EXPORT, in_path, out, env={'SURGERY_JOB_CORRUPT_OUTPUT': '1'})
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'validation failed: 1 leaves differ on disk' in result.stderr
+  assert not (out / '3').exists()
 
 
 def test_two_processes_each_write_their_shards(two_process_checkpoint, tmp_path):
