@@ -98,7 +98,7 @@ NAIVE_SAFETENSORS = textwrap.dedent('''
     from safetensors.numpy import save_file
     source, target = sys.argv[1], sys.argv[2]
     with ocp.CheckpointManager(source, item_names=('default',)) as manager:
-      state = manager.restore(1)['default']
+      state = manager.restore(1, args=ocp.args.Composite(default=ocp.args.StandardRestore()))['default']
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(state['params'], sep='.').items()}
     os.makedirs(target)
     save_file(flat, f'{target}/model.safetensors', metadata={'format': 'pt'})
