@@ -74,7 +74,8 @@ def test_sharded_export_and_back_to_orbax(layered, tmp_path):
   assert (step / 'config.json').read_text() == '{"model_type": "layered"}'
   index = json.loads((step / sf.INDEX).read_text())
   expected = exported(x)
-  assert index['metadata'] == {'total_size': sum(v.nbytes for v in expected.values())}
+  assert index['metadata'] == {'total_size': sum(v.nbytes for v in expected.values()),
+                               'total_parameters': sum(v.size for v in expected.values())}
   assert sorted(index['weight_map']) == sorted(expected)
   assert set(index['weight_map'].values()) == set(names)
   for name in names:

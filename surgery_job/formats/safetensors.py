@@ -9,6 +9,7 @@ by `partition_rules`, else replicated. Tensor names are keys with `/` written as
 """
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable
 
@@ -290,9 +291,10 @@ class Writer:
     if jax.process_index() == 0:
       self.staged.rename(self.unit_dir)
       if len(self.layout.headers) > 1:
+        entries = [e for _, e in self.layout.entries.values()]
         (self.unit_dir / sf.INDEX).write_text(sf.index_json(
-            dict(sorted(self.layout.weight_map.items())),
-            sum(e.nbytes for _, e in self.layout.entries.values())))
+            self.layout.weight_map, sum(e.nbytes for e in entries),
+            sum(math.prod(e.shape) for e in entries)))
       for extra in self.extra_files:
         extra.copy(self.unit_dir / extra.name)
     self.barrier('laid_out')
