@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -333,3 +335,30 @@ def test_transformers_loads_an_exported_llama(tmp_path):
   tokens = torch.arange(10).reshape(1, 10)
   with torch.no_grad():
     assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_a_sharded_folder_on_gs_is_read_in_ranges(gs_path, tmp_path, gcs):
+  rng = np.random.default_rng(1)
+  values = {'a.kernel': rng.normal(size=(8, 16)).astype(np.float32),
+            'b.bias': rng.normal(size=(16,)).astype(ml_dtypes.bfloat16)}
+  first, second = sf.file_names(2)
+  save_file({'a.kernel': values['a.kernel']}, tmp_path / first)
+  save_file({'b.bias': values['b.bias']}, tmp_path / second)
+  for name in (first, second):
+    (gs_path / 'hf' / name).write_bytes((tmp_path / name).read_bytes())
+  (gs_path / 'hf' / sf.INDEX).write_text(sf.index_json({'a.kernel': first, 'b.bias': second}, 0))
+  out = tmp_path / 'orbax'
+  config = write_config(tmp_path, {'mesh': {'shape': (2, 4), 'axes': ('data', 'model')},
+                                   'partition_rules': [('a/kernel', (None, 'model'))]})
+  ok(run_job(config, f'--config.input.path={gs_path / "hf"}', f'--config.output.path={out}',
+             env=gcs.env))
+  assert_bit_equal(checkpoints.flat_numpy(checkpoints.restore_plain(out)),
+                   {k.replace('.', '/'): v for k, v in values.items()})
+  assert checkpoints.saved_specs(out)['a/kernel'] == P(None, 'model')
+
+
+def test_safetensors_to_gs_is_refused():
+  assert outcome({'input': {'path': '/nonexistent'}, 'output': {
+      'path': 'gs://bucket/hf', 'format': 'safetensors'}}) == (
+          'error: config: output.format safetensors writes to local (or mounted) disks only, not '
+          'gs://bucket/hf')
