@@ -97,9 +97,6 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
     raise SurgeryError(f"config: output.format must be 'orbax' or 'safetensors', "
                        f'got {config.output.format!r}')
   config.output.max_shard_size = shard_size(config.output.max_shard_size)
-  if config.output.format == 'safetensors' and str(config.output.path).startswith('gs://'):
-    raise SurgeryError('config: output.format safetensors writes to local (or mounted) disks '
-                       f'only, not {config.output.path}')
   for field in ('input.key_separator', 'output.key_separator'):
     group, name = field.split('.')
     if not config[group][name] or '/' in config[group][name]:

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 import checkpoints
 from jobs import REPO, launch, ok, outcome, run_job, write_config
 from test_safety import STREAMED, start_paused
-from surgery_job import config as config_lib
+from surgery_job import config as config_lib, paths
 from surgery_job.errors import SurgeryError
 from surgery_job.formats import safetensors_file as sf
 
@@ -357,8 +357,20 @@ def test_a_sharded_folder_on_gs_is_read_in_ranges(gs_path, tmp_path, gcs):
   assert checkpoints.saved_specs(out)['a/kernel'] == P(None, 'model')
 
 
-def test_safetensors_to_gs_is_refused():
-  assert outcome({'input': {'path': '/nonexistent'}, 'output': {
-      'path': 'gs://bucket/hf', 'format': 'safetensors'}}) == (
-          'error: config: output.format safetensors writes to local (or mounted) disks only, not '
-          'gs://bucket/hf')
+@pytest.mark.parametrize('processes', [1, 2])
+def test_export_to_gs(processes, layered, gs_path, tmp_path, gcs):
+  in_path, x = layered
+  out = gs_path / 'hf'
+  config_file = write_config(tmp_path, EXPORT)
+  args = [f'--config.input.path={in_path}', f'--config.output.path={out}',
+          f'--config.output.max_shard_size={SHARD_BYTES}']
+  ok(run_job(config_file, *args, env=gcs.env) if processes == 1 else
+     launch(2, f'--config={config_file}', *args, log_dir=tmp_path / 'logs', env=gcs.env))
+  local = tmp_path / 'hf'
+  local.mkdir()
+  for file in (out / '3').iterdir():
+    (local / file.name).write_bytes(file.read_bytes())
+  assert sorted(p.name for p in local.iterdir()) == sorted(
+      [*sf.file_names(3), sf.INDEX, 'commit_success.txt', 'surgery_report.json'])
+  assert_bit_equal(tensors(local), exported(x))
+  assert not [p for p in paths.files(gs_path) if 'partial_save' in str(p) or '-surgery' in str(p)]

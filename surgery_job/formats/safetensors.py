@@ -220,10 +220,28 @@ def _end(header: bytes, entries) -> int:
   return max([len(header), *(e.offset + e.nbytes for e in entries)])
 
 
+def _block_name(index: tuple[slice, ...], shape: tuple[int, ...]) -> str:
+  """A shard's object name on an object store: its start and stop on each axis."""
+  bounds = [part.indices(size)[:2] for part, size in zip(index, shape)]
+  return '_'.join(f'{start}-{stop}' for start, stop in bounds) or 'scalar'
+
+
+def _block_index(name: str) -> tuple[slice, ...]:
+  if name == 'scalar':
+    return ()
+  return tuple(slice(*map(int, bounds.split('-'))) for bounds in name.split('_'))
+
+
 class Writer:
   """Writes the safetensors files into a folder beside `unit_dir` (named as Orbax's partial saves
   are, so that a stopped run's groups are resumed), then moves them to `unit_dir` with the index
-  and `output.extra_files`. Every process writes the bytes of the shards it holds."""
+  and `output.extra_files`. Every process writes the bytes of the shards it holds.
+
+  On an object store, where an object cannot be written at an offset, each process uploads its
+  shards as objects of their own instead; at the end each process assembles the files assigned to
+  it (every P-th), one tensor at a time from its shards' objects, streaming the file up. That
+  costs the data uploaded twice and downloaded once more, and a process holds one tensor at a
+  time (plus its upload buffer), whatever the group size."""
 
   def __init__(self, unit_dir: paths.Path, location: checkpoint.Location,
                barrier: Callable[[str], None], output_config, outputs: dict[str, jax.ShapeDtypeStruct],
@@ -233,6 +251,7 @@ class Writer:
     self.layout = plan_files(outputs, output_config)
     self.extra_files = [paths.of(extra) for extra in output_config.extra_files]
     self.staged = unit_dir.with_name(f'{unit_dir.name}.{FORMAT}{output.PARTIAL_SAVES}')
+    self.on_object_store = paths.on_object_store(unit_dir)
     self.fds: dict[str, int] = {}
     self.bytes_written = 0
     self.checked = False  # Whether the written headers were found to be the planned ones.
@@ -240,7 +259,10 @@ class Writer:
   def start(self, resumed: bool) -> None:
     """Process 0: every file created with its header and at its full size (the umask sets its
     mode: the `safetensors` writer's 0600 would hide it from other users). `resumed`: an earlier
-    run of this surgery made them, and wrote groups into them, unless it stopped first."""
+    run of this surgery made them, and wrote groups into them, unless it stopped first. On an
+    object store nothing is made before the shards' objects."""
+    if self.on_object_store:
+      return
     sizes = {file: _end(header, [e for f, e in self.layout.entries.values() if f == file])
              for file, header in self.layout.headers.items()}
     if resumed and all(paths.is_file(self.staged / file) and paths.size(self.staged / file) == size
@@ -265,7 +287,16 @@ class Writer:
 
   def write(self, outputs: dict[str, jax.Array]) -> None:
     """This process's shards of one group's leaves, each at its offsets, synced to disk before the
-    group goes on record."""
+    group goes on record; on an object store, each shard as an object of its own."""
+    if self.on_object_store:
+      for key, array in outputs.items():
+        for shard in array.addressable_shards:
+          if shard.replica_id == 0:
+            data = np.ascontiguousarray(np.asarray(shard.data))
+            name = _block_name(shard.index, array.shape)
+            (self.staged / self.layout.entries[key][1].name / name).write_bytes(data.tobytes())
+            self.bytes_written += data.nbytes
+      return
     touched = set()
     for key, array in outputs.items():
       file, entry = self.layout.entries[key]
@@ -288,8 +319,16 @@ class Writer:
     logging.info('Process %d wrote %d bytes of safetensors data.', jax.process_index(),
                  self.bytes_written)
     self.barrier('safetensors_written')
+    if self.on_object_store:
+      for file in sorted(self.layout.headers)[jax.process_index()::jax.process_count()]:
+        self._assemble(file)
+      self.barrier('safetensors_assembled')
     if jax.process_index() == 0:
-      self.staged.rename(self.unit_dir)
+      if self.on_object_store:
+        self.staged.rmtree()
+        (self.unit_dir / checkpoint.COMMIT_FILE).write_text('')  # What makes a step there on gs://.
+      else:
+        self.staged.rename(self.unit_dir)
       if len(self.layout.headers) > 1:
         entries = [e for _, e in self.layout.entries.values()]
         (self.unit_dir / sf.INDEX).write_text(sf.index_json(
@@ -299,6 +338,18 @@ class Writer:
         extra.copy(self.unit_dir / extra.name)
     self.barrier('laid_out')
     return {'': self.unit_dir}
+
+  def _assemble(self, file: str) -> None:
+    """One file streamed up from its tensors, each put together from its shards' objects."""
+    with (self.unit_dir / file).open('wb') as f:
+      f.write(self.layout.headers[file])
+      for entry in sorted((e for f, e in self.layout.entries.values() if f == file),
+                          key=lambda e: e.offset):
+        tensor = np.empty(entry.shape, entry.dtype)
+        for block in (self.staged / entry.name).iterdir():
+          index = _block_index(block.name)
+          tensor[index] = np.frombuffer(block.read_bytes(), entry.dtype).reshape(tensor[index].shape)
+        f.write(tensor.tobytes())
 
   def read_back(self, trees: dict[str, paths.Path],
                 targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
