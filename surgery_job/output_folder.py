@@ -1,7 +1,7 @@
 """What an output path may hold before a run writes there, and what `output.overwrite` may replace.
 
-An output folder is absent, empty, one single PyTree checkpoint, or an export directory: step
-folders (by Orbax's step names) holding checkpoints, beside what runs of the job and Orbax's own
+An output folder is absent, empty, one single checkpoint (a PyTree checkpoint, or a folder of
+safetensors files), or an export directory: step folders (by Orbax's step names) holding checkpoints, beside what runs of the job and Orbax's own
 saves leave there. Anything else is the user's: no run writes into it or replaces it, whatever
 `output.overwrite` says, and no run writes through or replaces a symbolic link.
 """
@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 
 from surgery_job import checkpoint, lock, paths
 from surgery_job.checkpoint import CHECKPOINT_METADATA, COMMIT_FILE
+from surgery_job.formats import safetensors_file
 
 # Beside the steps: Orbax's saves in progress (the job's staging and -deleting folders carry the
 # same mark, so readers skip them too), and a CheckpointManager's root metadata folder.
@@ -21,8 +22,12 @@ RECORD = 'surgery_exported_steps.json'  # The steps an export directory has held
 
 
 def is_checkpoint(folder: paths.Path) -> bool:
-  """A single PyTree checkpoint (or a step's PyTree item)."""
-  return paths.is_file(folder / '_METADATA')
+  """A single PyTree checkpoint (or a step's PyTree item), or a folder of safetensors files."""
+  return paths.is_file(folder / '_METADATA') or _holds_safetensors(paths.listing(folder))
+
+
+def _holds_safetensors(entries: dict) -> bool:
+  return any(name.endswith('.safetensors') or name == safetensors_file.INDEX for name in entries)
 
 
 def _left_beside_steps(name: str) -> bool:
@@ -41,7 +46,7 @@ def is_step(folder: paths.Path) -> bool:
   if paths.on_object_store(folder):
     return True
   entries = paths.listing(folder)
-  if CHECKPOINT_METADATA in entries or COMMIT_FILE in entries:
+  if CHECKPOINT_METADATA in entries or COMMIT_FILE in entries or _holds_safetensors(entries):
     return True
   return any(is_dir and is_checkpoint(folder / name) for name, (is_dir, _) in entries.items())
 

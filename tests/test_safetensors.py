@@ -96,6 +96,23 @@ def test_sharded_export_and_back_to_orbax(layered, tmp_path):
       k: checkpoints.normalized(checkpoints.saved_spec(k)) for k in restored}
 
 
+def test_a_rerun_is_already_done_and_overwrite_replaces_the_export(layered, tmp_path):
+  in_path, x = layered
+  out, single = tmp_path / 'hf', tmp_path / 'single'
+  config_file = write_config(tmp_path, EXPORT)
+  args = [f'--config.input.path={in_path}', f'--config.output.path={out}']
+  ok(run_job(config_file, *args))
+  again = run_job(config_file, *args)
+  ok(again)
+  assert 'Already done' in again.stderr
+  ok(run_job(config_file, *args, '--config.output.max_shard_size=2000', '--config.output.overwrite=True'))
+  assert sorted(p.name for p in (out / '3').glob('*.safetensors')) == sf.file_names(3)
+  save_file(exported(x), tmp_path / 'model.safetensors')
+  for _ in range(2):  # A single file's folder is a checkpoint too: the rerun is done.
+    ok(run_job(config_file, f'--config.input.path={tmp_path / "model.safetensors"}',
+               f'--config.output.path={single}'))
+
+
 def test_the_ready_export_config(layered, tmp_path):
   in_path, x = layered
   out = tmp_path / 'hf'
