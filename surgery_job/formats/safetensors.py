@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from surgery_job import checkpoint, output, paths, tree
+from surgery_job import checkpoint, paths, tree
 from surgery_job.errors import SurgeryError
 from surgery_job.formats import flax_msgpack, safetensors_file as sf
 
@@ -233,8 +233,8 @@ def _block_index(name: str) -> tuple[slice, ...]:
 
 
 class Writer:
-  """Writes the safetensors files into a folder beside `unit_dir` (named as Orbax's partial saves
-  are, so that a stopped run's groups are resumed), then moves them to `unit_dir` with the index
+  """Writes the safetensors files into a folder beside `unit_dir` (in the run's work folder, which
+  a resumed run takes over), then moves them to `unit_dir` with the index
   and `output.extra_files`. Every process writes the bytes of the shards it holds.
 
   On an object store, where an object cannot be written at an offset, each process uploads its
@@ -250,7 +250,7 @@ class Writer:
     self.unit_dir, self.barrier = unit_dir, barrier
     self.layout = plan_files(outputs, output_config)
     self.extra_files = [paths.of(extra) for extra in output_config.extra_files]
-    self.staged = unit_dir.with_name(f'{unit_dir.name}.{FORMAT}{output.PARTIAL_SAVES}')
+    self.staged = unit_dir.with_name(f'{unit_dir.name}.{FORMAT}-staged')
     self.on_object_store = paths.on_object_store(unit_dir)
     self.fds: dict[str, int] = {}
     self.bytes_written = 0
@@ -280,6 +280,11 @@ class Writer:
 
   def saves(self) -> set[str]:
     """Nothing to record: a group's byte ranges are fixed, and written again when not on record."""
+    return set()
+
+  def resumable_saves(self) -> set[str]:
+    """None to check: a group on record has its bytes in the staged files (or, after a finalize
+    began, validation finds them missing and the next run starts over)."""
     return set()
 
   def keep_only(self, names: set[str]) -> None:
