@@ -122,7 +122,7 @@ def _sweep_abandoned(config, out_root: paths.Path) -> None:
   if not out_root.is_dir():
     return
   try:
-    steps = sources.reader_of(config.input.path, config.input.format).select_steps(
+    steps = formats.reader(config.input.path, config.input.format).select_steps(
         config.input.path, 'all', lambda s: False)
   except SurgeryError:  # No input to compare with: leave everything.
     return
