@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 import checkpoints
 from jobs import REPO, launch, ok, outcome, run_job, write_config
 from test_safety import STREAMED, start_paused
-from surgery_job import config as config_lib, paths
+from surgery_job import config as config_lib, output, paths
 from surgery_job.errors import SurgeryError
 from surgery_job.formats import safetensors_file as sf
 
@@ -72,7 +72,7 @@ def test_sharded_export_and_back_to_orbax(layered, tmp_path):
   step = out / '3'
   names = sf.file_names(3)
   assert sorted(p.name for p in step.iterdir()) == sorted(
-      [*names, sf.INDEX, 'config.json', 'surgery_report.json'])
+      [*names, sf.INDEX, 'commit_success.txt', 'config.json', 'surgery_report.json'])
   assert (step / 'config.json').read_text() == '{"model_type": "layered"}'
   index = json.loads((step / sf.INDEX).read_text())
   expected = exported(x)
@@ -102,6 +102,7 @@ def test_a_rerun_is_already_done_and_overwrite_replaces_the_export(layered, tmp_
   config_file = write_config(tmp_path, EXPORT)
   args = [f'--config.input.path={in_path}', f'--config.output.path={out}']
   ok(run_job(config_file, *args))
+  assert output.steps(out) == [3]  # An exported step, as max_to_keep and 'new' count them.
   again = run_job(config_file, *args)
   ok(again)
   assert 'Already done' in again.stderr
@@ -126,7 +127,8 @@ def test_single_file_is_what_save_file_writes(layered, tmp_path):
   in_path, x = layered
   out = tmp_path / 'hf'
   ok(run(tmp_path, 'export', EXPORT, in_path, out))
-  assert sorted(p.name for p in (out / '3').iterdir()) == ['model.safetensors', 'surgery_report.json']
+  assert sorted(p.name for p in (out / '3').iterdir()) == [
+      'commit_success.txt', 'model.safetensors', 'surgery_report.json']
   save_file(exported(x), tmp_path / 'reference.safetensors', metadata={'format': 'pt'})
   assert (out / '3' / 'model.safetensors').read_bytes() == (
       tmp_path / 'reference.safetensors').read_bytes()

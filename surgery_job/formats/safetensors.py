@@ -331,9 +331,10 @@ class Writer:
     if jax.process_index() == 0:
       if self.on_object_store:
         self.staged.rmtree()
-        (self.unit_dir / checkpoint.COMMIT_FILE).write_text('')  # What makes a step there on gs://.
       else:
         self.staged.rename(self.unit_dir)
+      # As an Orbax step has it: what readers on gs:// and the job's own step listing go by.
+      (self.unit_dir / checkpoint.COMMIT_FILE).write_text('')
       if len(self.layout.headers) > 1:
         entries = [e for _, e in self.layout.entries.values()]
         (self.unit_dir / sf.INDEX).write_text(sf.index_json(
