@@ -1,5 +1,6 @@
 # make demo: set up .venv, write the example CNN checkpoint, run a serving export on it.
 # make test: set up .venv and run the whole test suite.
+# make test-fast: the edit-test loop: tests that start no second JAX process, cluster or emulator.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,4 +26,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: setup demo test
+FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetensors_file llama lock \
+    cast_errors report_cli bad_input output_path input_checks items configs hostile_configs))
+
+test-fast: setup
+	$(BIN)/python -m pytest -q $(FAST_TESTS)
+
+.PHONY: setup demo test test-fast
