@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import resource
 from pathlib import Path
 
 SHARE = 0.4  # Of what a process may use, for the arrays of one group.
@@ -84,3 +85,8 @@ def release() -> None:
   libc = _libc()
   if libc is not None and hasattr(libc, 'malloc_trim'):
     libc.malloc_trim(0)
+
+
+def peak_rss() -> int:
+  """The most memory this process has held at once, in bytes (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -3,6 +3,7 @@ streamed runs in this process (`jobs.outcome`; tests/test_ops.py runs each op as
 other streamed runs here are the command."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
-from jobs import REPO, job_command, job_env, ok, outcome, run_job, surgery, write_config
+from jobs import REPO, job_command, job_env, launch, ok, outcome, run_job, surgery, write_config
 from test_bad_input import assert_bad_input
 from test_ops import CASES, STACK, check_case
 
@@ -159,3 +160,30 @@ def test_a_streamed_cast_peaks_within_the_budget_plus_the_runtime(tmp_path):
                   f'--config.output.path={tmp_path / "out"}', f'--config.memory.host_budget_gb={budget / 1e9}')
   assert len(report_of(tmp_path / 'out', 1)['groups']) >= 3
   assert peak - fixed <= 1.5 * budget, f'{(peak - fixed) / 1e6:.0f} MB over the runtime'
+
+
+def logged_peaks(log_dir) -> list[float]:
+  """Each process's peak RSS in GiB, as it logged it at the end of a run."""
+  return [float(re.search(r'Process \d+: peak RSS ([\d.]+) GiB', (log_dir / f'process_{i}.log').read_text()).group(1))
+          for i in range(2)]
+
+
+def test_each_of_two_processes_exporting_safetensors_stays_within_its_budget(tmp_path):
+  # The export is gather-free: every process writes the shards it holds at their offsets, so each
+  # holds about its budget, never the model (192 MiB here, 0.05 GB per process). The runtime's
+  # fixed cost is each process's peak exporting a tiny checkpoint.
+  export = write_config(tmp_path, {'transforms': [{'op': 'drop_optimizer'}],
+                                   'output': {'format': 'safetensors'}})
+  float32_checkpoint(tmp_path / 'tiny', leaves=6, rows=8)
+  float32_checkpoint(tmp_path / 'large', leaves=6, rows=8192)
+  budget = 0.05e9
+  peaks = {}
+  for name in ('tiny', 'large'):
+    ok(launch(2, f'--config={export}', f'--config.input.path={tmp_path / name}',
+              f'--config.output.path={tmp_path / (name + "_hf")}',
+              f'--config.memory.host_budget_gb={budget / 1e9}', log_dir=tmp_path / f'{name}_logs'))
+    peaks[name] = logged_peaks(tmp_path / f'{name}_logs')
+  assert len(json.loads((tmp_path / 'large_hf' / '1' / 'surgery_report.json').read_text())['groups']) >= 6
+  for process, (fixed, peak) in enumerate(zip(peaks['tiny'], peaks['large'])):
+    assert (peak - fixed) * 2**30 <= 1.5 * budget, (
+        f'process {process}: {(peak - fixed) * 2**30 / 1e6:.0f} MB over the runtime')
