@@ -68,7 +68,8 @@ def find(path: paths.Path) -> paths.Path:
     return path / REPORT
   if not path.is_dir():
     raise SurgeryError(f'{path} does not exist' if not path.exists() else f'{path} is not a folder')
-  steps = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / REPORT).is_file())
+  steps = sorted((int(p.name), p) for p in path.iterdir() if p.name.isascii() and p.name.isdigit()
+                 and (p / REPORT).is_file())
   if not steps:
     raise SurgeryError(f'no {REPORT} in {path} or its step folders')
   return steps[-1][1] / REPORT

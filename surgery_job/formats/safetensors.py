@@ -45,6 +45,11 @@ class Source(checkpoint.Location):
     return self.root if self.step is None else self.step_dir
 
 
+def _step_name(name: str) -> bool:
+  """A step folder's name as the job and CheckpointManager write it (`3`; not `³`)."""
+  return name.isascii() and name.isdigit()
+
+
 def _holds(folder: paths.Path) -> bool:
   return any(name.endswith(SUFFIX) or name == sf.INDEX for name in paths.listing(folder))
 
@@ -54,7 +59,7 @@ def _steps(root: paths.Path) -> dict[int | None, paths.Path]:
   if root.is_file() or _holds(root):
     return {None: root}
   return {int(name): root / name for name, (is_dir, _) in paths.listing(root).items()
-          if is_dir and name.isdigit() and _holds(root / name)}
+          if is_dir and _step_name(name) and _holds(root / name)}
 
 
 def detect(path: str) -> bool:
@@ -68,7 +73,7 @@ def detect(path: str) -> bool:
   listing = paths.listing(root)
   if any(name.endswith(SUFFIX) or name == sf.INDEX for name in listing):
     return True
-  steps = [int(name) for name, (is_dir, _) in listing.items() if is_dir and name.isdigit()]
+  steps = [int(name) for name, (is_dir, _) in listing.items() if is_dir and _step_name(name)]
   return bool(steps) and _holds(root / str(max(steps)))
 
 
