@@ -303,6 +303,32 @@ def test_a_truncated_manifest_is_one_line(layered, tmp_path, kept):
     assert f'{manifest} cannot be read' in result.stderr
 
 
+def test_the_tools_ignore_failed_reads_nobody_awaited():
+  # What Orbax leaves when one read of a damaged checkpoint fails first: its siblings' errors.
+  code = ('import asyncio, gc, sys\nfrom surgery_job import cli\nfrom surgery_job.errors import SurgeryError\n'
+          'async def read():\n  raise ValueError("DATA_LOSS: Error decoding manifest")\n'
+          'def main(argv):\n  loop = asyncio.new_event_loop()\n  task = loop.create_task(read())\n'
+          '  loop.run_until_complete(asyncio.sleep(0))\n  loop.close()\n  del task\n  gc.collect()\n'
+          '  raise SurgeryError("damaged")\n'
+          'sys.exit(cli.run("tool", main, []))\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert (result.returncode, result.stderr) == (2, 'tool: error: damaged\n')
+
+
+def test_other_errors_nobody_awaited_are_still_reported():
+  code = ('import asyncio, gc, sys\nfrom surgery_job import cli\n'
+          'async def work():\n  raise KeyError("a bug")\n'
+          'def main(argv):\n  loop = asyncio.new_event_loop()\n  task = loop.create_task(work())\n'
+          '  loop.run_until_complete(asyncio.sleep(0))\n  loop.close()\n  del task\n  gc.collect()\n'
+          '  return 0\n'
+          'sys.exit(cli.run("tool", main, []))\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0
+  assert 'Task exception was never retrieved' in result.stderr and "KeyError: 'a bug'" in result.stderr
+
+
 def test_the_tools_ignore_reads_completing_into_a_closed_event_loop():
   # What tensorstore does after Orbax gives up on a damaged checkpoint, without the damage's timing.
   code = ('import sys\nfrom surgery_job import cli\nfrom surgery_job.errors import SurgeryError\n'
