@@ -1,6 +1,7 @@
 # make demo: set up .venv, write the example CNN checkpoint, run a serving export on it.
 # make test: set up .venv and run the whole test suite.
 # make test-fast: the edit-test loop: tests that start no second JAX process, cluster or emulator.
+# make readme: the README's tables of fields and exit codes, made again from surgery_job/config.py.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -27,9 +28,12 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetensors_file llama lock \
-    cast_errors report_cli bad_input output_path input_checks items configs hostile_configs))
+    cast_errors report_cli bad_input output_path input_checks items configs hostile_configs usage))
 
 test-fast: setup
 	$(BIN)/python -m pytest -q $(FAST_TESTS)
 
-.PHONY: setup demo test test-fast
+readme: setup
+	$(BIN)/python -m surgery_job.usage --readme README.md
+
+.PHONY: setup demo test test-fast readme

@@ -1,5 +1,6 @@
-"""Hugging Face export: the parameters alone, as safetensors named with '.' for '/', e.g.
-`params/layers_0/mlp/kernel` -> `layers_0.mlp.kernel` (names that a model's own loader expects
+"""Hugging Face export: the parameters alone, as safetensors named with '.' for '/'.
+
+`params/layers_0/mlp/kernel` becomes `layers_0.mlp.kernel` (names that a model's own loader expects
 need a `rename` more: the mapping is the model's).
 
   surgery-job --config=configs/export_safetensors.py --config.input.path=IN --config.output.path=OUT

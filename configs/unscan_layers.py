@@ -1,4 +1,4 @@
-"""Scanned to unscanned layers: split `layers/...` along the layer axis into `layers_0/...`, ...
+"""Scanned to unscanned layers: split `layers/...` along the layer axis into `layers_N/...`.
 
   surgery-job --config=configs/unscan_layers.py:layers \
       --config.input.path=IN --config.output.path=OUT

@@ -69,6 +69,125 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 _FREE_FORM = ('output.custom_metadata',)  # Groups whose fields are the user's own.
 
+# Every field's meaning: (one line for `surgery-job --help`, more for the README's table). The
+# README's table is made from this one (`make readme`), so the two never disagree.
+FIELD_DOCS = {
+    'input.path': (
+        'the checkpoint to read: an Orbax CheckpointManager directory or one PyTree checkpoint folder',
+        'a directory holds numbered step folders, each holding item folders such as `default/`; '
+        'also a legacy Flax msgpack file or folder of them, or safetensors (see `input.format`)'),
+    'input.step': (
+        "the step to read; None or `'latest'`: the latest committed step",
+        "a list of steps, `'all'` (every committed step) or `'new'` (every committed step the output "
+        'has never held: see `output.max_to_keep`): each converted and committed on its own, oldest '
+        "first. A step folder is one whose name one of Orbax's standard step name formats gives (`3`, "
+        'zero-padded `0003`, prefixed `step_3`; not `³`); it is committed unless it is an Orbax '
+        'temporary folder (`*.orbax-checkpoint-tmp*`), holds no PyTree item, or lacks '
+        "`commit_success.txt` where the directory's saves write one; newer uncommitted steps are "
+        'skipped (logged), and naming one is an error'),
+    'input.format': (
+        "`'orbax'`, `'flax_msgpack'` or `'safetensors'`; None: told from the files",
+        'see [Legacy Flax checkpoints](#legacy-flax-checkpoints) and '
+        '[Formats](#formats-orbax-flax-msgpack-safetensors); a file named `checkpoint_<step>` or '
+        'starting with a msgpack map, or a folder of `checkpoint_<step>` files with no Orbax '
+        "checkpoint in it, is `'flax_msgpack'`; a `*.safetensors` file, a folder holding them (or "
+        "`model.safetensors.index.json`), or a folder of numbered step folders of them is "
+        "`'safetensors'`; anything else `'orbax'`"),
+    'input.key_separator': (
+        "safetensors input: what splits a tensor name into the job's `/`-joined key",
+        '`model.norm.weight` -> `model/norm/weight`'),
+    'input.item': (
+        'None: every item of the step; a name: that PyTree item only',
+        'with None, its PyTree items are planned together as one tree (with several, keys start '
+        'with the item name: `params/...`, `opt_state/...`), items of other kinds (JSON, data '
+        'iterators) copied byte for byte'),
+    'output.path': (
+        "where the result appears, in the input's layout",
+        'for a `CheckpointManager` input, a directory of step folders that a run adds its own step '
+        'to (other steps are never touched)'),
+    'output.step': (
+        "the output's step (0 or more); None: the input's",
+        'written as CheckpointManager names it (`<step>`); not with several input steps or `watch`'),
+    'output.format': (
+        "`'orbax'`, or `'safetensors'`: the files transformers' `save_pretrained` writes",
+        'in the step folder (or in `output.path` itself, for an input with no steps)'),
+    'output.max_shard_size': (
+        "safetensors: the most tensor bytes in one file; None: `'5GB'`",
+        "an int or a string as transformers reads it (`'5GB'` = 5*10^9, `'2GiB'` = 2*2^30)"),
+    'output.key_separator': ('safetensors: what stands for `/` in tensor names', ''),
+    'output.extra_files': (
+        'safetensors: files copied into the step as they are',
+        '`config.json`, tokenizer files, `generation_config.json`'),
+    'output.overwrite': (
+        'replace an existing output checkpoint, only after the new one validated',
+        'of the same kind (a step by a step, a single checkpoint by a single one); never a folder '
+        'that is not a checkpoint (see [the output protocol]'
+        '(#never-losing-a-checkpoint-the-output-protocol))'),
+    'output.wait_seconds': (
+        "how long to wait for another live run holding the output step's lock",
+        '0: exit 2 naming it'),
+    'output.lock_timeout_seconds': (
+        'a lock whose heartbeat is older than this is taken over',
+        'at once when its process on this host is gone'),
+    'output.max_to_keep': (
+        'keep the newest N exported steps; None: all of them',
+        'older ones are deleted after each commit (see [Scheduled conversions]'
+        '(#scheduled-conversions-beside-a-training-run))'),
+    'output.custom_metadata': (
+        "fields set in the output step's `custom_metadata`, over the input step's", ''),
+    'output.sequences': (
+        '`(key, length)` pairs: subtrees written as sequences, as Orbax saves a tuple',
+        "`[('opt_state', 2)]`: optax Adam's `(ScaleByAdamState, EmptyState)`, where the input had "
+        "none; items holding no leaf are written as None (optax's `EmptyState`), a key outside "
+        '`0..length-1` is an error'),
+    'mesh.shape': (
+        "the job's mesh shape; None: the saved mesh's, or its axes with the first filling the devices",
+        'the saved mesh when the devices allow it; `-1` fills the rest; integers'),
+    'mesh.axes': ("the job's mesh axis names; None: the saved mesh's", 'distinct names'),
+    'memory.host_budget_gb': (
+        'per process: stream the surgery in groups whose arrays fit this many GB',
+        'inputs read and outputs written; None: 40% of what the host has (cgroup limit or '
+        'MemAvailable) shared by its processes, and a plan that cannot fit is refused before any '
+        'data moves; 0: no budget, one group'),
+    'params_root': (
+        'the subtree of parameters; None: `params`, flax.optim\'s `target`, or the whole tree',
+        "`params` when present, else flax.optim's `target` or `optimizer/target` beside its "
+        "`state`, else the whole tree (Flax NNX state; for a saved `{'model': nnx.state(model), "
+        "'optimizer': nnx.state(optimizer)}` set `model` so that the moments follow)"),
+    'transforms': (
+        'ordered list of ops, each a dict with an `op` (see [Ops](#ops))',
+        'on the command line a Python or JSON literal: '
+        '`--config.transforms="[{\'op\': \'drop\', \'pattern\': \'head/.*\'}]"`'),
+    'partition_rules': (
+        'ordered `(regex, spec)` pairs for leaves whose sharding cannot be carried over',
+        "e.g. `('head/kernel', (None, 'model'))`; first match (`re.search` on the full key or the "
+        'path under `params_root`) wins; no match: replicated; on the command line a Python or JSON '
+        'literal'),
+    'watch.enabled': (
+        'keep converting each new committed input step as it appears',
+        "`input.step='new'`, polled until `watch.idle_timeout_seconds` pass with none"),
+    'watch.poll_seconds': ('how often to look for new steps', ''),
+    'watch.idle_timeout_seconds': ('stop after this long with no new step', ''),
+    'dry_run': (
+        'print the plan (every output leaf with shape, dtype, spec and sources), write nothing',
+        '`output.path` may be left out'),
+}
+
+
+def field_defaults() -> dict[str, Any]:
+  """{'input.path': None, ...}: every field the job reads and its default, in FIELD_DOCS' order,
+  then any field it does not document."""
+  found = {}
+
+  def walk(group: ml_collections.ConfigDict, prefix: str) -> None:
+    for key, value in group.items():
+      if isinstance(value, ml_collections.ConfigDict) and prefix + key not in _FREE_FORM:
+        walk(value, prefix + key + '.')
+      else:
+        found[prefix + key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  walk(get_default_config(), '')
+  return {**{name: found[name] for name in FIELD_DOCS if name in found}, **found}
+
 
 def with_defaults(user_config: Any) -> ml_collections.ConfigDict:
   """`user_config` laid over the defaults, unknown fields kept for `resolve` to report."""

@@ -31,7 +31,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surgery_job import config as config_lib, distributed, errors, job, memory, stopping
+from surgery_job import config as config_lib, distributed, errors, job, memory, stopping, usage
 from surgery_job.errors import SurgeryError
 
 EXIT_FAILED = 1
@@ -56,6 +56,9 @@ _STOP_TIMEOUT = flags.DEFINE_integer(
 def _lay_over_defaults(load_file):
   """Wraps the file loader so overrides (--config.FIELD=...) apply to the file merged with defaults."""
   def parse(path):
+    file = path.partition(':')[0]
+    if not os.path.isfile(file):
+      raise SurgeryError(f'config file {file} does not exist')
     try:
       config = load_file(path)
     except Exception as e:  # pylint: disable=broad-except
@@ -97,8 +100,6 @@ def main(argv) -> None:
                    'jax.distributed initialised' if joined else 'single process, no cluster',
                    jax.process_count(), jax.local_device_count(), jax.device_count(),
                    jax.devices()[0].platform)
-    if _CONFIG.value is None:
-      raise SurgeryError('--config is required')
     job.run(_CONFIG.value, barrier_timeout_seconds=_BARRIER_TIMEOUT.value)
     # Each process's own figure, in its own log: the memory budget holds per process.
     logging.info('Process %d: peak RSS %.3f GiB.', jax.process_index(), memory.peak_rss() / 2**30)
@@ -122,14 +123,27 @@ def main(argv) -> None:
 def _parse_flags(argv):
   """Bad flags or a bad config file end here, before main: one line and exit 2."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
   except (flags.Error, SurgeryError) as e:
     print(f'surgery-job: error: {str(e).splitlines()[0]}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+  if _CONFIG.value is None:
+    print('surgery-job: error: --config=CONFIG.py is required (surgery-job --help shows the fields, '
+          'the ops and an example)', file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  return remaining
+
+
+_HELP = ('-h', '-help', '--help', '-?')  # absl's own, which would print only "Try --helpfull".
 
 
 def run() -> None:
   """The console script."""
+  if any(arg in _HELP for arg in sys.argv[1:]):
+    job_flags = [(f.name, f.default, f.help) for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])
+                 if f.name != 'config']
+    print(usage.text(job_flags))
+    sys.exit(0)
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -30,8 +30,9 @@ def _names(entry) -> tuple:
 
 @whole_tree
 def split_heads(pattern: str, axis: int, heads: int, allow_empty: bool = False) -> Op:
-  """Axis `axis` of N*D values becomes two, N `heads` then D: `(E, N*D)` -> `(E, N, D)` with
-  axis=1. Its sharding goes to the heads axis."""
+  """Splits axis `axis` of N*D values into N `heads` then D.
+
+  `(E, N*D)` -> `(E, N, D)` with axis=1. Its sharding goes to the heads axis."""
   if heads < 1:
     raise SurgeryError(f'heads must be positive, got {heads}')
 
@@ -50,8 +51,9 @@ def split_heads(pattern: str, axis: int, heads: int, allow_empty: bool = False) 
 
 @whole_tree
 def merge_heads(pattern: str, axis: int, allow_empty: bool = False) -> Op:
-  """Axis `axis` (N heads) and the next (D) become one of N*D values: `(E, N, D)` -> `(E, N*D)`
-  with axis=1. The merged axis is sharded as the two were, heads major."""
+  """Merges the heads axis `axis` and the head_dim axis after it into one.
+
+  `(E, N, D)` -> `(E, N*D)` with axis=1. The merged axis is sharded as the two were, heads major."""
   def change(key, leaf, _):
     x = leaf.value
     ax = normalize_axis(axis, x.ndim, key)
@@ -70,8 +72,10 @@ def merge_heads(pattern: str, axis: int, allow_empty: bool = False) -> Op:
 
 @whole_tree
 def rotary(pattern: str, to: str, axis: int = -1, allow_empty: bool = False) -> Op:
-  """Permutes head_dim axis `axis` from one rotary layout to the other: `to='halves'` takes the
-  even positions then the odd ones (interleaved pairs to halves), `to='interleaved'` the inverse."""
+  """Permutes a head_dim axis between rotary layouts: `to='halves'` or `to='interleaved'`.
+
+  On axis `axis`, `to='halves'` takes the even positions then the odd ones (interleaved pairs to
+  halves), `to='interleaved'` the inverse."""
   if to not in ROTARY_LAYOUTS:
     raise SurgeryError(f"rotary: to must be one of {', '.join(map(repr, ROTARY_LAYOUTS))}, got {to!r}")
 

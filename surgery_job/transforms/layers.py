@@ -72,6 +72,7 @@ def _check_count(sizes: dict[str, int], count: int | None, op: str, axis: int) -
 @whole_tree
 def stack(pattern: str, replacement: str, axis: int = 0, count: int | None = None,
           allow_empty: bool = False) -> Op:
+  """Stacks numbered layers on a new axis: the first group of `pattern` is the layer index."""
   def apply(state: State) -> State:
     layers: dict[str, dict[int, str]] = {}
     for key, match in matches(state.params, pattern, allow_empty):
@@ -132,6 +133,7 @@ def _spread(state: State, pieces: dict[str, list[str]], cut, op: str) -> State:
 @whole_tree
 def unstack(pattern: str, replacement: str, axis: int = 0, count: int | None = None,
             allow_empty: bool = False) -> Op:
+  """Splits axis `axis` into one leaf per layer: `{i}` in `replacement` is its index."""
   if '{i}' not in replacement:
     raise SurgeryError(f'replacement {replacement!r} must hold {{i}}, the layer index')
 
@@ -156,6 +158,7 @@ def unstack(pattern: str, replacement: str, axis: int = 0, count: int | None = N
 @whole_tree
 def split(source: str, axis: int, sizes: Sequence[int], targets: Sequence[str],
           allow_empty: bool = False) -> Op:
+  """Splits each leaf `source` matches along `axis` into `sizes`, named `targets` (QKV split)."""
   sizes = [int(s) for s in sizes]
   if len(sizes) != len(targets):
     raise SurgeryError(f'split has {len(sizes)} sizes but {len(targets)} targets')
@@ -180,6 +183,7 @@ def split(source: str, axis: int, sizes: Sequence[int], targets: Sequence[str],
 
 @whole_tree
 def concat(sources: Sequence[str], axis: int, target: str, allow_empty: bool = False) -> Op:
+  """Joins the leaves `sources` match along `axis` into `target` (QKV fuse)."""
   def apply(state: State) -> State:
     groups: dict[str, list] = {}
     for i, source in enumerate(sources):

@@ -11,6 +11,7 @@ STEP_KEY = 'step'
 
 @whole_tree
 def reset_optimizer(pattern: str, allow_empty: bool = False) -> Op:
+  """Zeroes the moments of the params `pattern` matches."""
   def apply(state: State) -> State:
     if not state.mirrors:
       raise SurgeryError('the checkpoint has no optimizer state that mirrors the params')
@@ -30,6 +31,7 @@ def drop_optimizer() -> Op:
 
 
 def set_step(value: int) -> Op:
+  """Sets the `step` leaf (outside params_root) to `value`."""
   def apply(state: State) -> State:
     old = state.others.get(STEP_KEY)
     if old is None and STEP_KEY in state.params:

@@ -26,6 +26,7 @@ def per_leaf(name: str, pattern: str, allow_empty: bool,
 
 @whole_tree
 def reshape(pattern: str, shape: Sequence[int], allow_empty: bool = False) -> Op:
+  """Reshapes the leaves `pattern` matches (and their moments) to `shape`."""
   shape = tuple(int(s) for s in shape)
 
   def change(key, leaf, _):
@@ -40,6 +41,7 @@ def reshape(pattern: str, shape: Sequence[int], allow_empty: bool = False) -> Op
 
 @whole_tree
 def transpose(pattern: str, axes: Sequence[int], allow_empty: bool = False) -> Op:
+  """Permutes the axes of the leaves `pattern` matches by `axes`; their specs follow."""
   axes = tuple(int(a) for a in axes)
 
   def change(key, leaf, _):
@@ -57,6 +59,7 @@ def transpose(pattern: str, axes: Sequence[int], allow_empty: bool = False) -> O
 @whole_tree
 def pad(pattern: str, axis: int, size: int, init: str = 'zeros', stddev: float = 0.02,
         seed: int = 0, allow_empty: bool = False) -> Op:
+  """Grows axis `axis` of the leaves `pattern` matches to `size`, new values by `init`."""
   check_init(init, ('zeros', 'normal', 'truncated_normal', 'mean'))
 
   def change(key, leaf, is_mirror):
@@ -79,7 +82,9 @@ def pad(pattern: str, axis: int, size: int, init: str = 'zeros', stddev: float =
 
 @whole_tree
 def slice_(pattern: str, axis: int, start: int, stop: int, allow_empty: bool = False) -> Op:
-  """The `slice` op (named so as not to hide the builtin)."""
+  """Keeps `start:stop` of axis `axis` of the leaves `pattern` matches.
+
+  The `slice` op (named so as not to hide the builtin)."""
   def change(key, leaf, _):
     x = leaf.value
     ax = normalize_axis(axis, x.ndim, key)

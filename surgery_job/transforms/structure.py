@@ -20,6 +20,7 @@ def _targets(state: State, pattern: str, template: str, allow_empty: bool) -> di
 
 @whole_tree
 def rename(pattern: str, replacement: str, allow_empty: bool = False) -> Op:
+  """Renames each key `pattern` matches to `replacement` expanded (`\\1`); its moments follow."""
   def apply(state: State) -> State:
     targets = _targets(state, pattern, replacement, allow_empty)
     for key, new in targets.items():
@@ -32,6 +33,7 @@ def rename(pattern: str, replacement: str, allow_empty: bool = False) -> Op:
 
 @whole_tree
 def drop(pattern: str, allow_empty: bool = False) -> Op:
+  """Drops the leaves `pattern` matches, and their moments."""
   def apply(state: State) -> State:
     dropped = {key: None for key, _ in matches(state.params, pattern, allow_empty)}
     return structural(state, lambda tree, _: rebuilt(tree, dropped))
@@ -40,6 +42,7 @@ def drop(pattern: str, allow_empty: bool = False) -> Op:
 
 @whole_tree
 def keep(pattern: str, allow_empty: bool = False) -> Op:
+  """Keeps only the leaves `pattern` matches (and their moments); drops the rest."""
   def apply(state: State) -> State:
     kept = {key for key, _ in matches(state.params, pattern, allow_empty)}
     dropped = {key: None for key in state.params if key not in kept}
@@ -49,6 +52,7 @@ def keep(pattern: str, allow_empty: bool = False) -> Op:
 
 @whole_tree
 def copy(source: str, target: str, allow_empty: bool = False) -> Op:
+  """Copies each leaf `source` matches to `target` expanded; the moments of a parameter too."""
   def apply(state: State) -> State:
     targets = _targets(state, source, target, allow_empty)
     for key, new in targets.items():
@@ -64,6 +68,7 @@ def copy(source: str, target: str, allow_empty: bool = False) -> Op:
 @whole_tree
 def add(path: str, shape: Sequence[int], dtype: str = 'float32', init: str = 'zeros',
         value: float = 0.0, stddev: float = 0.02, seed: int = 0) -> Op:
+  """A new leaf at `path` of `shape` and `dtype`, filled by `init` (zeros, ones, constant, normal)."""
   dtype = parse_dtype(dtype)
   check_init(init, INITS[:-1])
   shape = tuple(int(s) for s in shape)

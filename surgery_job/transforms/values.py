@@ -52,7 +52,9 @@ def _on_params(pattern: str, allow_empty: bool, change) -> Op:
 @whole_tree
 def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = False,
          allow_overflow: bool = False) -> Op:
-  """`allow_overflow`: finite values that become inf or NaN are accepted (the job fails otherwise)."""
+  """Casts the leaves `pattern` matches to `dtype`; their moments too with `optimizer=True`.
+
+  `allow_overflow`: finite values that become inf or NaN are accepted (the job fails otherwise)."""
   dtype = parse_dtype(dtype)
 
   def apply(state: State) -> State:
@@ -84,6 +86,7 @@ def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = 
 
 @whole_tree
 def scale(pattern: str, factor: float, allow_empty: bool = False) -> Op:
+  """Multiplies the leaves `pattern` matches by `factor`."""
   def change(key, leaf, _):
     check_numeric(key, leaf, 'scale')
     return Leaf((leaf.value * factor).astype(leaf.value.dtype), leaf.spec)
@@ -92,6 +95,7 @@ def scale(pattern: str, factor: float, allow_empty: bool = False) -> Op:
 
 @whole_tree
 def map(pattern: str, fn: str, allow_empty: bool = False) -> Op:  # pylint: disable=redefined-builtin
+  """Applies `fn` ('module:function', jittable, array to array) to the leaves `pattern` matches."""
   function = _import(fn)
 
   def change(key, leaf, state):

@@ -1,0 +1,72 @@
+"""What a new user reads first: `surgery-job --help`, the one-line errors before any work starts, and
+the README's tables of fields and exit codes, made from the same source as the help."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jobs import REPO, job_env
+from surgery_job import config as config_lib, transforms, usage
+
+# What the job logs once it initializes JAX: none of it may come before a usage error.
+JAX_STARTED = ('Unable to initialize backend', 'surgery_job: single process')
+
+
+def command(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'surgery_job', *args], cwd=REPO, env=job_env(),
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_help_names_every_field_op_ready_config_and_exit_code():
+  result = command('--help')
+  assert result.returncode == 0, result.stderr
+  assert not any(line in result.stderr for line in JAX_STARTED), result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('surgery-job: checkpoint surgery for JAX/Flax/Orbax')
+  assert ('  surgery-job --config=configs/params_only_bf16.py --config.input.path=demo_out/cnn '
+          '--config.output.path=demo_out/cnn_serving') in lines
+  fields = {line.split()[0]: ' '.join(line.split()) for line in lines
+            if ' = ' in line and line.startswith('  ')}
+  assert list(fields) == list(config_lib.field_defaults())
+  assert fields['output.format'] == ("output.format = 'orbax' `'orbax'`, or `'safetensors'`: the files "
+                                     "transformers' `save_pretrained` writes")
+  assert fields['input.path'] == ('input.path = required the checkpoint to read: an Orbax '
+                                  'CheckpointManager directory or one PyTree checkpoint folder')
+  assert fields['transforms'] == 'transforms = [] ordered list of ops, each a dict with an `op` (see Ops)'
+  assert '  rename(pattern, replacement, allow_empty=False)' in lines
+  assert "  add(path, shape, dtype='float32', init='zeros', value=0.0, stddev=0.02, seed=0)" in lines
+  for name in transforms.OPS:
+    signature = lines.index(f'  {usage.op_signature(name)}')
+    assert lines[signature + 1] == f'      {usage.op_summary(name)}'
+  for name in ('identity.py', 'params_only_bf16.py', 'vocab_resize.py'):
+    assert any(line.startswith(f'  {name} ') for line in lines), name
+  assert '  --heartbeat_timeout_seconds=60  A process silent this long is taken for dead; all stop.' in lines
+  assert [line.split()[0] for line in lines[lines.index('Exit codes:') + 1:]] == ['0', '1', '2', '75', '130']
+
+
+def test_every_field_and_op_has_a_one_line_doc():
+  assert set(config_lib.FIELD_DOCS) == set(config_lib.field_defaults())
+  assert all(summary and '\n' not in summary for summary, _ in config_lib.FIELD_DOCS.values())
+  assert [name for name in transforms.OPS if not usage.op_summary(name)] == []
+  assert all(usage.ready_configs().values())
+
+
+def test_readme_tables_are_the_ones_config_py_makes():
+  """`make readme` writes them; an edit of config.py's docs without it fails here."""
+  readme = (REPO / 'README.md').read_text()
+  assert usage.with_tables(readme) == readme
+  assert '| `output.format` | `\'orbax\'` | `\'orbax\'`, or `\'safetensors\'`: ' in readme
+  assert '| `input.path` | required | the checkpoint to read: ' in readme
+
+
+@pytest.mark.parametrize('args, expected', [
+    ((), 'surgery-job: error: --config=CONFIG.py is required (surgery-job --help shows the fields, '
+         'the ops and an example)'),
+    (('--config=nowhere/config.py:7',), 'surgery-job: error: config file nowhere/config.py does not exist'),
+])
+def test_usage_errors_are_one_line_before_jax_starts(args, expected):
+  result = command(*args)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [expected]
+  assert result.stdout == ''
