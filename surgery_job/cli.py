@@ -17,7 +17,11 @@ EXIT_BAD_INPUT = 2
 
 
 class Parser(argparse.ArgumentParser):
-  """argparse whose errors are one line (`PROG: error: ...`) and exit 2, usable in scripts."""
+  """argparse whose errors are one line (`PROG: error: ...`) and exit 2, usable in scripts; its
+  description (a module's docstring, with examples) is printed as written."""
+
+  def __init__(self, **kwargs):
+    super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
   def error(self, message):
     self.exit(EXIT_BAD_INPUT, f'{self.prog}: error: {message}\n')

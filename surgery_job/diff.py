@@ -8,9 +8,10 @@ and its output. Exit 0 when equal, 1 when different, 2 on bad input (one line on
 A and B are CheckpointManager directories (their latest committed step), step folders of one,
 single PyTree checkpoints, or Flax msgpack checkpoints (read as the job reads them). With `--map`,
 A's leaves go through the config's transforms with the job's own plan, in memory, and the result
-is what B is compared with: a reviewer checks a conversion against its own spec. `--values` streams the leaves in the job's groups, restoring only
-one group of A and B at a time (`--host_budget_gb`), on as many processes as the job runs on
-(`--coordinator_address --num_processes --process_id`, or a cluster JAX detects).
+is what B is compared with: a reviewer checks a conversion against its own spec. `--values`
+streams the leaves in the job's groups, restoring only one group of A and B at a time
+(`--host_budget_gb`), on as many processes as the job runs on (`--coordinator_address
+--num_processes --process_id`, or a cluster JAX detects).
 """
 
 import functools
@@ -199,7 +200,7 @@ def render(found: dict) -> str:
 def main(argv: list[str], join_cluster: bool = False) -> int:
   """The command; `join_cluster`: first join the cluster the flags name or JAX detects (a
   process that has already used JAX, as a test, cannot)."""
-  parser = cli.Parser(prog=PROG, description=__doc__.split('\n')[0])
+  parser = cli.Parser(prog=PROG, description=__doc__)
   parser.add_argument('a', help='checkpoint A (with --map: the surgery input)')
   parser.add_argument('b', help='checkpoint B (with --map: the surgery output)')
   parser.add_argument('--values', action='store_true', help='compare every value, bit for bit')
@@ -209,8 +210,8 @@ def main(argv: list[str], join_cluster: bool = False) -> int:
                       'arrays fit this many GB (as memory.host_budget_gb)')
   parser.add_argument('--json', action='store_true', help='print JSON instead of lines')
   parser.add_argument('--coordinator_address', help='host:port of process 0')
-  parser.add_argument('--num_processes', type=int)
-  parser.add_argument('--process_id', type=int)
+  parser.add_argument('--num_processes', type=int, help='number of processes, as the job takes it')
+  parser.add_argument('--process_id', type=int, help='this process index, 0-based')
   args = parser.parse_args(argv)
   if args.host_budget_gb is not None and args.host_budget_gb <= 0:
     parser.error(f'--host_budget_gb must be positive, got {args.host_budget_gb}')

@@ -183,7 +183,7 @@ def render(info: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-  parser = cli.Parser(prog=PROG, description=__doc__.split('\n')[0])
+  parser = cli.Parser(prog=PROG, description=__doc__)
   parser.add_argument('path', help='a CheckpointManager directory, one step folder of it, or a '
                       'single PyTree checkpoint')
   parser.add_argument('--step', type=int, help='the step to show (default: the latest committed)')

@@ -1,13 +1,14 @@
 """What a new user reads first: `surgery-job --help`, the one-line errors before any work starts, and
 the README's tables of fields and exit codes, made from the same source as the help."""
 
+import importlib
 import subprocess
 import sys
 
 import pytest
 
 from jobs import REPO, job_env
-from surgery_job import config as config_lib, transforms, usage
+from surgery_job import cli, config as config_lib, transforms, usage
 
 # What the job logs once it initializes JAX: none of it may come before a usage error.
 JAX_STARTED = ('Unable to initialize backend', 'surgery_job: single process')
@@ -70,3 +71,22 @@ def test_usage_errors_are_one_line_before_jax_starts(args, expected):
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().splitlines() == [expected]
   assert result.stdout == ''
+
+
+@pytest.mark.parametrize('module, first_line', [
+    ('inspect', '`surgery-job-inspect PATH`: the tree of an Orbax checkpoint from its metadata, no array '
+                'data read.'),
+    ('diff', "`surgery-job-diff A B`: what differs between two Orbax checkpoints, or between a surgery's "
+             'spec'),
+    ('report', 'Summarizes the surgery_report.json of a surgery output.'),
+])
+def test_tool_help_exits_0_with_its_whole_description(module, first_line, capsys):
+  tool = importlib.import_module(f'surgery_job.{module}')
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(tool.PROG, tool.main, ['--help'])
+  assert exit_info.value.code == 0
+  help_text = capsys.readouterr().out
+  assert help_text.startswith(f'usage: {tool.PROG} ')
+  description = help_text.split('\n\n')[1]
+  assert description.startswith(first_line)
+  assert description.endswith('.'), description
