@@ -24,6 +24,8 @@ if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
   signal.signal(signal.SIGINT, _stopped_while_starting)
 
 # pylint: disable=wrong-import-position
+import ast
+import json
 import logging as py_logging
 
 import jax
@@ -37,6 +39,31 @@ from surgery_job.errors import SurgeryError
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
+
+class _ListLiteral(flags.ArgumentParser):
+  """A list field on the command line, which config_flags refuses by itself: a Python or JSON
+  literal, `--config.transforms="[{'op': 'drop', 'pattern': 'head/.*'}]"`."""
+
+  def parse(self, argument):
+    if not isinstance(argument, str):
+      return list(argument)  # The field's value before the override.
+    try:
+      value = ast.literal_eval(argument)
+    except (SyntaxError, ValueError) as python_error:
+      try:
+        value = json.loads(argument)
+      except ValueError:
+        reason = getattr(python_error, 'msg', None) or str(python_error)
+        raise ValueError(f'a list field takes a Python or JSON literal [...]: {reason}') from None
+    if not isinstance(value, list):
+      raise ValueError(f'a list field takes a Python or JSON literal [...], got {type(value).__name__}')
+    return value
+
+  def flag_type(self) -> str:
+    return 'list literal'
+
+
+config_flags.register_flag_parser_for_type(list, _ListLiteral())
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file.', lock_config=False, accept_new_attributes=True)
 _COORDINATOR = flags.DEFINE_string(

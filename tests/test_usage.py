@@ -65,6 +65,9 @@ def test_readme_tables_are_the_ones_config_py_makes():
     ((), 'surgery-job: error: --config=CONFIG.py is required (surgery-job --help shows the fields, '
          'the ops and an example)'),
     (('--config=nowhere/config.py:7',), 'surgery-job: error: config file nowhere/config.py does not exist'),
+    (('--config=configs/identity.py', "--config.transforms=[{'op': 'drop'"),
+     "surgery-job: error: flag --config.transforms=[{'op': 'drop': a list field takes a Python or JSON "
+     "literal [...]: '{' was never closed"),
 ])
 def test_usage_errors_are_one_line_before_jax_starts(args, expected):
   result = command(*args)
@@ -90,3 +93,32 @@ def test_tool_help_exits_0_with_its_whole_description(module, first_line, capsys
   description = help_text.split('\n\n')[1]
   assert description.startswith(first_line)
   assert description.endswith('.'), description
+
+
+def test_list_fields_on_the_command_line(layered, tmp_path):
+  """transforms as JSON, partition_rules as a Python literal, over a config file that sets neither."""
+  result = command('--config=configs/identity.py', f'--config.input.path={layered[0]}',
+                   f'--config.output.path={tmp_path / "out"}', '--config.dry_run=True',
+                   '--config.transforms=[{"op": "drop_optimizer"}, {"op": "add", "path": "new/kernel", '
+                   '"shape": [8, 4], "init": "ones"}]',
+                   "--config.partition_rules=[('new/kernel', (None, 'model'))]")
+  assert result.returncode == 0, result.stderr[-3000:]
+  planned = [line.strip() for line in result.stdout.splitlines() if line.startswith('  ')]
+  new_kernel, = [line for line in planned if line.startswith('params/new/kernel ')]
+  assert new_kernel.startswith("params/new/kernel (8, 4) float32 ") and "(None, 'model')" in new_kernel
+  assert not [line for line in planned if line.startswith('opt_state/')]
+  assert 'op 0 (drop_optimizer)' in result.stdout
+  assert not (tmp_path / 'out').exists()
+
+
+def test_readme_config_example_is_a_config_the_job_takes(tmp_path):
+  readme = (REPO / 'README.md').read_text()
+  section = readme[readme.index('## Write your own config'):]
+  block = section[section.index('    """'):section.index('\nAdd `--config.dry_run')]
+  (tmp_path / 'my_surgery.py').write_text('\n'.join(line[4:] for line in block.splitlines()))
+  config = cli.load_config(str(tmp_path / 'my_surgery.py'))
+  config.input.path, config.dry_run = 'IN', True
+  config = config_lib.resolve(config)
+  assert [label for label, _ in transforms.build(config.transforms)] == [
+      'op 0 (rename)', 'op 1 (add)', 'op 2 (drop_optimizer)', 'op 3 (cast)']
+  assert config.partition_rules == [('probe/kernel', (None, 'model'))]
