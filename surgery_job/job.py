@@ -50,6 +50,7 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   """Runs the surgery `user_config` describes on each input step it names, one after another,
   each committed on its own; returns their reports (none for a dry run)."""
   config = config_lib.resolve(user_config)
+  transforms.build(config.transforms)  # A bad op fails here, before any checkpoint is read.
   # 64-bit leaves (int64 counters, float64 numpy arrays) pass through bit for bit only with x64 on;
   # every op names the dtypes it creates, so nothing else changes.
   jax.config.update('jax_enable_x64', True)

@@ -24,6 +24,12 @@ CASES = {
     'missing_op': ({'transforms': [dict(pattern='x')]}, [], "op 0: missing field 'op'"),
     'unknown_config_field': ({'transforms': [], 'dryrun': True}, [], "unknown field 'dryrun'"),
     'mistyped_override': ({'transforms': []}, ['--config.output.step=abc'], 'output.step'),
+    'misspelled_op': ({'transforms': [dict(op='reshap', pattern='head/kernel', shape=[96])]}, [],
+                      "op 0 (reshap): unknown op; did you mean 'reshape'? (known: rename, drop, "),
+    'pattern_written_as_full_key': (
+        {'transforms': [dict(op='drop', pattern='params/head/.*')]}, [],
+        "op 0 (drop): pattern 'params/head/.*' matches no parameter; patterns are relative to "
+        "params_root 'params'; `/params/head/.*` matches 2 keys"),
     'pattern_matches_nothing': ({'transforms': [EMBED_PAD, dict(op='drop', pattern='nope/.*')]}, [],
                                 "op 1 (drop): pattern 'nope/.*' matches no parameter"),
     'rename_collision': ({'transforms': [dict(op='rename', pattern='head/bias', replacement='head/kernel')]}, [],
@@ -162,3 +168,10 @@ def test_output_inside_input(layered, tmp_path):
   assert_refused(_paths_outcome(in_path, out), f'output.path {out} is inside input.path {in_path}')
   assert not out.exists()
   assert digest(in_path) == before
+
+
+def test_a_bad_op_is_refused_before_the_input_is_read(tmp_path):
+  """The ops are checked before the input path is even looked at."""
+  assert_refused(outcome({'transforms': [dict(op='dorp', pattern='x')],
+                          'input': {'path': str(tmp_path / 'nowhere')}, 'output': {'path': str(tmp_path / 'out')}}),
+                 "op 0 (dorp): unknown op; did you mean 'drop'?")

@@ -1,6 +1,7 @@
 """The ops a config's `transforms` list may name, and their construction from config dicts."""
 
 import collections.abc
+import difflib
 import inspect
 import numbers
 import typing
@@ -10,7 +11,7 @@ from absl import logging
 
 from surgery_job.errors import SurgeryError
 from surgery_job.transforms import heads, layers, optimizer, shape, structure, values
-from surgery_job.transforms.core import Leaf, Op, State
+from surgery_job.transforms.core import Leaf, NoMatch, Op, State, as_full_key
 
 OPS = {
     'rename': structure.rename,
@@ -75,7 +76,9 @@ def build(transforms: Sequence[Mapping[str, Any]]) -> list[tuple[str, Op]]:
     if name is None:
       raise SurgeryError(f"op {index}: missing field 'op'")
     if not isinstance(name, str) or name not in OPS:
-      raise SurgeryError(f'{label}: unknown op (known: {", ".join(OPS)})')
+      closest = difflib.get_close_matches(name, OPS, n=1) if isinstance(name, str) else []
+      raise SurgeryError(f'{label}: unknown op' + (f'; did you mean {closest[0]!r}?' if closest else '')
+                         + f' (known: {", ".join(OPS)})')
     parameters = inspect.signature(OPS[name]).parameters
     hints = typing.get_type_hints(OPS[name])
     for field, value in fields.items():
@@ -107,6 +110,8 @@ def apply(ops: Sequence[tuple[str, Op]], state: State, touched: list | None = No
   for label, op in ops:
     try:
       after = op(state)
+    except NoMatch as e:
+      raise SurgeryError(f'{label}: {e}{as_full_key(state, e.pattern)}') from None
     except SurgeryError as e:
       raise e.within(label) from None
     except Exception as e:  # pylint: disable=broad-except

@@ -114,6 +114,15 @@ def _from_view(view: State) -> State:
   return State(params, mirrors, others, view.params_root)
 
 
+class NoMatch(SurgeryError):
+  """A pattern that matches nothing; `pattern` for `as_full_key`."""
+
+  def __init__(self, pattern: str):
+    super().__init__(f'pattern {pattern!r} matches no ' + (
+        'key of the checkpoint' if pattern.startswith(FULL) else 'parameter'))
+    self.pattern = pattern
+
+
 def matches(tree: Mapping[str, Leaf], pattern: str, allow_empty: bool = False) -> list[tuple[str, re.Match]]:
   """(key, match) of every key that `pattern` fully matches, in tree order."""
   try:
@@ -122,9 +131,21 @@ def matches(tree: Mapping[str, Leaf], pattern: str, allow_empty: bool = False) -
     raise SurgeryError(f'bad pattern {pattern!r}: {e}') from None
   found = [(key, m) for key in tree if (m := regex.fullmatch(key))]
   if not found and not allow_empty:
-    raise SurgeryError(f'pattern {pattern!r} matches no ' + (
-        'key of the checkpoint' if pattern.startswith(FULL) else 'parameter'))
+    raise NoMatch(pattern)
   return found
+
+
+def as_full_key(state: State, pattern: str) -> str:
+  """What a relative pattern that matched nothing matches as a full key: a key copied from
+  `surgery-job-inspect`, which shows full keys, holds params_root too. '' when nothing."""
+  if pattern.startswith(FULL) or state.full_keys or not state.params_root:
+    return ''
+  regex = re.compile(FULL + pattern)
+  found = sum(1 for key in _to_view(state).params if regex.fullmatch(key))
+  if not found:
+    return ''
+  return (f'; patterns are relative to params_root {state.params_root!r}; `{FULL}{pattern}` matches '
+          f'{found} key{"s" if found > 1 else ""}')
 
 
 def expand(match: re.Match, template: str) -> str:
