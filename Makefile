@@ -1,6 +1,7 @@
 # make demo: set up .venv, write the example CNN checkpoint, run a serving export on it.
 # make test: set up .venv and run the whole test suite.
 # make test-fast: the edit-test loop: tests that start no second JAX process, cluster or emulator.
+# make lint: ruff (pyflakes' errors, sorted imports) and mypy over surgery_job/, in seconds.
 # make readme: the README's tables of fields and exit codes, made again from surgery_job/config.py.
 PYTHON ?= python3
 VENV := .venv
@@ -33,7 +34,11 @@ FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetenso
 test-fast: setup
 	$(BIN)/python -m pytest -q $(FAST_TESTS)
 
+lint: setup
+	$(BIN)/ruff check surgery_job tests configs bench
+	$(BIN)/mypy surgery_job
+
 readme: setup
 	$(BIN)/python -m surgery_job.usage --readme README.md
 
-.PHONY: setup demo test test-fast readme
+.PHONY: setup demo test test-fast lint readme

@@ -23,6 +23,7 @@ setup(
         # The Llama tests compare with transformers' forward pass. Exactly this torch: its CPU
         # wheel is on the machine image; any other version downloads a CUDA build of several GB.
         'torch==2.13.0', 'transformers==5.24.0',
+        'ruff==0.17.5', 'mypy==2.4.1',  # make lint: exactly these, so a new release cannot fail it.
     ]},
     entry_points={'console_scripts': [
         'surgery-job=surgery_job.main:run',

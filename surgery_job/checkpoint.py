@@ -286,9 +286,9 @@ def read_error(error: Exception, item_dir: paths.Path) -> str:
   if any(isinstance(e, json.JSONDecodeError) for e in causes):
     return f'damaged checkpoint metadata file {item_dir / "_METADATA"}: {error}'
   if any(isinstance(e, (KeyError, AttributeError, TypeError, RecursionError)) for e in causes):
-    found = _metadata_problem(item_dir, any(isinstance(e, RecursionError) for e in causes))
-    if found:
-      return found
+    problem = _metadata_problem(item_dir, any(isinstance(e, RecursionError) for e in causes))
+    if problem:
+      return problem
   texts = [str(e) for e in causes]
   for text in texts:
     # A file tensorstore names (an OCDBT database is named by its folder, with a final '/').

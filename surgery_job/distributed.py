@@ -99,7 +99,7 @@ def wait_ready(tree: Any) -> Any:
   # The wait starts short and doubles: most programs here (a digest, a small leaf's transform)
   # finish within microseconds, and a fixed 5 ms per wait cost 6 ms a leaf.
   pause = 1e-5
-  while not all(x.is_ready() for x in leaves):
+  while not all(x.is_ready() for x in leaves):  # type: ignore[attr-defined]  # Not in its stub.
     time.sleep(pause)
     pause = min(2 * pause, 0.005)
   return tree

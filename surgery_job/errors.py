@@ -31,7 +31,7 @@ def ignore_reads_after_a_failed_restore() -> None:
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == 'Event loop is closed'):
       default_hook(unraisable)
-  hook.ignores_closed_loop = True
+  hook.ignores_closed_loop = True  # type: ignore[attr-defined]  # A mark on the function.
   sys.unraisablehook = hook
 
 

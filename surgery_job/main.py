@@ -98,7 +98,8 @@ def _lay_over_defaults(load_file):
   return parse
 
 
-flags.FLAGS['config'].parser.parse = _lay_over_defaults(flags.FLAGS['config'].parser.parse)
+_CONFIG_PARSER = flags.FLAGS['config'].parser
+_CONFIG_PARSER.parse = _lay_over_defaults(_CONFIG_PARSER.parse)  # type: ignore[method-assign]
 
 
 def _quiet_orbax() -> None:

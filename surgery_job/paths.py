@@ -11,7 +11,7 @@ promise, so the lock is the same code on both.
 
 import os
 import shutil
-from typing import Union
+from typing import TypeAlias, Union
 
 import fsspec
 import tensorstore as ts
@@ -61,7 +61,7 @@ class _ObjectStorePath(epath.gpath.PosixGPath):
     return _OBJECT_STORE_BACKEND
 
 
-Path = epath.Path
+Path: TypeAlias = epath.Path
 
 # Orbax 0.12.8 has no array path for these (it fails with "Checkpoint path should be absolute").
 _UNSUPPORTED = {'s3://': 'Orbax has no s3:// array path in this version (tensorstore\'s s3 driver '

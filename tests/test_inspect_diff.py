@@ -15,7 +15,7 @@ import pytest
 import checkpoints
 import write_steps
 from jobs import REPO, job_env, launch, ok, run_job, write_config
-from test_items import composite  # pylint: disable=unused-import
+from test_items import composite  # noqa: F401  (a fixture)
 
 from surgery_job import cli, diff, inspect, saved_leaves
 

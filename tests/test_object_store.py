@@ -16,7 +16,7 @@ from jobs import REPO, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input
 from test_ops import SPLIT, STACK, bf16
 from test_safety import start_paused
-from test_scheduled import SERVING, expected, trained  # pylint: disable=unused-import
+from test_scheduled import SERVING, expected, trained  # noqa: F401  (trained: a fixture)
 
 from surgery_job import checkpoint
 from surgery_job.errors import SurgeryError

@@ -7,7 +7,7 @@ from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler
 from orbax.checkpoint._src.serialization.async_io_engine import BatchRequest
 
 from surgery_job import orbax_speedups
-from surgery_job.formats import orbax  # pylint: disable=unused-import  # Its writer installs them.
+from surgery_job.formats import orbax  # noqa: F401  # Its writer installs them.
 
 
 def request(handler, keys):

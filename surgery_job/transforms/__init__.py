@@ -5,7 +5,7 @@ import difflib
 import inspect
 import numbers
 import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 
@@ -13,7 +13,7 @@ from surgery_job.errors import SurgeryError
 from surgery_job.transforms import heads, layers, optimizer, shape, structure, values
 from surgery_job.transforms.core import Leaf, NoMatch, Op, State, as_full_key
 
-OPS = {
+OPS: dict[str, Callable[..., Op]] = {
     'rename': structure.rename,
     'drop': structure.drop,
     'keep': structure.keep,
