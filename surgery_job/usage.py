@@ -66,13 +66,19 @@ def op_signature(name: str) -> str:
   return f'{name}({", ".join(fields)})'
 
 
+def first_sentence(doc: str | None) -> str:
+  """A docstring's first sentence, on one line."""
+  paragraph = ' '.join((doc or '').split('\n\n')[0].split())
+  return re.split(r'(?<=\.)\s', paragraph, maxsplit=1)[0]
+
+
 def op_summary(name: str) -> str:
-  return (inspect.getdoc(transforms.OPS[name]) or '').split('\n')[0]
+  return first_sentence(inspect.getdoc(transforms.OPS[name]))
 
 
 def ready_configs() -> dict[str, str]:
-  """{file name: the first line of its docstring} of configs/*.py, where the checkout has them."""
-  return {path.name: (ast.get_docstring(ast.parse(path.read_text())) or '').split('\n')[0]
+  """{file name: its docstring's first sentence} of configs/*.py, where the checkout has them."""
+  return {path.name: first_sentence(ast.get_docstring(ast.parse(path.read_text())))
           for path in sorted(CONFIGS.glob('*.py'))}
 
 
