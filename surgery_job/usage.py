@@ -95,21 +95,18 @@ def text(job_flags: Iterable[tuple[str, Any, str]]) -> str:
             for name, value in config_lib.field_defaults().items()]
   configs = ready_configs()
   lines = [
-      'surgery-job: checkpoint surgery for JAX/Flax/Orbax, sharded over every host. It restores a',
-      "checkpoint with its shardings, runs a config's ops on it under jax.jit, writes the result "
-      'beside',
-      'OUT, checks every leaf of it bit for bit, and only then renames it into place.',
+      'surgery-job: sharded checkpoint surgery for JAX/Flax/Orbax. It restores a checkpoint on every',
+      "host, runs a config's ops under jax.jit, writes the result, checks every leaf bit for bit, commits.",
       '',
       'Usage: surgery-job --config=CONFIG.py[:ARG] [--config.FIELD=VALUE ...]',
+      "Example, make demo's serving export (--config.dry_run=True prints the plan, writes nothing):",
       f'  {_EXAMPLE}',
-      '  (add --config.dry_run=True to print the plan and write nothing)',
       '',
-      'Fields (--config.FIELD=VALUE; a list such as transforms or partition_rules takes a Python or '
-      'JSON literal):',
+      'Fields (--config.FIELD=VALUE; a list field takes a Python or JSON literal):',
       *_columns(fields),
       '',
-      "Ops (each entry of transforms: {'op': NAME, FIELD: VALUE, ...}; patterns are regexes on keys "
-      'under params_root, or on full keys when they start with /):',
+      "Ops (a transforms entry is {'op': NAME, FIELD: VALUE, ...}; patterns are regexes on the keys",
+      "under params_root, or on full keys when they start with '/'):",
       *(f'  {op_signature(name)}\n      {op_summary(name)}'.rstrip() for name in transforms.OPS),
   ]
   if configs:

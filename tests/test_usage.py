@@ -24,7 +24,7 @@ def test_help_names_every_field_op_ready_config_and_exit_code():
   assert result.returncode == 0, result.stderr
   assert not any(line in result.stderr for line in JAX_STARTED), result.stderr
   lines = result.stdout.splitlines()
-  assert lines[0].startswith('surgery-job: checkpoint surgery for JAX/Flax/Orbax')
+  assert lines[0].startswith('surgery-job: sharded checkpoint surgery for JAX/Flax/Orbax.')
   assert ('  surgery-job --config=configs/params_only_bf16.py --config.input.path=demo_out/cnn '
           '--config.output.path=demo_out/cnn_serving') in lines
   fields = {line.split()[0]: ' '.join(line.split()) for line in lines
