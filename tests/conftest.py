@@ -5,6 +5,7 @@ import atexit
 import os
 import re
 import shutil
+import signal
 import tempfile
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
@@ -18,6 +19,9 @@ atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _COMPILATION_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+# A suite started in the background of a script inherits SIGINT ignored, and so would every job it
+# starts (the job keeps an ignored SIGINT ignored, as under nohup): the Ctrl-C tests need it to arrive.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # pylint: disable=wrong-import-position
 
