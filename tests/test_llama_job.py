@@ -251,3 +251,20 @@ def test_refusals_in_one_line_with_nothing_written(hf_folder, tmp_path, case):
   config.input.path, config.output.path = str(tmp_path / 'in'), str(out)
   assert outcome(config) == f'error: {expected}'
   assert not out.exists()
+
+
+@pytest.mark.parametrize('extra', [False, True], ids=['input config.json', 'extra_files wins'])
+def test_a_safetensors_input_keeps_its_config_json(hf_folder, tmp_path, extra):
+  folder, tensors, _ = hf_folder
+  out = tmp_path / 'out'
+  (tmp_path / 'config.json').write_text('{"model_type": "llama", "given": true}')
+  config = ready('export_safetensors')
+  config.transforms = [dict(op='cast', pattern='.*', dtype='bfloat16')]
+  config.input.path, config.output.path = str(folder), str(out)
+  config.output.hf_config = {'dtype': 'bfloat16'}
+  config.output.extra_files = [str(tmp_path / 'config.json')] if extra else []
+  assert outcome(config) == 'ok'
+  written = json.loads((out / 'config.json').read_text())
+  original = json.loads((folder / 'config.json').read_text())
+  assert written == ({'model_type': 'llama', 'given': True} if extra else {**original, 'dtype': 'bfloat16'})
+  assert_bit_equal(hf_files(out), {k: v.astype(jax.numpy.bfloat16) for k, v in tensors.items()})
