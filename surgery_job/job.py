@@ -455,7 +455,8 @@ def _output(config, source: checkpoint.Location) -> output.Target | None:
   without steps give an output step."""
   stepless = source.step is None and config.output.item is None
   if stepless and config.output.step is not None:
-    raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
+    raise SurgeryError('output.step is set but the input is a single PyTree checkpoint (with '
+                       'output.item set too, the output is that step)')
   if source.items and config.output.item is not None:
     raise SurgeryError(f'output.item is {config.output.item!r} but the input step has several '
                        f'items ({", ".join(source.items)}): set input.item to convert one')
