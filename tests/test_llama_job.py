@@ -9,6 +9,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -20,6 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import checkpoints
 import llama_reference as ref
 from jobs import REPO, launch, ok, outcome, run_job
+from surgery_job import plan, transforms, tree
+from surgery_job.families import llama
+from surgery_job.transforms import Leaf
 from test_llama import checkpoint as maxtext_checkpoint, random_maxtext
 
 TOLERANCE = 1e-4
@@ -207,7 +211,7 @@ def test_import_unscanned_in_bfloat16_by_default(hf_folder, tmp_path):
   imported = maxtext_params(out / '0' / 'items')
   assert imported.pop('step') == 0
   expected = ref.hf_to_maxtext(tensors, 'interleaved', scanned=False)
-  assert_bit_equal(imported, {k: v.astype(jax.numpy.bfloat16) for k, v in expected.items()})
+  assert_bit_equal(imported, {k: v.astype(jnp.bfloat16) for k, v in expected.items()})
 
 
 @pytest.mark.parametrize('case', ['config.json disagrees', 'tied embedding', 'no config.json',
@@ -267,4 +271,20 @@ def test_a_safetensors_input_keeps_its_config_json(hf_folder, tmp_path, extra):
   written = json.loads((out / 'config.json').read_text())
   original = json.loads((folder / 'config.json').read_text())
   assert written == ({'model_type': 'llama', 'given': True} if extra else {**original, 'dtype': 'bfloat16'})
-  assert_bit_equal(hf_files(out), {k: v.astype(jax.numpy.bfloat16) for k, v in tensors.items()})
+  assert_bit_equal(hf_files(out), {k: v.astype(jnp.bfloat16) for k, v in tensors.items()})
+
+
+def test_the_notes_say_when_the_query_scale_is_not_exact_in_binary():
+  sizes = llama.Sizes(embed=16, layers=1, q_heads=2, kv_heads=1, head_dim=8, mlp=32, vocab=16)
+  letters = sizes.letters()
+  leaves = {key: Leaf(jnp.ones([letters[letter] for letter in template.split()], jnp.float32), None)
+            for key, template in llama.hf_shapes(sizes).items()}
+  config_json = llama.hf_config_json(sizes, 'halves')
+  state = plan.run_state(transforms.build([dict(op='llama_from_hf', dtype='float32')]),
+                         tree.find_layout(list(leaves), None), leaves, model_config=config_json)
+  assert state.model_config is None
+  assert state.notes == (
+      'llama_from_hf: Hugging Face Llama, config.json agrees with the tensors: vocab 16, hidden 16, 1 '
+      'layers, 2 query heads, 1 kv heads, head_dim 8, mlp 32; rotary halves -> interleaved; query x '
+      '1/sqrt(8), not exact in binary: sqrt(8) is not a power of two, so a round trip changes low '
+      'bits; scanned Linen layout, float32',)
