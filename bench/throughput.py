@@ -2,7 +2,7 @@
 
   .venv/bin/python bench/throughput.py [--dir=/tmp/surgery_throughput] [--gib=1] [--runs=3]
                                        [--leaves=100,1000,10000] [--moments=trained]
-                                       [--safetensors_budget_gb=0.1]
+                                       [--safetensors_budget_gb=0.1] [--llama_gib=1] [--llama_only]
 
 Builds a float32 checkpoint of `--gib` GiB: params (4 large matrices, many small ones) and their
 optax Adam state (after one step from random gradients, or `--moments=zeros` as `init` leaves it,
@@ -17,7 +17,12 @@ A safetensors table times the export of the params (a third of the checkpoint):
   (e) naive: restore everything, `np.asarray` every param, `safetensors.numpy.save_file`;
   (f) the job, `configs/export_safetensors.py` (validated), with the default budget and with
       `--safetensors_budget_gb`, its peak RSS next to that budget.
-A second table times (b) on checkpoints of the same size cut into `--leaves` leaves. A third runs
+A Llama table exports a MaxText Llama checkpoint of `--llama_gib` GiB (Linen params, scanned, the
+layers and sizes of a small Llama with grouped-query attention) to a Hugging Face folder:
+  (g) naive: restore everything, numpy per tensor (HF.md's formulas), `safetensors.numpy.save_file`;
+  (h) the job, `configs/maxtext_llama_to_hf.py` (validated), with the default budget and with
+      `--safetensors_budget_gb`.
+`--llama_only` runs that table alone. A second table times (b) on checkpoints of the same size cut into `--leaves` leaves. A third runs
 (b) with no `memory.host_budget_gb` under a faked cgroup limit of `--cgroup_gb` GB, so that the
 default budget it picks cuts the checkpoint into groups, and compares its peak RSS with 1.5x that
 budget plus the runtime's fixed cost (the peak RSS of the job on a tiny checkpoint).
@@ -104,6 +109,71 @@ NAIVE_SAFETENSORS = textwrap.dedent('''
     save_file(flat, f'{target}/model.safetensors', metadata={'format': 'pt'})
 ''')
 
+# A MaxText Llama (Linen, scanned: layers on axis 1) of about `gib` GiB of float32 params, each
+# leaf's first axis sharded over the 8 devices where it divides.
+BUILD_LLAMA = textwrap.dedent('''
+    import sys
+    import jax, numpy as np, orbax.checkpoint as ocp
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    path, gib = sys.argv[1], float(sys.argv[2])
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    e, nq, nkv, d, f, v = (1024, 16, 8, 64, 2816, 32000) if gib >= 0.25 else (64, 4, 2, 16, 128, 256)
+    per_layer = 2 * e * nq * d + 2 * e * nkv * d + 3 * e * f + 2 * e
+    layers = max(1, round((gib * 2**30 / 4 - 2 * v * e - e) / per_layer))
+    shapes = {'token_embedder/embedding': (v, e), 'decoder/decoder_norm/scale': (e,),
+              'decoder/logits_dense/kernel': (e, v)}
+    layer = {'pre_self_attention_layer_norm/scale': (e, layers), 'post_self_attention_layer_norm/scale': (e, layers),
+             'self_attention/query/kernel': (e, layers, nq, d), 'self_attention/key/kernel': (e, layers, nkv, d),
+             'self_attention/value/kernel': (e, layers, nkv, d), 'self_attention/out/kernel': (nq, layers, d, e),
+             'mlp/wi_0/kernel': (e, layers, f), 'mlp/wi_1/kernel': (e, layers, f), 'mlp/wo/kernel': (f, layers, e)}
+    shapes.update({f'decoder/layers/{k}': s for k, s in layer.items()})
+    rng = np.random.default_rng(0)
+    params = {}
+    for key, shape in shapes.items():
+      spec = P(('data', 'model')) if shape[0] % 8 == 0 else P()
+      value = jax.device_put(rng.standard_normal(shape, np.float32) / 16, NamedSharding(mesh, spec))
+      node = params
+      for part in key.split('/')[:-1]:
+        node = node.setdefault(part, {})
+      node[key.split('/')[-1]] = value
+    with ocp.CheckpointManager(path) as manager:
+      manager.save(1, args=ocp.args.Composite(items=ocp.args.StandardSave(
+          {'params': {'params': params}, 'step': np.asarray(1, np.int32)})),
+          custom_metadata={'scan_layers': True})
+      manager.wait_until_finished()
+    print(layers, sum(np.prod(s) * 4 for s in shapes.values()))
+''')
+
+# MaxText's exporter: every param restored on one host, HF.md's numpy formulas, one save_file.
+NAIVE_LLAMA = textwrap.dedent('''
+    import json, os, sys
+    import numpy as np, orbax.checkpoint as ocp
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+    source, target = sys.argv[1], sys.argv[2]
+    with ocp.CheckpointManager(source, item_names=('items',)) as manager:
+      state = manager.restore(1, args=ocp.args.Composite(items=ocp.args.StandardRestore()))['items']
+    p = {k: np.asarray(x) for k, x in traverse_util.flatten_dict(state['params']['params'], sep='/').items()}
+    e, d = p['token_embedder/embedding'].shape[1], p['decoder/layers/self_attention/query/kernel'].shape[-1]
+    halves = lambda x: np.concatenate([x[..., 0::2], x[..., 1::2]], -1)
+    out = {'model.embed_tokens.weight': p['token_embedder/embedding'], 'model.norm.weight': p['decoder/decoder_norm/scale'],
+           'lm_head.weight': p['decoder/logits_dense/kernel'].T}
+    names = {'pre_self_attention_layer_norm/scale': 'input_layernorm', 'post_self_attention_layer_norm/scale':
+             'post_attention_layernorm', 'mlp/wi_0/kernel': 'mlp.gate_proj', 'mlp/wi_1/kernel': 'mlp.up_proj',
+             'mlp/wo/kernel': 'mlp.down_proj'}
+    for i in range(p['decoder/layers/self_attention/query/kernel'].shape[1]):
+      layer = {k[len('decoder/layers/'):]: x[:, i] for k, x in p.items() if k.startswith('decoder/layers/')}
+      hf = {f'{n}.weight': layer[k].T for k, n in names.items()}
+      hf['self_attn.q_proj.weight'] = halves(layer['self_attention/query/kernel'] * np.float32(np.sqrt(d))).reshape(e, -1).T
+      hf['self_attn.k_proj.weight'] = halves(layer['self_attention/key/kernel']).reshape(e, -1).T
+      hf['self_attn.v_proj.weight'] = layer['self_attention/value/kernel'].reshape(e, -1).T
+      hf['self_attn.o_proj.weight'] = layer['self_attention/out/kernel'].reshape(-1, e).T
+      out.update({f'model.layers.{i}.{n}': x for n, x in hf.items()})
+    os.makedirs(target)
+    save_file({k: np.ascontiguousarray(x) for k, x in out.items()}, f'{target}/model.safetensors',
+              metadata={'format': 'pt'})
+''')
+
 RENAME = textwrap.dedent('''
     import ml_collections
     def get_config():
@@ -155,10 +225,15 @@ def main() -> None:
   parser.add_argument('--safetensors_budget_gb', type=float, default=0.1)
   parser.add_argument('--moments', choices=('trained', 'zeros'), default='trained',
                       help="Adam's moments after one step, or as `init` leaves them (zstd packs zeros)")
+  parser.add_argument('--llama_gib', type=float, default=1.0)
+  parser.add_argument('--llama_only', action='store_true', help='the Llama export table alone')
   args = parser.parse_args()
   root = Path(args.dir)
   shutil.rmtree(root, ignore_errors=True)
   root.mkdir(parents=True)
+  if args.llama_only:
+    llama_rows(root, root / 'out', args)
+    return
   (root / 'rename.py').write_text(RENAME)
   (root / 'naive.py').write_text(NAIVE)
   source, out = root / 'in', root / 'out'
@@ -192,6 +267,7 @@ def main() -> None:
     shutil.rmtree(many)
 
   safetensors_rows(root, source, out, size, args)
+  llama_rows(root, out, args)
   default_budget(root, source, out, args)
 
 
@@ -221,6 +297,32 @@ def safetensors_rows(root: Path, source: Path, out: Path, size: int, args) -> No
   for name, row in rows.items():
     print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | "
           f"{phases(row)} |")
+
+
+def llama_rows(root: Path, out: Path, args) -> None:
+  """(g) and (h): a MaxText Llama exported to Hugging Face, gathered on one host or not."""
+  source = root / 'llama'
+  built = subprocess.run([sys.executable, '-c', BUILD_LLAMA, str(source), str(args.llama_gib)],
+                         env=ENV, capture_output=True, text=True, check=True).stdout.split()
+  layers, size = int(built[0]), int(built[1])
+  (root / 'naive_llama.py').write_text(NAIVE_LLAMA)
+  export = job(f'{REPO / "configs" / "maxtext_llama_to_hf.py"}', source, out)
+  budget = args.safetensors_budget_gb
+  rows = median_runs({
+      '(g) naive: restore all, numpy formulas, save_file': [
+          sys.executable, str(root / 'naive_llama.py'), str(source), str(out)],
+      '(h) job, maxtext_llama_to_hf': export,
+      f'(h) job, maxtext_llama_to_hf, budget {budget} GB': [
+          *export, f'--config.memory.host_budget_gb={budget}'],
+  }, out, args.runs)
+  print(f'\nMaxText Llama ({layers} layers, {size / GIB:.2f} GiB float32) to Hugging Face, median of '
+        f'{args.runs}\n')
+  print('| run | wall s | peak RSS GiB | groups | phases (s) |')
+  print('|---|---|---|---|---|')
+  for name, row in rows.items():
+    print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | "
+          f"{phases(row)} |")
+  shutil.rmtree(source)
 
 
 def default_budget(root: Path, source: Path, out: Path, args) -> None:

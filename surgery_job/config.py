@@ -33,7 +33,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.output.max_shard_size = config_dict.placeholder(object)
   config.output.key_separator = '.'  # Safetensors: what stands for '/' in tensor names.
   config.output.extra_files = []  # Safetensors: files copied into the step (config.json, tokenizer).
+  # Safetensors: config.json fields set over the one the ops made (llama_to_hf) or the input's.
+  config.output.hf_config = ml_collections.ConfigDict()
   config.output.step = config_dict.placeholder(int)  # None: the input's step.
+  # Orbax: the one item folder of the output step (MaxText loads `<step>/items`); with an input that
+  # has no steps, setting it makes the output step `output.step` (default 0). None: the input's.
+  config.output.item = config_dict.placeholder(str)
   config.output.overwrite = False  # False: refuse an existing output (step).
   config.output.wait_seconds = 0.0  # How long to wait for another run that holds the output's lock.
   config.output.lock_timeout_seconds = 60.0  # A lock silent this long is taken over.
@@ -67,7 +72,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   return config
 
 
-_FREE_FORM = ('output.custom_metadata',)  # Groups whose fields are the user's own.
+_FREE_FORM = ('output.custom_metadata', 'output.hf_config')  # Groups whose fields are the user's own.
 
 # Every field's meaning: (one line for `surgery-job --help`, more for the README's table). The
 # README's table is made from this one (`make readme`), so the two never disagree.
@@ -118,6 +123,15 @@ FIELD_DOCS = {
     'output.extra_files': (
         'safetensors: files copied into the step as they are',
         '`config.json`, tokenizer files, `generation_config.json`'),
+    'output.hf_config': (
+        'safetensors: config.json fields set over the one the ops made or the input folder had',
+        '`llama_to_hf` makes one, a Hugging Face input brings its own; `rope_theta` goes into '
+        '`rope_parameters`; the fields the shapes decide (`hidden_size`, heads, ...) are refused; an '
+        '`output.extra_files` config.json is written instead'),
+    'output.item': (
+        'Orbax: the one item folder of the output step; None: the input\'s',
+        '`items`, as MaxText loads `OUT/0/items`; with an input that has no steps (a Hugging Face '
+        'folder, a single PyTree) it makes the output step `output.step` (default 0)'),
     'output.overwrite': (
         'replace an existing output checkpoint, only after the new one validated',
         'of the same kind (a step by a step, a single checkpoint by a single one); never a folder '
@@ -216,6 +230,9 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
     raise SurgeryError(f"config: output.format must be 'orbax' or 'safetensors', "
                        f'got {config.output.format!r}')
   config.output.max_shard_size = shard_size(config.output.max_shard_size)
+  if config.output.item is not None and (not re.fullmatch(r'[\w.-]+', config.output.item)
+                                         or config.output.item in ('.', '..')):
+    raise SurgeryError(f'config: output.item must be a folder name, got {config.output.item!r}')
   for field in ('input.key_separator', 'output.key_separator'):
     group, name = field.split('.')
     if not config[group][name] or '/' in config[group][name]:

@@ -110,7 +110,7 @@ def _diff(a_path, b_path, config_spec, values, host_budget_gb) -> dict:
   b_leaves = b_reader.abstract_inputs(b, b_metadata, layout, mesh, config.partition_rules)
   # Without a config this is the empty surgery: every output is its input, passed through.
   plan = plan_lib.make_plan(transforms.build(config.transforms), layout, a_inputs, mesh,
-                            config.partition_rules)
+                            config.partition_rules, a_reader.model_config(a))
   expected = {k: _describe(leaf.shape, leaf.dtype, leaf.spec) for k, leaf in plan.outputs.items()}
   if not b_reader.RECORDS_SHARDINGS:
     # B has no specs of its own to compare: each leaf is taken as A's mapped spec for it.

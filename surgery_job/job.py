@@ -1,6 +1,7 @@
 """The surgery job, phase by phase: read, mesh, plan, restore, transform, write, validate, commit."""
 
 import contextlib
+import dataclasses
 import json
 import time
 from typing import Callable
@@ -14,6 +15,7 @@ from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as c
                          plan as plan_lib, report as report_lib, sharding, stopping,
                          transforms, tree, validate)
 from surgery_job.errors import SurgeryError
+from surgery_job.families import hf_config
 from surgery_job.progress import Progress
 
 
@@ -198,7 +200,11 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   with phases('plan'):
     inputs = reader.abstract_inputs(source, metadata, layout, mesh, config.partition_rules)
     plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
-                              config.partition_rules)
+                              config.partition_rules, reader.model_config(source))
+    plan = _with_hf_config(plan, config.output)
+    if jax.process_index() == 0:
+      for note in plan.notes:
+        logging.info('%s', note)
     try:
       out_skeleton = tree.with_sequences(skeleton, config.output.sequences, list(plan.outputs))
     except ValueError as e:
@@ -258,7 +264,7 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups,
   barrier('staged')
   writer = formats.writer(config.output.format).Writer(
       staging.checkpoint, source, barrier, config.output,
-      {k: plan.abstract_output(k) for k in plan.outputs}, skeletons[1])
+      {k: plan.abstract_output(k) for k in plan.outputs}, skeletons[1], plan.model_config)
   resumed = {}
   if state == 'resume':
     written = staging.written_groups()
@@ -429,10 +435,31 @@ def _validate(writer, written_trees, unit_dir: paths.Path, plan: plan_lib.Plan, 
     raise BadStagedOutput(f'validation failed: {len(bad)} leaves differ on disk, first {bad[0]!r}')
 
 
+def _with_hf_config(plan: plan_lib.Plan, output_config) -> plan_lib.Plan:
+  """`plan` with `output.hf_config` set over the config.json its ops leave."""
+  overrides = output_config.hf_config.to_dict()
+  if not overrides:
+    return plan
+  if plan.model_config is None:
+    raise SurgeryError('config: output.hf_config is set but there is no config.json to set it in: '
+                       'no op makes one (llama_to_hf) and the input has none')
+  try:
+    model_config = hf_config.with_overrides(plan.model_config, overrides)
+  except SurgeryError as e:
+    raise SurgeryError(f'config: output.{e}') from None
+  return dataclasses.replace(plan, model_config=model_config)
+
+
 def _output(config, source: checkpoint.Location) -> output.Target | None:
-  """Where the output goes; None for a dry run without output.path."""
-  if source.step is None and config.output.step is not None:
-    raise SurgeryError('output.step is set but the input is a single PyTree checkpoint')
+  """Where the output goes; None for a dry run without output.path. `output.item` makes an input
+  without steps give an output step."""
+  stepless = source.step is None and config.output.item is None
+  if stepless and config.output.step is not None:
+    raise SurgeryError('output.step is set but the input is a single PyTree checkpoint (with '
+                       'output.item set too, the output is that step)')
+  if source.items and config.output.item is not None:
+    raise SurgeryError(f'output.item is {config.output.item!r} but the input step has several '
+                       f'items ({", ".join(source.items)}): set input.item to convert one')
   if not config.output.path:
     return None
   out_root = paths.of(config.output.path, 'output.path')
@@ -441,12 +468,14 @@ def _output(config, source: checkpoint.Location) -> output.Target | None:
   if paths.inside(source.root, out_root):
     raise SurgeryError(f'input.path {source.root} is inside output.path {out_root}')
   _refuse_overlap(source, out_root)
-  if source.step is None:
+  if stepless:
     if config.output.custom_metadata:
       raise SurgeryError('output.custom_metadata is set but the input is a single PyTree '
                          'checkpoint, which has no step to record it in')
     return output.Target(out_root, None)
-  return output.Target(out_root, source.step if config.output.step is None else config.output.step)
+  if config.output.step is not None:
+    return output.Target(out_root, config.output.step)
+  return output.Target(out_root, 0 if source.step is None else source.step)
 
 
 def _refuse_overlap(source: checkpoint.Location, out_root: paths.Path) -> None:
@@ -480,6 +509,10 @@ def describe(plan: plan_lib.Plan, groups, source, target: output.Target | None) 
   for label, touched in plan.touched:
     lines.append(f'{label}: {len(touched)} keys: {", ".join(touched[:8])}'
                  f'{" ..." if len(touched) > 8 else ""}')
+  lines += [f'Model: {note}' for note in plan.notes]
+  if plan.model_config is not None:
+    lines.append(f'config.json: {len(plan.model_config)} fields, model_type '
+                 f'{plan.model_config.get("model_type")!r}; a safetensors output writes it')
   lines.append(f'Output leaves ({len(plan.outputs)}):')
   for key, leaf in plan.outputs.items():
     how = 'unchanged' if leaf.passthrough == key else f'from {", ".join(leaf.sources) or "nothing"}'

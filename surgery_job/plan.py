@@ -64,6 +64,9 @@ class Plan:
   outputs: dict[str, OutputLeaf]
   touched: list[tuple[str, list[str]]]  # (op label, keys it added, removed or changed).
   casts: tuple[CastLeaf, ...] = ()  # In the order the ops cast them.
+  source_model_config: dict[str, Any] | None = None  # The input's config.json, which ops may read.
+  model_config: dict[str, Any] | None = None  # The output's config.json, as the ops leave it.
+  notes: tuple[str, ...] = ()  # What model family ops found.
 
   @property
   def needed(self) -> list[str]:
@@ -152,10 +155,17 @@ def abstract_inputs(metadata: dict[str, Any], key_impls: dict[str, str],
   return inputs
 
 
-def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None) -> dict[str, Leaf]:
+def run_state(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None,
+              model_config: dict[str, Any] | None = None) -> State:
+  """The state after the ops; `model_config`: the input's config.json."""
   params, mirrors, others = layout.split(inputs)
-  state = transforms.apply(plan_ops, State(params, mirrors, others, layout.params_root), touched)
-  return assemble(layout, state)
+  return transforms.apply(plan_ops, State(params, mirrors, others, layout.params_root,
+                                          model_config=model_config), touched)
+
+
+def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None,
+            model_config: dict[str, Any] | None = None) -> dict[str, Leaf]:
+  return assemble(layout, run_state(plan_ops, layout, inputs, touched, model_config))
 
 
 def assemble(layout: tree.Layout, state: State) -> dict[str, Leaf]:
@@ -167,13 +177,17 @@ def assemble(layout: tree.Layout, state: State) -> dict[str, Leaf]:
 
 
 def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct], mesh: Mesh,
-              rules: Sequence[tuple[str, Any]]) -> Plan:
+              rules: Sequence[tuple[str, Any]], model_config: dict[str, Any] | None = None) -> Plan:
+  """`model_config`: the input's config.json, for the ops that read it."""
   in_specs = {k: x.sharding.spec for k, x in inputs.items()}
-  steps, specs, casts = [], {}, []
+  steps, specs, casts, final = [], {}, [], []
 
   def trace(values):
     with transforms.values.recording_casts() as records:
-      out = run_ops(ops, layout, {k: Leaf(values[k], in_specs[k]) for k in inputs}, steps)
+      state = run_state(ops, layout, {k: Leaf(values[k], in_specs[k]) for k in inputs}, steps,
+                        model_config)
+      final.append(state)
+      out = assemble(layout, state)
     specs.update({k: leaf.spec for k, leaf in out.items()})
     casts.extend(records)
     # Each cast's result is traced too: its sources say which group measures it.
@@ -200,7 +214,8 @@ def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct],
   cast_leaves = tuple(CastLeaf(r.key, r.dtype, r.allow_overflow, tuple(sorted(sources[name])))
                       for r, name in zip(casts, cast_keys))
   return Plan(mesh, layout, ops, inputs, outputs,
-              [(label, _diff(layout, a, b)) for label, a, b in steps], cast_leaves)
+              [(label, _diff(layout, a, b)) for label, a, b in steps], cast_leaves, model_config,
+              final[0].model_config, final[0].notes)
 
 
 def _check_keys(keys: list[str]) -> None:
@@ -271,7 +286,7 @@ def transform_fn(plan: Plan, group: Group):
     leaves = {k: Leaf(values[k] if k in values else jnp.zeros(x.shape, x.dtype), in_specs[k])
               for k, x in plan.inputs.items()}
     with transforms.values.recording_casts() as records:
-      out = run_ops(plan.ops, plan.layout, leaves)
+      out = run_ops(plan.ops, plan.layout, leaves, model_config=plan.source_model_config)
     return ({k: out[k].value for k in computed},
             {str(i): cast_errors.statistics(records[i].source, records[i].result) for i in measured})
 

@@ -39,6 +39,8 @@ def build(config, plan, groups, source, target, seconds: dict[str, float], finge
       'bytes_written': plan.bytes_written,
       'seconds': dict(seconds),
       'validation': {'ok': True, 'leaves_compared': len(plan.outputs)},
+      # What model family ops found, and the config.json that goes with the output's tensors.
+      'model': {'notes': list(plan.notes), 'config_json': plan.model_config},
   }
 
 
@@ -50,6 +52,7 @@ def summary(report: dict) -> str:
   lines = [f"{report['input']['path']} (step {report['input']['step']}) -> "
            f"{report['output']['path']} (step {report['output']['step']}) on mesh {report['mesh']}"]
   lines += [f"  {op['op']}: {len(op['touched'])} keys touched" for op in report['ops']]
+  lines += [f'  {note}' for note in (report.get('model') or {}).get('notes', [])]
   lines.append(f"  {len(report['leaves'])} leaves written in {len(report['groups'])} groups, {report['bytes_read']} bytes read, "
                f"{report['bytes_written']} bytes written, validated: {report['validation']['ok']}")
   casts = report.get('cast_errors') or {}

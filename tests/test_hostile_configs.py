@@ -78,6 +78,8 @@ VALID_OPS = {
     'split_heads': dict(pattern='layers_0/attn/qkv/kernel', axis=1, heads=4),
     'merge_heads': dict(pattern='layers_0/mlp/kernel', axis=0),
     'rotary': dict(pattern='layers_0/mlp/kernel', to='halves'),
+    'llama_to_hf': dict(rotary='halves'),
+    'llama_from_hf': dict(rotary='halves', scanned=False),
     'map': dict(pattern='head/bias', fn='jax.numpy:negative'),
     'reset_optimizer': dict(pattern='head/.*'),
     'drop_optimizer': dict(),

@@ -235,3 +235,13 @@ def test_map_may_reshape_a_leaf_without_moments():
   assert out.others['stats'].value.shape == (4,)
   with pytest.raises(SurgeryError, match="changed the shape of '/params/params/w'"):
     run([dict(op='map', pattern='/params/params/w', fn='jax.numpy:atleast_2d')], s)
+
+
+def test_a_cast_to_a_leafs_own_dtype_leaves_it_unmeasured():
+  # Nothing to lose, so nothing to measure: each measured cast costs the jitted program its statistics.
+  s = State({'a': Leaf(jnp.ones(2, jnp.float32), P()), 'b': Leaf(jnp.ones(2, jnp.bfloat16), P())}, {}, {})
+  with transforms.values.recording_casts() as records:
+    out = run([dict(op='cast', pattern='.*', dtype='float32')], s)
+  assert out.params['a'] is s.params['a']
+  assert out.params['b'].value.dtype == jnp.float32
+  assert [record.key for record in records] == ['b']

@@ -12,6 +12,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from surgery_job.errors import SurgeryError
+from surgery_job.families import hf_config
 from surgery_job.transforms.heads import ROTARY_LAYOUTS
 
 # MaxText path within a layer -> (HF name within a layer, MaxText shape of one layer, HF shape).
@@ -41,7 +42,7 @@ MAXTEXT_RMS_NORM_EPS = 1e-5
 # What config.json says of the rotary embedding when the job is not told: 'interleaved' is MaxText's
 # LLaMARotaryEmbedding with its default llama3.1 frequency scaling (as MaxText's exporter writes
 # llama3.1-8b), 'halves' its plain RotaryEmbedding at base.yml's theta.
-ROPE_DEFAULTS = {
+ROPE_DEFAULTS: dict[str, dict[str, Any]] = {
     'interleaved': dict(max_position_embeddings=131072, rope_parameters={
         'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
         'original_max_position_embeddings': 8192, 'rope_theta': 500000.0}),
@@ -342,28 +343,17 @@ def from_hf_transforms(sizes: Sizes, rotary: str, scanned: bool = True,
   return ops
 
 
-# Fields of config.json that the tensors' shapes decide.
-SHAPE_FIELDS = (*HF_FIELDS.values(), 'tie_word_embeddings')
-
-
 def hf_config_json(sizes: Sizes, rotary: str, overrides: Mapping[str, Any] | None = None,
                    dtype: str = 'float32') -> dict[str, Any]:
   """config.json of the LlamaForCausalLM with `sizes` (transformers 5.x fields): MaxText's RMSNorm
   epsilon, the rotary embedding's defaults (ROPE_DEFAULTS), then `overrides` for what shapes
   cannot tell (`rope_theta` sets rope_parameters' theta; token ids, max_position_embeddings...)."""
   _check_rotary(rotary)
-  overrides = dict(overrides or {})
-  for field in SHAPE_FIELDS:
-    if field in overrides:
-      raise SurgeryError(f'hf_config.{field}: the tensors decide it, not the config')
   if sizes.embed % sizes.q_heads:
     raise SurgeryError(f'hidden_size {sizes.embed} is not a multiple of the {sizes.q_heads} query heads, '
                        "which transformers' LlamaConfig refuses even with head_dim given")
   defaults = ROPE_DEFAULTS[rotary]
-  rope_parameters = dict(overrides.pop('rope_parameters', defaults['rope_parameters']))
-  if 'rope_theta' in overrides:
-    rope_parameters['rope_theta'] = float(overrides.pop('rope_theta'))
-  return {
+  return hf_config.with_overrides({
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
       'vocab_size': sizes.vocab,
@@ -376,13 +366,12 @@ def hf_config_json(sizes: Sizes, rotary: str, overrides: Mapping[str, Any] | Non
       'hidden_act': 'silu',
       'rms_norm_eps': MAXTEXT_RMS_NORM_EPS,
       'max_position_embeddings': defaults['max_position_embeddings'],
-      'rope_parameters': rope_parameters,
+      'rope_parameters': dict(defaults['rope_parameters']),
       'tie_word_embeddings': False,
       'attention_bias': False,
       'mlp_bias': False,
       'dtype': dtype,
-      **overrides,
-  }
+  }, overrides)
 
 
 def exact_in_binary(head_dim: int) -> bool:

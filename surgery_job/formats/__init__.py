@@ -2,8 +2,9 @@
 
 Every format module reads: `detect(path)` (whether `input.path` holds this format),
 `select_steps(path, step, exported)`, `locate(input_config, step)`, `read_metadata(source)`,
-`abstract_inputs(source, metadata, layout, mesh, rules)`, `restore(source, skeleton, targets)`
-and `held_bytes(source)`; `RECORDS_SHARDINGS` says whether its files keep each leaf's spec. A
+`abstract_inputs(source, metadata, layout, mesh, rules)`, `restore(source, skeleton, targets)`,
+`held_bytes(source)` and `model_config(source)` (the Hugging Face config.json beside the tensors,
+or None); `RECORDS_SHARDINGS` says whether its files keep each leaf's spec. A
 format the job writes also has `check_outputs(abstract_outputs, output_config)`, run before
 anything is written, and a `Writer` (`start`, `saves`, `keep_only`, `write`, `finish`,
 `read_back`) that `output.py`'s one protocol drives.

@@ -137,6 +137,11 @@ def held_bytes(source: Source) -> int:
   return sum(x.nbytes for x in source.arrays.values())
 
 
+def model_config(source: Source) -> None:
+  """A msgpack checkpoint has no Hugging Face config.json."""
+  del source
+
+
 def abstract_inputs(source: checkpoint.Location, metadata: dict[str, Any], layout: tree.Layout,
                     mesh: Mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
   """Every leaf on `mesh` with the spec of the first partition rule that names it (by its full key,

@@ -60,6 +60,11 @@ def held_bytes(source: Location) -> int:
   return 0
 
 
+def model_config(source: Location) -> None:
+  """An Orbax checkpoint has no Hugging Face config.json."""
+  del source
+
+
 def check_outputs(outputs: dict[str, jax.ShapeDtypeStruct], output_config) -> None:
   """Orbax writes every leaf the job computes."""
   del outputs, output_config
@@ -84,11 +89,16 @@ class Writer:
   (`location.item`, or each top-level key of the tree when `location.items`) and the copied items.
   The step keeps the input step's handler names and custom metadata (updated with
   `output.custom_metadata`). `outputs`: every output leaf, abstract; `skeleton`: the output's
-  tree (its sequences)."""
+  tree (its sequences). `output.item` names the step's one item (an input without steps then
+  gives a step too). A `model_config` (config.json) has no place in an Orbax checkpoint."""
 
   def __init__(self, unit_dir: paths.Path, location: Location, barrier: Callable[[str], None],
-               output_config, outputs: dict[str, jax.ShapeDtypeStruct], skeleton: Any):
+               output_config, outputs: dict[str, jax.ShapeDtypeStruct], skeleton: Any,
+               model_config: dict[str, Any] | None = None):
+    del model_config
     self.unit_dir, self.location, self.barrier = unit_dir, location, barrier
+    self.item = output_config.item
+    self.stepped = location.step is not None or self.item is not None
     self.custom_metadata = output_config.custom_metadata.to_dict()
     self.skeleton, self.abstract_tree = skeleton, tree.unflatten(outputs, skeleton)
 
@@ -102,11 +112,11 @@ class Writer:
 
   def _items(self, nested: Any) -> dict[str | None, Any]:
     """{item: its tree} of what one group writes."""
-    if self.location.step is None:
+    if not self.stepped:
       return {None: nested}
     if self.location.items:
       return dict(nested)
-    return {self.location.item: nested}
+    return {self.item or self.location.item: nested}
 
   def saves(self) -> set[str]:
     """The partial saves that finished (Orbax wrote their commit file)."""
@@ -154,24 +164,24 @@ class Writer:
     # The items that got leaves, this run or an earlier one that it resumes.
     items = sorted(folder.name[len(self.unit_dir.name) + 1:-len(_SAVES)]
                    for folder in self._saves_dirs())
-    if self.location.step is None:
+    if not self.stepped:
       items = [None]
     with _context():
       for item in items:
         partial.finalize(self._partial(item))
     self.barrier('finalized')
     if jax.process_index() == 0:
-      if self.location.step is None:
+      if not self.stepped:
         (self._partial(None) / PARTIAL_ITEM).rename(self.unit_dir)
         self._partial(None).rmtree()
       else:
         self._lay_out_step(items)
-    if self.location.step is None:
+    if not self.stepped:
       trees = {'': self.unit_dir}
     elif self.location.items:
       trees = {item: self.unit_dir / item for item in items}
     else:
-      trees = {'': self.unit_dir / self.location.item}
+      trees = {'': self.unit_dir / (self.item or self.location.item)}
     if jax.process_index() == 0 and paths.on_object_store(self.unit_dir):
       # Orbax reads a PyTree folder on an object store only once it holds its commit file.
       for folder in trees.values():

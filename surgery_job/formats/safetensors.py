@@ -9,6 +9,7 @@ by `partition_rules`, else replicated. Tensor names are keys with `/` written as
 """
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Callable
@@ -27,6 +28,7 @@ RECORDS_SHARDINGS = False  # Whether a leaf's saved PartitionSpec is on disk.
 SUFFIX = '.safetensors'
 ITEM = 'default'  # The item of an Orbax output of a step, as a CheckpointManager names a single item.
 METADATA = {'format': 'pt'}  # What save_pretrained writes; transformers 4.x requires it.
+CONFIG_JSON = 'config.json'  # The model's Hugging Face config, beside the files.
 
 abstract_inputs = flax_msgpack.abstract_inputs
 
@@ -169,6 +171,21 @@ def held_bytes(source: Source) -> int:
   return 0
 
 
+def model_config(source: Source) -> dict[str, Any] | None:
+  """The folder's config.json, which the ops of a model family check the tensors against; None
+  for a single file or a folder without one."""
+  path = source.item_dir / CONFIG_JSON
+  if not source.item_dir.is_dir() or not path.is_file():
+    return None
+  try:
+    found = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise SurgeryError(f'{path} is not JSON: {e}') from None
+  if not isinstance(found, dict):
+    raise SurgeryError(f'{path} is not a JSON object')
+  return found
+
+
 def tensor_name(key: str, output_config) -> str:
   return key.replace(tree.SEP, output_config.key_separator)
 
@@ -194,6 +211,9 @@ def check_outputs(outputs: dict[str, jax.ShapeDtypeStruct], output_config) -> No
   for extra in output_config.extra_files:
     if not paths.of(extra, 'output.extra_files').is_file():
       raise SurgeryError(f'output.extra_files: {extra} is not a file')
+  if output_config.item is not None:
+    raise SurgeryError(f'output.item is {output_config.item!r} but output.format {FORMAT} has no '
+                       'items: the step folder holds the files')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,15 +266,24 @@ class Writer:
   shards as objects of their own instead; at the end each process assembles the files assigned to
   it (every P-th), one tensor at a time from its shards' objects, streaming the file up. That
   costs the data uploaded twice and downloaded once more, and a process holds one tensor at a
-  time (plus its upload buffer), whatever the group size."""
+  time (plus its upload buffer), whatever the group size.
+
+  `model_config`, the config.json that goes with the tensors, is written beside them, unless
+  `output.extra_files` names a config.json: the user's file wins."""
 
   def __init__(self, unit_dir: paths.Path, location: checkpoint.Location,
                barrier: Callable[[str], None], output_config, outputs: dict[str, jax.ShapeDtypeStruct],
-               skeleton: Any):
+               skeleton: Any, model_config: dict[str, Any] | None = None):
     del location, skeleton
     self.unit_dir, self.barrier = unit_dir, barrier
     self.layout = plan_files(outputs, output_config)
     self.extra_files = [paths.of(extra) for extra in output_config.extra_files]
+    self.model_config = model_config
+    if model_config is not None and any(e.name == CONFIG_JSON for e in self.extra_files):
+      if jax.process_index() == 0:
+        logging.info('output.extra_files names a config.json: it is written in place of the one '
+                     'the ops made or the input had.')
+      self.model_config = None
     self.staged = unit_dir.with_name(f'{unit_dir.name}.{FORMAT}-staged')
     self.on_object_store = paths.on_object_store(unit_dir)
     self.fds: dict[str, int] = {}
@@ -345,6 +374,9 @@ class Writer:
         (self.unit_dir / sf.INDEX).write_text(sf.index_json(
             self.layout.weight_map, sum(e.nbytes for e in entries),
             sum(math.prod(e.shape) for e in entries)))
+      if self.model_config is not None:
+        (self.unit_dir / CONFIG_JSON).write_text(
+            json.dumps(self.model_config, indent=2, sort_keys=True) + '\n')
       for extra in self.extra_files:
         extra.copy(self.unit_dir / extra.name)
     self.barrier('laid_out')

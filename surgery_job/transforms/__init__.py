@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import logging
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms import heads, layers, optimizer, shape, structure, values
+from surgery_job.transforms import families, heads, layers, optimizer, shape, structure, values
 from surgery_job.transforms.core import Leaf, NoMatch, Op, State, as_full_key
 
 OPS: dict[str, Callable[..., Op]] = {
@@ -32,6 +32,8 @@ OPS: dict[str, Callable[..., Op]] = {
     'split_heads': heads.split_heads,
     'merge_heads': heads.merge_heads,
     'rotary': heads.rotary,
+    'llama_to_hf': families.llama_to_hf,
+    'llama_from_hf': families.llama_from_hf,
     'map': values.map,
     'reset_optimizer': optimizer.reset_optimizer,
     'drop_optimizer': optimizer.drop_optimizer,

@@ -34,6 +34,10 @@ class State:
   others: dict[str, Leaf]  # Full keys: `step`, optax `count`, ...
   params_root: str = ''
   full_keys: bool = False  # True in the view a full-key op runs on (see the module docstring).
+  # The Hugging Face config.json that goes with the tensors: the input folder's, or the one a model
+  # family's op made for the output; None for neither.
+  model_config: dict[str, Any] | None = None
+  notes: tuple[str, ...] = ()  # What model family ops found (sizes, layouts), for the plan and report.
 
   def replace(self, **changes) -> 'State':
     return dataclasses.replace(self, **changes)
@@ -88,7 +92,7 @@ def _to_view(state: State) -> State:
   params = {full(k): leaf for k, leaf in state.params.items()}
   params.update({FULL + k: leaf for k, leaf in state.others.items()})
   mirrors = {root: {full(k): leaf for k, leaf in mirror.items()} for root, mirror in state.mirrors.items()}
-  return State(params, mirrors, {}, state.params_root, full_keys=True)
+  return state.replace(params=params, mirrors=mirrors, others={}, full_keys=True)
 
 
 def _from_view(view: State) -> State:
@@ -111,7 +115,16 @@ def _from_view(view: State) -> State:
         raise SurgeryError(f'{key!r} would leave params_root {view.params_root!r}, but optimizer state '
                            f'({root}) follows it; add drop_optimizer first, or keep it under params_root')
       mirrors[root][rel] = leaf
-  return State(params, mirrors, others, view.params_root)
+  return view.replace(params=params, mirrors=mirrors, others=others, full_keys=False)
+
+
+def full_shapes(state: State) -> dict[str, tuple[int, ...]]:
+  """Every leaf's full key (params, their optimizer mirrors, the others) and shape."""
+  shapes = {tree_lib.join(state.params_root, k): leaf.value.shape for k, leaf in state.params.items()}
+  for root, mirror in state.mirrors.items():
+    shapes.update({tree_lib.mirror_key(root, k): leaf.value.shape for k, leaf in mirror.items()})
+  shapes.update({k: leaf.value.shape for k, leaf in state.others.items()})
+  return shapes
 
 
 class NoMatch(SurgeryError):

@@ -73,8 +73,10 @@ def cast(pattern: str, dtype: str, optimizer: bool = False, allow_empty: bool = 
     def edit(tree, root=None):
       out = {}
       for k, leaf in tree.items():
-        out[k] = Leaf(leaf.value.astype(dtype), leaf.spec) if k in keys else leaf
-        if k in keys and _records.get() is not None:
+        # A leaf of the dtype already is left as it is: nothing is lost, nothing to measure.
+        changed = k in keys and leaf.value.dtype != dtype
+        out[k] = Leaf(leaf.value.astype(dtype), leaf.spec) if changed else leaf
+        if changed and _records.get() is not None:
           _records.get().append(CastRecord(full_key(root, k), dtype.name, allow_overflow,
                                            leaf.value, out[k].value))
       return out
