@@ -6,6 +6,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from surgery_job import inputs as inputs_lib
 from surgery_job.errors import SurgeryError
 
 
@@ -25,6 +26,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # folders of them) is safetensors; anything else Orbax.
   config.input.format = config_dict.placeholder(str)
   config.input.key_separator = '.'  # Safetensors: what splits a tensor's name into a key's parts.
+  # Several inputs for merge ops, by name: each a group of `input`'s fields; instead of input.path.
+  # (One directory's steps: input.step 'last:N', a list or a range, with merge ops.)
+  config.inputs = ml_collections.ConfigDict()
+  config.optimizer_from = config_dict.placeholder(str)  # Merges: the input whose optimizer state is kept.
 
   config.output = ml_collections.ConfigDict()
   config.output.path = config_dict.placeholder(str)  # Same layout as the input.
@@ -67,7 +72,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   return config
 
 
-_FREE_FORM = ('output.custom_metadata',)  # Groups whose fields are the user's own.
+_FREE_FORM = ('output.custom_metadata', 'inputs')  # Groups whose fields are the user's own.
 
 # Every field's meaning: (one line for `surgery-job --help`, more for the README's table). The
 # README's table is made from this one (`make readme`), so the two never disagree.
@@ -202,7 +207,7 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   _merge(config, _as_dict(user_config), prefix='', strict=True)
   config.transforms = [_op_fields(i, t) for i, t in enumerate(config.transforms)]
   config.partition_rules = [_rule(i, r) for i, r in enumerate(config.partition_rules)]
-  if not config.input.path:
+  if not config.input.path and not config.inputs:
     raise SurgeryError('config: missing field input.path')
   if not config.output.path and not config.dry_run:
     raise SurgeryError('config: missing field output.path')
@@ -223,10 +228,11 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
                          f'got {config[group][name]!r}')
   config.output.sequences = [_sequence(i, s) for i, s in enumerate(config.output.sequences)]
   step = config.input.step
-  if not (step in (None, 'latest', 'all', 'new') or _is_step(step) or (
-      isinstance(step, (list, tuple)) and step and all(_is_step(s) for s in step))):
-    raise SurgeryError("config: input.step must be a step number, a list of them, None, 'latest', "
-                       f"'all' or 'new', got {step!r}")
+  if not (step in (None, 'latest', 'all', 'new') or _is_step(step) or inputs_lib.last_n(step) or (
+      isinstance(step, (list, tuple, range)) and step and all(_is_step(s) for s in step))):
+    raise SurgeryError("config: input.step must be a step number, a list or range of them, None, "
+                       f"'latest', 'all', 'new' or 'last:N', got {step!r}")
+  inputs_lib.resolve(config, get_default_config().input)
   if config.output.max_to_keep is not None and config.output.max_to_keep < 1:
     raise SurgeryError(f'config: output.max_to_keep must be at least 1, got {config.output.max_to_keep}')
   if config.output.step is not None and not _is_step(config.output.step):

@@ -7,7 +7,7 @@ input passed through unchanged (those are never copied or recomputed).
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,7 @@ class Plan:
   outputs: dict[str, OutputLeaf]
   touched: list[tuple[str, list[str]]]  # (op label, keys it added, removed or changed).
   casts: tuple[CastLeaf, ...] = ()  # In the order the ops cast them.
+  merge: Callable[[dict[str, Leaf]], dict[str, Leaf]] | None = None  # Several inputs into one tree.
 
   @property
   def needed(self) -> list[str]:
@@ -152,8 +153,9 @@ def abstract_inputs(metadata: dict[str, Any], key_impls: dict[str, str],
   return inputs
 
 
-def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None) -> dict[str, Leaf]:
-  params, mirrors, others = layout.split(inputs)
+def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None,
+            merge=None) -> dict[str, Leaf]:
+  params, mirrors, others = layout.split(merge(inputs) if merge else inputs)
   state = transforms.apply(plan_ops, State(params, mirrors, others, layout.params_root), touched)
   return assemble(layout, state)
 
@@ -167,13 +169,14 @@ def assemble(layout: tree.Layout, state: State) -> dict[str, Leaf]:
 
 
 def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct], mesh: Mesh,
-              rules: Sequence[tuple[str, Any]]) -> Plan:
+              rules: Sequence[tuple[str, Any]], merge=None) -> Plan:
+  """`merge`: a `merging.Stage` that makes one tree of several inputs before the ops run."""
   in_specs = {k: x.sharding.spec for k, x in inputs.items()}
   steps, specs, casts = [], {}, []
 
   def trace(values):
     with transforms.values.recording_casts() as records:
-      out = run_ops(ops, layout, {k: Leaf(values[k], in_specs[k]) for k in inputs}, steps)
+      out = run_ops(ops, layout, {k: Leaf(values[k], in_specs[k]) for k in inputs}, steps, merge)
     specs.update({k: leaf.spec for k, leaf in out.items()})
     casts.extend(records)
     # Each cast's result is traced too: its sources say which group measures it.
@@ -199,8 +202,8 @@ def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct],
   _check_writable(outputs)
   cast_leaves = tuple(CastLeaf(r.key, r.dtype, r.allow_overflow, tuple(sorted(sources[name])))
                       for r, name in zip(casts, cast_keys))
-  return Plan(mesh, layout, ops, inputs, outputs,
-              [(label, _diff(layout, a, b)) for label, a, b in steps], cast_leaves)
+  touched = (merge.touched if merge else []) + [(label, _diff(layout, a, b)) for label, a, b in steps]
+  return Plan(mesh, layout, ops, inputs, outputs, touched, cast_leaves, merge)
 
 
 def _check_keys(keys: list[str]) -> None:
@@ -271,7 +274,7 @@ def transform_fn(plan: Plan, group: Group):
     leaves = {k: Leaf(values[k] if k in values else jnp.zeros(x.shape, x.dtype), in_specs[k])
               for k, x in plan.inputs.items()}
     with transforms.values.recording_casts() as records:
-      out = run_ops(plan.ops, plan.layout, leaves)
+      out = run_ops(plan.ops, plan.layout, leaves, merge=plan.merge)
     return ({k: out[k].value for k in computed},
             {str(i): cast_errors.statistics(records[i].source, records[i].result) for i in measured})
 

@@ -1,0 +1,253 @@
+"""Several checkpoints in, one out: the merge ops on real checkpoints (steps of one run, fine-tunes of
+one base) compared leaf by leaf with numpy references of mergekit's formulas; bad input refused."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import checkpoints
+from jobs import ok, outcome, run_job, write_config
+from surgery_job.transforms import merge as merge_lib
+
+STEPS = (10, 20, 30, 40)
+
+
+@pytest.fixture(scope='module')
+def run_steps(tmp_path_factory):
+  """A CheckpointManager dir of one run's steps (params, Adam state, step) on the 2x4 mesh; each
+  step's numpy values."""
+  path = tmp_path_factory.mktemp('run') / 'ckpt'
+  values = {}
+  for step in STEPS:
+    state = checkpoints.train_state(checkpoints.layered_params(seed=step), step=step)
+    checkpoints.save_manager(path, checkpoints.shard(state, checkpoints.mesh_2x4()), step=step)
+    values[step] = checkpoints.flat_numpy(state)
+  return path, values
+
+
+def _fine_tune(params: dict, seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: (p + 0.1 * rng.standard_normal(p.shape)).astype(np.float32), params)
+
+
+@pytest.fixture(scope='module')
+def fine_tunes(tmp_path_factory):
+  """A base and two fine-tunes of it, each its own CheckpointManager dir (step 1); a checkpoint
+  whose head/kernel has another shape and that has no head/bias; {name: (path, numpy values)}."""
+  root = tmp_path_factory.mktemp('fine_tunes')
+  base = checkpoints.layered_params()
+  odd = {**base, 'head': {'kernel': np.zeros((checkpoints.D, 16), np.float32)}}
+  found = {}
+  for name, params in [('base', base), ('a', _fine_tune(base, 1)), ('b', _fine_tune(base, 2)),
+                       ('odd', odd)]:
+    state = checkpoints.train_state(params, step=1)
+    checkpoints.save_manager(root / name, checkpoints.shard(state, checkpoints.mesh_2x4()), step=1)
+    found[name] = (root / name, checkpoints.flat_numpy(state))
+  return found
+
+
+def output_values(out, step: int) -> dict:
+  return checkpoints.flat_numpy(checkpoints.restore_plain(out / str(step) / 'default'))
+
+
+def report_of(out, step: int) -> dict:
+  return json.loads((out / str(step) / 'surgery_report.json').read_text())
+
+
+def params_of(values: dict) -> dict:
+  return {k: v for k, v in values.items() if k.startswith('params/')}
+
+
+# numpy references, after mergekit (merge_methods/linear.py, slerp.py,
+# generalized_task_arithmetic.py, sparsify.py), in float32.
+
+def ref_average(xs, weights=None):
+  weights = np.ones(len(xs), np.float32) if weights is None else np.asarray(weights, np.float32)
+  return sum(w * x for w, x in zip(weights, xs)) / weights.sum()
+
+
+def ref_ema(xs, decay):
+  average = xs[0]
+  for x in xs[1:]:
+    average = decay * average + (1 - decay) * x
+  return average
+
+
+def ref_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
+  def normalize(v):
+    norm = np.linalg.norm(v)
+    return v / norm if norm > eps else v
+  dot = np.sum(normalize(v0) * normalize(v1))
+  if np.abs(dot) > dot_threshold:
+    return (1 - t) * v0 + t * v1
+  theta_0 = np.arccos(dot)
+  theta_t = theta_0 * t
+  return (np.sin(theta_0 - theta_t) * v0 + np.sin(theta_t) * v1) / np.sin(theta_0)
+
+
+def ref_magnitude(delta, density):
+  k = int(density * delta.size)
+  mask = np.zeros(delta.size, np.float32)
+  mask[np.argsort(-np.abs(delta).ravel(), kind='stable')[:k]] = 1
+  return delta * mask.reshape(delta.shape)
+
+
+def ref_bernoulli_l1(delta, mask):
+  masked = delta * mask
+  before, after = np.abs(delta).sum(), np.abs(masked).sum()
+  return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
+def ref_gta(base, deltas, weights, consensus, normalize):
+  weights = np.asarray(weights, np.float32).reshape((-1,) + (1,) * base.ndim)
+  weighted = np.stack(deltas) * weights
+  if consensus:
+    majority = np.where(weighted.sum(0) >= 0, 1, -1)
+    mask = (np.sign(weighted) == majority).astype(np.float32)
+    mixed, divisor = (weighted * mask).sum(0), (weights * mask).sum(0)
+    divisor[divisor == 0] = 1
+  else:
+    mixed, divisor = weighted.sum(0), weights.sum(0)
+    divisor[np.abs(divisor) < 1e-8] = 1
+  return base + (mixed / divisor if normalize else mixed)
+
+
+def test_average_last_n_steps(run_steps, tmp_path):
+  in_path, steps = run_steps
+  config = write_config(tmp_path, {'input': {'step': 'last:3'}, 'transforms': [{'op': 'average'}]})
+  ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={tmp_path / "out"}'))
+  got = output_values(tmp_path / 'out', STEPS[-1])
+  window = [steps[s] for s in STEPS[-3:]]
+  assert sorted(got) == sorted(params_of(steps[40])) + ['step']  # Optimizer state dropped.
+  for key in params_of(got):
+    np.testing.assert_allclose(got[key], ref_average([v[key] for v in window]), rtol=1e-6,
+                               err_msg=key)
+  assert got['step'] == 40  # From the newest step.
+  report = report_of(tmp_path / 'out', 40)
+  assert {name: (i['path'], i['step']) for name, i in report['inputs'].items()} == {
+      str(s): (str(in_path), s) for s in STEPS[-3:]}
+  assert all(len(i['fingerprint']) == 64 for i in report['inputs'].values())
+  assert report['leaves']['params/head/kernel']['inputs'] == ['20', '30', '40']
+  assert report['leaves']['params/head/kernel']['sources'] == [
+      f'{s}:params/head/kernel' for s in (20, 30, 40)]
+  assert report['leaves']['step']['inputs'] == ['40']
+
+
+ALL_OPS = [
+    {'op': 'average', 'sources': ['a', 'b'], 'weights': [1.0, 3.0], 'pattern': 'embed/.*'},
+    {'op': 'ema', 'sources': ['base', 'a', 'b'], 'decay': 0.9, 'pattern': 'layers_0/.*'},
+    {'op': 'task_arithmetic', 'base': 'base', 'sources': ['a', 'b'], 'weights': [0.5, -0.25],
+     'pattern': 'layers_1/.*'},
+    {'op': 'slerp', 'a': 'a', 'b': 'b', 't': [['.*qkv.*', 0.3], ['.*', 0.7]],
+     'pattern': r'layers_2/(attn/.*|mlp/bias)'},
+    {'op': 'dare', 'base': 'base', 'sources': ['a', 'b'], 'density': 0.6, 'weights': [0.7, 0.3],
+     'seed': 7, 'pattern': 'layers_2/mlp/kernel'},
+    {'op': 'ties', 'base': 'base', 'sources': ['a', 'b'], 'density': 0.5, 'weights': [1.0, 0.5],
+     'pattern': 'head/.*'},
+]
+
+
+def expected_all_ops(fine_tunes) -> dict:
+  """Every params leaf of the ALL_OPS merge, from numpy; the other leaves come from `base`."""
+  v = {name: values for name, (_, values) in fine_tunes.items()}
+  want = {}
+  for key in params_of(v['base']):
+    rel = key[len('params/'):]
+    base, a, b = v['base'][key], v['a'][key], v['b'][key]
+    if rel.startswith('embed/'):
+      want[key] = ref_average([a, b], [1.0, 3.0])
+    elif rel.startswith('layers_0/'):
+      want[key] = ref_ema([base, a, b], 0.9)
+    elif rel.startswith('layers_1/'):
+      want[key] = ref_gta(base, [a - base, b - base], [0.5, -0.25], False, False)
+    elif rel == 'layers_2/mlp/kernel':
+      masks = [np.asarray(merge_lib.dare_mask(7, rel, i, base.shape, 0.6)) for i in range(2)]
+      deltas = [ref_bernoulli_l1(x - base, m) for x, m in zip([a, b], masks)]
+      want[key] = ref_gta(base, deltas, [0.7, 0.3], False, False)
+    elif rel.startswith('layers_2/'):
+      want[key] = ref_slerp(0.3 if 'qkv' in rel else 0.7, a, b)
+    else:
+      deltas = [ref_magnitude(x - base, 0.5) for x in (a, b)]
+      want[key] = ref_gta(base, deltas, [1.0, 0.5], True, True)
+  return want
+
+
+def all_ops_config(fine_tunes, tmp_path, **fields):
+  inputs = {name: {'path': str(fine_tunes[name][0])} for name in ('base', 'a', 'b')}
+  return write_config(tmp_path, {'inputs': inputs, 'transforms': ALL_OPS, **fields})
+
+
+def assert_all_ops(out, fine_tunes) -> None:
+  got = output_values(out, 1)
+  want = expected_all_ops(fine_tunes)
+  assert sorted(got) == sorted(want) + ['step']
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=2e-5, atol=1e-6, err_msg=key)
+    assert got[key].dtype == np.float32
+
+
+def test_every_op_matches_numpy_on_fine_tunes(fine_tunes, tmp_path):
+  config = all_ops_config(fine_tunes, tmp_path)
+  ok(run_job(config, f'--config.output.path={tmp_path / "out"}'))
+  assert_all_ops(tmp_path / 'out', fine_tunes)
+  report = report_of(tmp_path / 'out', 1)
+  assert set(report['inputs']) == {'base', 'a', 'b'}
+  assert report['inputs']['a']['path'] == str(fine_tunes['a'][0])
+  assert report['leaves']['params/layers_1/mlp/kernel']['inputs'] == ['a', 'b', 'base']
+  assert [op['op'] for op in report['ops']][:6] == [
+      f'op {i} ({op["op"]})' for i, op in enumerate(ALL_OPS)]
+
+
+@pytest.mark.parametrize('fields, error', [
+    ({'transforms': [{'op': 'average', 'sources': ['a', 'odd'], 'pattern': 'head/kernel'}]},
+     "op 0 (average): key 'params/head/kernel' is float32[8, 12] in input a but float32[8, 16] in input odd"),
+    ({'transforms': [{'op': 'average', 'sources': ['a', 'odd'], 'pattern': 'head/bias'}]},
+     "op 0 (average): key 'params/head/bias' is in input a but not in input odd"),
+    ({'transforms': [{'op': 'average', 'sources': ['a', 'b'], 'weights': [1.0]}]},
+     'op 0 (average): 1 weights for 2 sources (a, b)'),
+    ({'transforms': [{'op': 'average', 'weights': [1.0, -1.0, 1.0, 1.0]}]},
+     'op 0 (average): weights [1.0, -1.0, 1.0, 1.0] hold -1.0: each weight must be a number of 0 or '
+     'more (not NaN)'),
+    ({'transforms': [{'op': 'ties', 'base': 'base', 'density': 0.5, 'weights': [float('nan'), 1.0, 1.0]}]},
+     'op 0 (ties): weights [nan, 1.0, 1.0] hold nan: each weight must be a number of 0 or more (not NaN)'),
+    ({'transforms': [{'op': 'slerp', 'a': 'a', 'b': 'b', 't': 1.5}]},
+     'op 0 (slerp): t must be in [0, 1], got 1.5'),
+    ({'transforms': [{'op': 'slerp', 'a': 'a', 'b': 'c', 't': 0.5}]},
+     "op 0 (slerp): unknown input 'c' (inputs: a, b, base, odd)"),
+    ({'transforms': [{'op': 'average'}], 'optimizer_from': 'z'},
+     "config: optimizer_from names input 'z', not one of a, b, base, odd"),
+    ({'transforms': [{'op': 'cast', 'pattern': '.*', 'dtype': 'bfloat16'}, {'op': 'average'}]},
+     'op 1 (average): merge ops come before every other op (they make the tree the others edit)'),
+    ({'transforms': [{'op': 'cast', 'pattern': '.*', 'dtype': 'bfloat16'}]},
+     'config: 4 inputs but no op combines them (one of: average, ema, task_arithmetic, slerp, ties, '
+     'dare)'),
+])
+def test_bad_merges_are_one_line_and_write_nothing(fields, error, fine_tunes, tmp_path):
+  inputs = {name: {'path': str(path)} for name, (path, _) in fine_tunes.items()}
+  assert outcome({'inputs': inputs, 'output': {'path': str(tmp_path / 'out')}, **fields}) == (
+      f'error: {error}')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_bad_step_forms_and_inputs(run_steps, fine_tunes, tmp_path):
+  in_path, _ = run_steps
+  out = str(tmp_path / 'out')
+  average = [{'op': 'average'}]
+  assert outcome({'input': {'path': str(in_path), 'step': [20, 30, 20]}, 'transforms': average,
+                  'output': {'path': out}}) == 'error: config: input.step names step 20 twice'
+  same = {'a': {'path': str(fine_tunes['a'][0])}, 'again': {'path': str(fine_tunes['a'][0]), 'step': 1}}
+  assert outcome({'inputs': same, 'transforms': average, 'output': {'path': out}}) == (
+      f'error: inputs a and again are the same checkpoint ({fine_tunes["a"][0] / "1" / "default"})')
+  assert outcome({'input': {'path': str(in_path), 'step': 'last:5'}, 'transforms': average,
+                  'output': {'path': out}}) == (
+      f"error: input.step 'last:5' needs 5 committed steps up to step 40 of {in_path}, found 4: "
+      '[10, 20, 30, 40]')
+  assert outcome({'input': {'path': str(in_path), 'step': 'last:2'}, 'output': {'path': out}}) == (
+      "error: config: input.step 'last:2' names steps to combine, but no op combines them (one of: "
+      'average, ema, task_arithmetic, slerp, ties, dare)')
+  assert outcome({'input': {'path': str(in_path)}, 'transforms': average, 'output': {'path': out}}) == (
+      "error: op 0 (average) combines several inputs, but the config names one: set inputs, or "
+      "input.step to 'last:N' or a list of steps")
+  assert not (tmp_path / 'out').exists()
