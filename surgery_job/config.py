@@ -72,6 +72,13 @@ def get_default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def named_input() -> ml_collections.ConfigDict:
+  """An entry of `inputs` for a ready config to hold: its path and step, set on the command line
+  (`--config.inputs.NAME.path=...`)."""
+  return ml_collections.ConfigDict({'path': config_dict.placeholder(str),
+                                    'step': config_dict.placeholder(object)})
+
+
 _FREE_FORM = ('output.custom_metadata', 'inputs')  # Groups whose fields are the user's own.
 
 # Every field's meaning: (one line for `surgery-job --help`, more for the README's table). The

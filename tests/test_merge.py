@@ -1,17 +1,23 @@
 """Several checkpoints in, one out: the merge ops on real checkpoints (steps of one run, fine-tunes of
 one base) compared leaf by leaf with numpy references of mergekit's formulas; bad input refused."""
 
+import importlib.util
 import json
+import signal
 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
-from jobs import ok, outcome, run_job, write_config
+from jobs import REPO, launch, ok, outcome, run_job, write_config
 from surgery_job.transforms import merge as merge_lib
+from test_memory import peak_rss
+from test_safety import STREAMED, start_paused
 
 STEPS = (10, 20, 30, 40)
+CONFIGS = REPO / 'configs'
 
 
 @pytest.fixture(scope='module')
@@ -114,18 +120,23 @@ def ref_gta(base, deltas, weights, consensus, normalize):
   return base + (mixed / divisor if normalize else mixed)
 
 
-def test_average_last_n_steps(run_steps, tmp_path):
+def test_average_last_n_follows_a_run(run_steps, tmp_path):
+  # configs/average_last_n.py with watch: each step with 3 steps up to it becomes an output step.
   in_path, steps = run_steps
-  config = write_config(tmp_path, {'input': {'step': 'last:3'}, 'transforms': [{'op': 'average'}]})
-  ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={tmp_path / "out"}'))
-  got = output_values(tmp_path / 'out', STEPS[-1])
-  window = [steps[s] for s in STEPS[-3:]]
-  assert sorted(got) == sorted(params_of(steps[40])) + ['step']  # Optimizer state dropped.
-  for key in params_of(got):
-    np.testing.assert_allclose(got[key], ref_average([v[key] for v in window]), rtol=1e-6,
-                               err_msg=key)
-  assert got['step'] == 40  # From the newest step.
-  report = report_of(tmp_path / 'out', 40)
+  out = tmp_path / 'out'
+  ok(run_job(f'{CONFIGS / "average_last_n.py"}:3', f'--config.input.path={in_path}',
+             f'--config.output.path={out}', '--config.watch.enabled=True',
+             '--config.watch.poll_seconds=0.1', '--config.watch.idle_timeout_seconds=0.5'))
+  assert checkpoints.visible_steps(out) == [30, 40]
+  for newest in (30, 40):
+    got = output_values(out, newest)
+    window = [steps[s] for s in STEPS if newest - 20 <= s <= newest]
+    assert sorted(got) == sorted(params_of(steps[newest])) + ['step']  # Optimizer state dropped.
+    for key in params_of(got):
+      np.testing.assert_allclose(got[key], ref_average([v[key] for v in window]), rtol=1e-6,
+                                 err_msg=key)
+    assert got['step'] == newest  # From the newest step.
+  report = report_of(out, 40)
   assert {name: (i['path'], i['step']) for name, i in report['inputs'].items()} == {
       str(s): (str(in_path), s) for s in STEPS[-3:]}
   assert all(len(i['fingerprint']) == 64 for i in report['inputs'].values())
@@ -133,6 +144,24 @@ def test_average_last_n_steps(run_steps, tmp_path):
   assert report['leaves']['params/head/kernel']['sources'] == [
       f'{s}:params/head/kernel' for s in (20, 30, 40)]
   assert report['leaves']['step']['inputs'] == ['40']
+
+
+def test_a_list_of_steps_keeps_the_optimizer_of_one_and_the_ops_edit_the_merge(run_steps, tmp_path):
+  in_path, steps = run_steps
+  out = tmp_path / 'out'
+  assert outcome({'input': {'path': str(in_path), 'step': [20, 40]}, 'optimizer_from': '20',
+                  'transforms': [{'op': 'ema', 'decay': 0.25},
+                                 {'op': 'cast', 'pattern': '.*', 'dtype': 'bfloat16'}],
+                  'output': {'path': str(out)}}) == 'ok'
+  got = output_values(out, 40)
+  assert sorted(got) == sorted(steps[40])
+  for key, value in got.items():
+    if key.startswith('params/'):
+      want = ref_ema([steps[20][key], steps[40][key]], 0.25).astype(value.dtype)
+      np.testing.assert_array_equal(value, want, err_msg=key)
+    elif key.startswith('opt_state/'):
+      np.testing.assert_array_equal(value, steps[20][key], err_msg=key)
+  assert got['step'] == 40
 
 
 ALL_OPS = [
@@ -251,3 +280,96 @@ def test_bad_step_forms_and_inputs(run_steps, fine_tunes, tmp_path):
       "error: op 0 (average) combines several inputs, but the config names one: set inputs, or "
       "input.step to 'last:N' or a list of steps")
   assert not (tmp_path / 'out').exists()
+
+
+def test_two_processes_merge_as_one_does(fine_tunes, tmp_path):
+  # The DARE mask is drawn on each process's shards; the reference draws it whole, on one device.
+  config = all_ops_config(fine_tunes, tmp_path)
+  ok(launch(2, f'--config={config}', f'--config.output.path={tmp_path / "out"}',
+            log_dir=tmp_path / 'logs'))
+  assert_all_ops(tmp_path / 'out', fine_tunes)
+
+
+def ready_config(name: str, arg: str, **inputs) -> dict:
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for input_name, path in inputs.items():
+    config.inputs[input_name].path = str(path)
+  return config.to_dict()
+
+
+def test_soup_task_vector_and_slerp_configs(fine_tunes, tmp_path):
+  v = {name: values for name, (_, values) in fine_tunes.items()}
+  paths = {name: path for name, (path, _) in fine_tunes.items()}
+  runs = {
+      'soup': (ready_config('soup', '2', ft0=paths['a'], ft1=paths['b']),
+               lambda key: ref_average([v['a'][key], v['b'][key]]), 'a'),
+      'task_vector': (ready_config('task_vector', '0.5', base=paths['base'], ft=paths['a']),
+                      lambda key: v['base'][key] + 0.5 * (v['a'][key] - v['base'][key]), 'base'),
+      'slerp': (ready_config('slerp', '0.25', a=paths['a'], b=paths['b']),
+                lambda key: ref_slerp(0.25, v['a'][key], v['b'][key]), 'a'),
+  }
+  for name, (config, reference, primary) in runs.items():
+    out = tmp_path / name
+    assert outcome({**config, 'output': {'path': str(out)}}) == 'ok', name
+    got = output_values(out, 1)
+    assert sorted(got) == sorted(params_of(v['base'])) + ['step']
+    for key in params_of(got):
+      np.testing.assert_allclose(got[key], reference(key), rtol=2e-5, atol=1e-6, err_msg=f'{name} {key}')
+    assert got['step'] == v[primary]['step']
+
+
+def two_large_steps(path, rows: int) -> dict:
+  """Steps 1 and 2 of six float32 (rows, 1024) params on the 2x4 mesh; their numpy values."""
+  sharding = NamedSharding(checkpoints.mesh_2x4(), P('data', 'model'))
+  values = {}
+  for step in (1, 2):
+    rng = np.random.default_rng(step)
+    params = {f'layer_{i}': {'w': rng.standard_normal((rows, 1024), np.float32)} for i in range(6)}
+    checkpoints.save_manager(path, {'params': jax.device_put(params, sharding),
+                                    'step': np.asarray(step, np.int32)}, step=step)
+    values[step] = params
+  return values
+
+
+def test_a_merge_streams_in_a_budget_smaller_than_one_input(tmp_path):
+  # Each group reads one leaf of both steps (2 x 32 MiB) and writes one (32 MiB): 0.1 GB in a budget
+  # of 0.12 GB, where one input is 0.2 GB and restoring both to average them 0.4 GB. The runtime's
+  # fixed cost is the same merge of a tiny checkpoint.
+  config = write_config(tmp_path, {'input': {'step': 'last:2'}, 'transforms': [{'op': 'average'}]})
+  two_large_steps(tmp_path / 'tiny', rows=8)
+  large = two_large_steps(tmp_path / 'large', rows=8192)
+  fixed = peak_rss(config, f'--config.input.path={tmp_path / "tiny"}',
+                   f'--config.output.path={tmp_path / "tiny_out"}')
+  budget = 0.12e9
+  peak = peak_rss(config, f'--config.input.path={tmp_path / "large"}',
+                  f'--config.output.path={tmp_path / "out"}', f'--config.memory.host_budget_gb={budget / 1e9}')
+  assert len(report_of(tmp_path / 'out', 2)['groups']) == 6
+  assert peak - fixed <= 1.5 * budget, f'{(peak - fixed) / 1e6:.0f} MB over the runtime'
+  got = output_values(tmp_path / 'out', 2)
+  for i in range(6):
+    key = f'params/layer_{i}/w'
+    np.testing.assert_allclose(got[key], ref_average([large[1][f'layer_{i}']['w'], large[2][f'layer_{i}']['w']]),
+                               rtol=1e-6, err_msg=key)
+
+
+def test_a_stopped_merge_resumes(run_steps, tmp_path):
+  in_path, steps = run_steps
+  config = write_config(tmp_path, {'input': {'step': 'last:3'}, 'transforms': [{'op': 'average'}]})
+  out, pause = tmp_path / 'out', tmp_path / 'paused'
+  process = start_paused(config, in_path, out, 'group_written', pause, STREAMED)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  pause.unlink()
+  assert checkpoints.visible_steps(out) == []
+  result = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}', STREAMED)
+  ok(result)
+  groups = len(report_of(out, 40)['groups'])
+  assert f'Resuming: 1 of {groups} groups were written by an earlier run' in result.stderr
+  assert report_of(out, 40)['groups_reused'] == [0]
+  got = output_values(out, 40)
+  for key in params_of(got):
+    np.testing.assert_allclose(got[key], ref_average([steps[s][key] for s in (20, 30, 40)]),
+                               rtol=1e-6, err_msg=key)
