@@ -96,7 +96,9 @@ FIELD_DOCS = {
         'zero-padded `0003`, prefixed `step_3`; not `³`); it is committed unless it is an Orbax '
         'temporary folder (`*.orbax-checkpoint-tmp*`), holds no PyTree item, or lacks '
         "`commit_success.txt` where the directory's saves write one; newer uncommitted steps are "
-        'skipped (logged), and naming one is an error'),
+        "skipped (logged), and naming one is an error. With a merge op, `'last:N'` (the N newest "
+        'committed steps), a list or a `range` of steps are combined into one output at the newest '
+        'step (see [Merging](#merging-several-checkpoints-into-one))'),
     'input.format': (
         "`'orbax'`, `'flax_msgpack'` or `'safetensors'`; None: told from the files",
         'see [Legacy Flax checkpoints](#legacy-flax-checkpoints) and '
@@ -113,6 +115,12 @@ FIELD_DOCS = {
         'with None, its PyTree items are planned together as one tree (with several, keys start '
         'with the item name: `params/...`, `opt_state/...`), items of other kinds (JSON, data '
         'iterators) copied byte for byte'),
+    'inputs': (
+        'instead of `input.path`: named inputs for the merge ops, each a group of `input` fields',
+        "`--config.inputs.base.path=...`, `step`, `item`, `format`; names hold letters, digits, `_`, "
+        '`-`, `.` (see [Merging](#merging-several-checkpoints-into-one))'),
+    'optimizer_from': (
+        "merges: the input whose optimizer state the output keeps; None: it is dropped", ''),
     'output.path': (
         "where the result appears, in the input's layout",
         'for a `CheckpointManager` input, a directory of step folders that a run adds its own step '
@@ -177,7 +185,8 @@ FIELD_DOCS = {
         'literal'),
     'watch.enabled': (
         'keep converting each new committed input step as it appears',
-        "`input.step='new'`, polled until `watch.idle_timeout_seconds` pass with none"),
+        "`input.step='new'`, polled until `watch.idle_timeout_seconds` pass with none; with "
+        "`'last:N'`, each new step with N steps up to it becomes the average of those N"),
     'watch.poll_seconds': ('how often to look for new steps', ''),
     'watch.idle_timeout_seconds': ('stop after this long with no new step', ''),
     'dry_run': (

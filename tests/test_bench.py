@@ -13,7 +13,8 @@ def test_throughput_benchmark_runs(tmp_path):
       cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   for row in ('| (a) naive Orbax script |', '| (b) job, rename |', '| (c) job, params_only_bf16 |',
-              '| (d) cp -r + sync |', 'b/a = ', '| 14 |'):
+              '| (d) cp -r + sync |', 'b/a = ', '| 14 |', '| (g) naive: restore all 4, average, save |',
+              '| (h) job, average_last_n:4 |'):
     assert row in result.stdout, result.stdout
 
 

@@ -218,8 +218,10 @@ def assert_all_ops(out, fine_tunes) -> None:
 
 
 def test_every_op_matches_numpy_on_fine_tunes(fine_tunes, tmp_path):
-  config = all_ops_config(fine_tunes, tmp_path)
-  ok(run_job(config, f'--config.output.path={tmp_path / "out"}'))
+  # In this process: test_two_processes_merge_as_one_does runs the same config as a command.
+  inputs = {name: {'path': str(fine_tunes[name][0])} for name in ('base', 'a', 'b')}
+  assert outcome({'inputs': inputs, 'transforms': ALL_OPS,
+                  'output': {'path': str(tmp_path / 'out')}}) == 'ok'
   assert_all_ops(tmp_path / 'out', fine_tunes)
   report = report_of(tmp_path / 'out', 1)
   assert set(report['inputs']) == {'base', 'a', 'b'}
@@ -335,15 +337,15 @@ def two_large_steps(path, rows: int) -> dict:
 
 
 def test_a_merge_streams_in_a_budget_smaller_than_one_input(tmp_path):
-  # Each group reads one leaf of both steps (2 x 32 MiB) and writes one (32 MiB): 0.1 GB in a budget
-  # of 0.12 GB, where one input is 0.2 GB and restoring both to average them 0.4 GB. The runtime's
-  # fixed cost is the same merge of a tiny checkpoint.
+  # Each group reads one leaf of both steps (2 x 16 MiB) and writes one (16 MiB): 0.05 GB in a
+  # budget of 0.06 GB, where one input is 0.1 GB and restoring both to average them 0.2 GB. The
+  # runtime's fixed cost is the same merge of a tiny checkpoint.
   config = write_config(tmp_path, {'input': {'step': 'last:2'}, 'transforms': [{'op': 'average'}]})
   two_large_steps(tmp_path / 'tiny', rows=8)
-  large = two_large_steps(tmp_path / 'large', rows=8192)
+  large = two_large_steps(tmp_path / 'large', rows=4096)
   fixed = peak_rss(config, f'--config.input.path={tmp_path / "tiny"}',
                    f'--config.output.path={tmp_path / "tiny_out"}')
-  budget = 0.12e9
+  budget = 0.06e9
   peak = peak_rss(config, f'--config.input.path={tmp_path / "large"}',
                   f'--config.output.path={tmp_path / "out"}', f'--config.memory.host_budget_gb={budget / 1e9}')
   assert len(report_of(tmp_path / 'out', 2)['groups']) == 6
@@ -373,3 +375,15 @@ def test_a_stopped_merge_resumes(run_steps, tmp_path):
   for key in params_of(got):
     np.testing.assert_allclose(got[key], ref_average([steps[s][key] for s in (20, 30, 40)]),
                                rtol=1e-6, err_msg=key)
+
+
+def test_the_dry_run_of_a_range_of_steps_names_each_and_its_memory(run_steps, capsys):
+  in_path, _ = run_steps
+  assert outcome({'input': {'path': str(in_path), 'step': range(20, 41, 20)},
+                  'transforms': [{'op': 'average'}], 'dry_run': True}) == 'ok'
+  printed = capsys.readouterr().out
+  assert f'Input 20: {in_path / "20" / "default"} (step 20)' in printed
+  assert f'Input 40: {in_path / "40" / "default"} (step 40)' in printed
+  assert 'Each group reads its keys of all 2 inputs together: about 2 times the memory' in printed
+  assert '  params/head/kernel (8, 12) float32 (None, \'model\') from 20:params/head/kernel, ' \
+         '40:params/head/kernel' in printed
