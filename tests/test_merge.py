@@ -8,7 +8,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import checkpoints
 from jobs import REPO, launch, ok, outcome, run_job, write_config
@@ -40,8 +40,9 @@ def _fine_tune(params: dict, seed: int) -> dict:
 
 @pytest.fixture(scope='module')
 def fine_tunes(tmp_path_factory):
-  """A base and two fine-tunes of it, each its own CheckpointManager dir (step 1); a checkpoint
-  whose head/kernel has another shape and that has no head/bias; {name: (path, numpy values)}."""
+  """A base and two fine-tunes of it, each its own CheckpointManager dir (step 1), `b` saved on
+  another mesh (1-D, replicated); a checkpoint whose head/kernel has another shape and that has no
+  head/bias; {name: (path, numpy values)}."""
   root = tmp_path_factory.mktemp('fine_tunes')
   base = checkpoints.layered_params()
   odd = {**base, 'head': {'kernel': np.zeros((checkpoints.D, 16), np.float32)}}
@@ -49,7 +50,10 @@ def fine_tunes(tmp_path_factory):
   for name, params in [('base', base), ('a', _fine_tune(base, 1)), ('b', _fine_tune(base, 2)),
                        ('odd', odd)]:
     state = checkpoints.train_state(params, step=1)
-    checkpoints.save_manager(root / name, checkpoints.shard(state, checkpoints.mesh_2x4()), step=1)
+    line = Mesh(np.asarray(jax.devices()[:8]), ('x',))
+    placed = (jax.device_put(state, NamedSharding(line, P())) if name == 'b' else
+              checkpoints.shard(state, checkpoints.mesh_2x4()))
+    checkpoints.save_manager(root / name, placed, step=1)
     found[name] = (root / name, checkpoints.flat_numpy(state))
   return found
 
