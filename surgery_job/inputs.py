@@ -61,9 +61,9 @@ class Inputs:
 
   def restore(self, wanted: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """The `wanted` leaves (plan keys), each input reading its own."""
-    restored = {}
+    restored, parts = {}, self._per_input(wanted)
     for entry in self.entries:
-      mine = {k[len(entry.key('')):]: x for k, x in wanted.items() if split(k)[0] == entry.name}
+      mine = parts[entry.name]
       if not mine:
         continue
       try:
@@ -74,6 +74,16 @@ class Inputs:
         raise SurgeryError(checkpoint.read_error(e, entry.source.item_dir)) from None
       restored.update({entry.key(k): v for k, v in leaves.items()})
     return restored
+
+  def _per_input(self, flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`flat` (plan keys) split by input, keyed within it."""
+    if len(self.entries) == 1:
+      return {self.primary.name: flat}
+    parts = {name: {} for name in self.names}
+    for plan_key, value in flat.items():
+      name, key = split(plan_key)
+      parts[name][key] = value
+    return parts
 
   def held_bytes(self) -> int:
     return sum(entry.reader.held_bytes(entry.source) for entry in self.entries)
@@ -105,9 +115,9 @@ class Inputs:
 
 
 def split(plan_key: str) -> tuple[str, str]:
-  """(input name, key) of a plan key; the name is '' for the one input of a plain run."""
-  name, sep, key = plan_key.partition(NAME_SEP)
-  return (name, key) if sep and NAME.fullmatch(name) else ('', plan_key)
+  """(input name, key) of a plan key of one of several inputs (names hold no ':')."""
+  name, _, key = plan_key.partition(NAME_SEP)
+  return name, key
 
 
 def merges_in(config) -> bool:

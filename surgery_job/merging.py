@@ -103,15 +103,17 @@ class Stage:
       return {k: v for k, v in merged.items() if k not in optimizer}
     chosen = per_input[self.optimizer_from]
     for key in sorted(optimizer):
-      _agreeing('optimizer_from', key, {self.primary: merged[key], self.optimizer_from: chosen.get(key)})
+      _agreeing('config: optimizer_from', key,
+                {self.primary: merged[key], self.optimizer_from: chosen.get(key)}, numeric=False)
       merged[key] = chosen[key]
     self.touched.append((f'optimizer state from input {self.optimizer_from}', sorted(optimizer)))
     return merged
 
 
-def _agreeing(label: str, key: str, leaves: dict[str, Leaf | None]) -> dict[str, Any]:
-  """{input: value} of `key` in each input, which must all hold it with one shape and dtype, as a
-  floating-point leaf."""
+def _agreeing(label: str, key: str, leaves: dict[str, Leaf | None],
+              numeric: bool = True) -> dict[str, Any]:
+  """{input: value} of `key` in each input, which must all hold it with one shape and dtype (with
+  `numeric`, a floating-point one)."""
   first = next(name for name, leaf in leaves.items() if leaf is not None)
   shape, dtype = leaves[first].value.shape, leaves[first].value.dtype
   for name, leaf in leaves.items():
@@ -120,7 +122,7 @@ def _agreeing(label: str, key: str, leaves: dict[str, Leaf | None]) -> dict[str,
     if leaf.value.shape != shape or leaf.value.dtype != dtype:
       raise SurgeryError(f'{label}: key {key!r} is {dtype.name}{list(shape)} in input {first} but '
                          f'{leaf.value.dtype.name}{list(leaf.value.shape)} in input {name}')
-  if label != 'optimizer_from' and not jnp.issubdtype(dtype, jnp.floating):
+  if numeric and not jnp.issubdtype(dtype, jnp.floating):
     raise SurgeryError(f'{label}: key {key!r} is {dtype.name}, not a floating-point leaf: leave it '
                        'out of the pattern')
   return {name: leaf.value for name, leaf in leaves.items()}

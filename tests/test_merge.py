@@ -391,3 +391,14 @@ def test_the_dry_run_of_a_range_of_steps_names_each_and_its_memory(run_steps, ca
   assert 'Each group reads its keys of all 2 inputs together: about 2 times the memory' in printed
   assert '  params/head/kernel (8, 12) float32 (None, \'model\') from 20:params/head/kernel, ' \
          '40:params/head/kernel' in printed
+
+
+def test_a_plain_run_reads_keys_holding_a_colon(tmp_path):
+  # Keys of several inputs are `name:key` in the plan; those of the one input of a plain run are not.
+  state = {'params': {'w': np.arange(8, dtype=np.float32)}, 'ema:decay': np.asarray(0.5, np.float32)}
+  checkpoints.save_manager(tmp_path / 'in', state, step=1)
+  assert outcome({'input': {'path': str(tmp_path / 'in')},
+                  'output': {'path': str(tmp_path / 'out')}}) == 'ok'
+  got = output_values(tmp_path / 'out', 1)
+  np.testing.assert_array_equal(got['ema:decay'], 0.5)
+  np.testing.assert_array_equal(got['params/w'], state['params']['w'])
