@@ -135,6 +135,7 @@ def window(config, newest: int) -> tuple[int, ...]:
   """The steps a merge of `input.step` 'last:N' reads for output step `newest`: the N newest
   committed steps up to it."""
   count = last_n(config.input.step)
+  assert count is not None
   reader = formats.reader(config.input.path, config.input.format)
   committed = [s for s in reader.select_steps(config.input.path, 'all', lambda s: False)
                if s is not None and s <= newest]

@@ -195,8 +195,7 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     if inputs_lib.last_n(config.input.step) is not None:
       step = inputs_lib.window(config, step)
     located = inputs_lib.locate(config, step)
-    source, skeleton, metadata = (located.primary.source, located.primary.skeleton,
-                                  located.primary.metadata)
+    skeleton, metadata = located.primary.skeleton, located.primary.metadata
     try:
       layout = tree.find_layout(list(metadata), config.params_root)
     except ValueError as e:
