@@ -75,8 +75,8 @@ def average(sources: Sequence[str] | None = None, weights: Sequence[float] | Non
 
 
 def ema(decay: float, sources: Sequence[str] | None = None, pattern: str = '.*') -> Merge:
-  """The exponential moving average over the sources, oldest first: e = decay * e + (1 - decay) * x,
-  starting from the oldest."""
+  """The exponential moving average over the sources, oldest first: from the oldest, each next
+  source x makes it decay x it + (1 - decay) x x."""
   _check_fraction('decay', decay)
 
   def combine(key, base, values):
