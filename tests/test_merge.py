@@ -8,7 +8,9 @@ import signal
 import jax
 import numpy as np
 import pytest
+from flax import serialization, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from safetensors.numpy import save_file
 
 import checkpoints
 from jobs import REPO, launch, ok, outcome, run_job, write_config
@@ -402,3 +404,20 @@ def test_a_plain_run_reads_keys_holding_a_colon(tmp_path):
   got = output_values(tmp_path / 'out', 1)
   np.testing.assert_array_equal(got['ema:decay'], 0.5)
   np.testing.assert_array_equal(got['params/w'], state['params']['w'])
+
+
+def test_inputs_of_other_formats_merge(fine_tunes, tmp_path):
+  # A safetensors file (names joined with '.') and a Flax msgpack file of the same params.
+  a, b = (params_of(fine_tunes[name][1]) for name in ('a', 'b'))
+  save_file({k[len('params/'):].replace('/', '.'): v for k, v in a.items()}, tmp_path / 'a.safetensors')
+  (tmp_path / 'b').mkdir()
+  (tmp_path / 'b' / 'checkpoint_1').write_bytes(serialization.to_bytes(
+      traverse_util.unflatten_dict({k[len('params/'):]: v for k, v in b.items()}, sep='/')))
+  assert outcome({'inputs': {'a': {'path': str(tmp_path / 'a.safetensors')},
+                             'b': {'path': str(tmp_path / 'b' / 'checkpoint_1')}},
+                  'transforms': [{'op': 'average'}], 'output': {'path': str(tmp_path / 'out')}}) == 'ok'
+  got = checkpoints.flat_numpy(checkpoints.restore_plain(tmp_path / 'out'))
+  assert sorted(got) == sorted(k[len('params/'):] for k in a)
+  for key, value in got.items():
+    np.testing.assert_allclose(value, ref_average([a['params/' + key], b['params/' + key]]),
+                               rtol=1e-6, err_msg=key)
