@@ -38,6 +38,9 @@ class Merge:
 def _check_weights(weights, negative_ok: bool = False) -> tuple[float, ...] | None:
   if weights is None:
     return None
+  if not isinstance(weights, (list, tuple)) or not all(
+      isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+    raise SurgeryError(f'weights must be a list of numbers, got {weights!r}')
   for weight in weights:
     if math.isnan(weight) or (weight < 0 and not negative_ok):
       raise SurgeryError(f'weights {list(weights)} hold {weight}: each weight must be a number '
@@ -51,7 +54,11 @@ def _check_fraction(name: str, value: float, low_open: bool = False) -> None:
 
 
 def _sources(sources) -> tuple[str, ...] | None:
-  return None if sources is None else tuple(sources)
+  if sources is None:
+    return None
+  if not isinstance(sources, (list, tuple)) or not all(isinstance(s, str) for s in sources):
+    raise SurgeryError(f'sources must be a list of input names, got {sources!r}')
+  return tuple(sources)
 
 
 def _weighted(values: list, weights) -> list:
