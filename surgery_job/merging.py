@@ -64,26 +64,36 @@ class Stage:
     merged = dict(per_input[self.primary])
     optimizer = self._optimizer_keys(merged)
     self.touched = []
-    for (label, merge), (base, sources) in zip(self.merges, self.roles):
-      roles = ([base] if base else []) + sources
-      candidates = {}
-      for name in roles:
-        for key in per_input[name]:
-          if key not in optimizer and (view := self._view(key, merge.pattern)) is not None:
-            candidates[view] = key
-      made = []
-      for view, _ in matches(candidates, merge.pattern):
-        key = candidates[view]
-        values = _agreeing(label, key, {name: per_input[name].get(key) for name in roles})
-        dtype = values[roles[0]].dtype
-        wide = jnp.float64 if dtype == jnp.float64 else jnp.float32
-        value = merge.combine(view, values[base].astype(wide) if base else None,
-                              [values[n].astype(wide) for n in sources])
-        spec = (per_input[self.primary].get(key) or per_input[roles[0]][key]).spec
-        merged[key] = Leaf(value.astype(dtype), spec)
-        made.append(key)
-      self.touched.append((label, sorted(made)))
+    for (label, merge), roles in zip(self.merges, self.roles):
+      try:
+        made = self._merge(merge, roles, per_input, merged, optimizer)
+      except SurgeryError as e:
+        raise e.within(label) from None
+      self.touched.append((label, made))
     return self._with_optimizer(merged, per_input, optimizer)
+
+  def _merge(self, merge: Merge, roles: tuple[str | None, list[str]], per_input, merged,
+             optimizer: set[str]) -> list[str]:
+    """Puts in `merged` each leaf `merge` makes; returns their keys."""
+    base, sources = roles
+    names = ([base] if base else []) + sources
+    candidates = {}
+    for name in names:
+      for key in per_input[name]:
+        if key not in optimizer and (view := self._view(key, merge.pattern)) is not None:
+          candidates[view] = key
+    made = []
+    for view, _ in matches(candidates, merge.pattern):
+      key = candidates[view]
+      values = _agreeing(key, {name: per_input[name].get(key) for name in names})
+      dtype = values[names[0]].dtype
+      wide = jnp.float64 if dtype == jnp.float64 else jnp.float32
+      value = merge.combine(view, values[base].astype(wide) if base else None,
+                            [values[n].astype(wide) for n in sources])
+      spec = (per_input[self.primary].get(key) or per_input[names[0]][key]).spec
+      merged[key] = Leaf(value.astype(dtype), spec)
+      made.append(key)
+    return sorted(made)
 
   def _view(self, key: str, pattern: str) -> str | None:
     """The name `pattern` is matched against: the key under params_root, or `/` + the full key."""
@@ -103,26 +113,28 @@ class Stage:
       return {k: v for k, v in merged.items() if k not in optimizer}
     chosen = per_input[self.optimizer_from]
     for key in sorted(optimizer):
-      _agreeing('config: optimizer_from', key,
-                {self.primary: merged[key], self.optimizer_from: chosen.get(key)}, numeric=False)
+      try:
+        _agreeing(key, {self.primary: merged[key], self.optimizer_from: chosen.get(key)},
+                  numeric=False)
+      except SurgeryError as e:
+        raise e.within('config: optimizer_from') from None
       merged[key] = chosen[key]
     self.touched.append((f'optimizer state from input {self.optimizer_from}', sorted(optimizer)))
     return merged
 
 
-def _agreeing(label: str, key: str, leaves: dict[str, Leaf | None],
-              numeric: bool = True) -> dict[str, Any]:
+def _agreeing(key: str, leaves: dict[str, Leaf | None], numeric: bool = True) -> dict[str, Any]:
   """{input: value} of `key` in each input, which must all hold it with one shape and dtype (with
   `numeric`, a floating-point one)."""
   first = next(name for name, leaf in leaves.items() if leaf is not None)
   shape, dtype = leaves[first].value.shape, leaves[first].value.dtype
   for name, leaf in leaves.items():
     if leaf is None:
-      raise SurgeryError(f'{label}: key {key!r} is in input {first} but not in input {name}')
+      raise SurgeryError(f'key {key!r} is in input {first} but not in input {name}')
     if leaf.value.shape != shape or leaf.value.dtype != dtype:
-      raise SurgeryError(f'{label}: key {key!r} is {dtype.name}{list(shape)} in input {first} but '
+      raise SurgeryError(f'key {key!r} is {dtype.name}{list(shape)} in input {first} but '
                          f'{leaf.value.dtype.name}{list(leaf.value.shape)} in input {name}')
   if numeric and not jnp.issubdtype(dtype, jnp.floating):
-    raise SurgeryError(f'{label}: key {key!r} is {dtype.name}, not a floating-point leaf: leave it '
+    raise SurgeryError(f'key {key!r} is {dtype.name}, not a floating-point leaf: leave it '
                        'out of the pattern')
   return {name: leaf.value for name, leaf in leaves.items()}
