@@ -6,6 +6,7 @@ import json
 import signal
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import serialization, traverse_util
@@ -432,3 +433,22 @@ def test_inputs_of_other_formats_merge(fine_tunes, tmp_path):
   for key, value in got.items():
     np.testing.assert_allclose(value, ref_average([a['params/' + key], b['params/' + key]]),
                                rtol=1e-6, err_msg=key)
+
+
+def test_each_leaf_is_computed_wide_and_cast_back_to_its_dtype(tmp_path):
+  # bfloat16 in float32; float64 in float64, where float32 would lose the third value's digits.
+  rng = np.random.default_rng(0)
+  steps = {}
+  for step in (1, 2, 3):
+    params = {'half': rng.standard_normal(16).astype(ml_dtypes.bfloat16),
+              'wide': 1 + rng.standard_normal(16) * 1e-12}
+    checkpoints.save_manager(tmp_path / 'in', {'params': params}, step=step)
+    steps[step] = params
+  assert outcome({'input': {'path': str(tmp_path / 'in'), 'step': 'last:3'},
+                  'transforms': [{'op': 'average'}], 'output': {'path': str(tmp_path / 'out')}}) == 'ok'
+  with jax.enable_x64(True):  # As the job reads and writes them.
+    got = output_values(tmp_path / 'out', 3)
+  assert got['params/half'].dtype == ml_dtypes.bfloat16 and got['params/wide'].dtype == np.float64
+  half = sum(steps[s]['half'].astype(np.float32) for s in steps) / np.float32(3)
+  np.testing.assert_array_equal(got['params/half'], half.astype(ml_dtypes.bfloat16))
+  np.testing.assert_allclose(got['params/wide'], sum(steps[s]['wide'] for s in steps) / 3, rtol=1e-15)
