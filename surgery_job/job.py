@@ -360,9 +360,9 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, plan, groups, staging: 
                         writer, phases, barrier, check: Callable[[], None], budget_bytes,
                         resumed: dict[int, dict], cast_errors: dict) -> None:
   """Restores, transforms and writes each group into the staging folder with the output format's
-  `writer`, then reads it all back. `read`: the inputs. Groups in `resumed` ({index: its record}, written by
-  an earlier run of this surgery) are taken as they are. `check()` comes before each write. Fills
-  `cast_errors` with what each cast of a computed group lost."""
+  `writer`, then reads it all back. `read`: the inputs. Groups in `resumed` ({index: its record},
+  written by an earlier run of this surgery) are taken as they are. `check()` comes before each
+  write. Fills `cast_errors` with what each cast of a computed group lost."""
   streamed = len(groups) > 1
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
   expected = {}
