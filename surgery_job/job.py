@@ -147,29 +147,37 @@ def _sweep_abandoned(config, out_root: paths.Path) -> None:
 
 def _convert_unless_deleted(config, step, barrier_timeout_seconds: int) -> dict | None:
   """`convert` of a step the job chose itself ('all', 'new', a watch); one that failed because it
-  was deleted while it was read (the trainer keeping its newest steps) is skipped with a warning."""
+  (or, with 'last:N', a step of the N it averages) was deleted while it was read (the trainer
+  keeping its newest steps) is skipped with a warning."""
+  read = (step,)
   try:
-    return convert(config, step, barrier_timeout_seconds, named=True)
+    if inputs_lib.last_n(config.input.step) is not None:
+      read = inputs_lib.window(config, step)
+    return convert(config, read if len(read) > 1 else step, barrier_timeout_seconds, named=True)
   except Exception:  # pylint: disable=broad-except  # Whatever a vanished file made fail.
-    if stopping.requested.is_set() or _still_committed(config, step):
+    gone = [] if stopping.requested.is_set() else _gone(config, read)
+    if not gone:
       raise
-    logging.warning('Skipping input step %s: it is no longer a committed step of the input '
-                    '(deleted while it was read, as by the trainer keeping its newest steps).', step)
+    logging.warning('Skipping input step %s: %s no longer a committed step of the input (deleted '
+                    'while it was read, as by the trainer keeping its newest steps).', step,
+                    'it is' if gone == [step] else f'step {gone[0]}, one of the steps it averages, is')
     return None
 
 
-def _still_committed(config, step, settle_seconds: float = 2.0) -> bool:
-  """Whether `step` is still a committed input step, looked at again once a deletion under way
-  (a trainer's rmtree) has had `settle_seconds` to end."""
+def _gone(config, steps, settle_seconds: float = 2.0) -> list:
+  """The `steps` that are no longer committed input steps, looked at again once a deletion under
+  way (a trainer's rmtree) has had `settle_seconds` to end."""
   reader = formats.reader(config.input.path, config.input.format)
   for wait in (0, settle_seconds):
     stopping.sleep(wait)
     try:
-      if step not in reader.select_steps(config.input.path, 'all', lambda s: False):
-        return False
+      committed = set(reader.select_steps(config.input.path, 'all', lambda s: False))
     except SurgeryError:  # The input is gone altogether.
-      return False
-  return True
+      return list(steps)
+    gone = [s for s in steps if s not in committed]
+    if gone:
+      return gone
+  return []
 
 
 def convert(config, step, barrier_timeout_seconds: int, named: bool) -> dict | None:
@@ -192,7 +200,7 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   phases = Phases()
 
   with phases('read'):
-    if inputs_lib.last_n(config.input.step) is not None:
+    if inputs_lib.last_n(config.input.step) is not None and not isinstance(step, tuple):
       step = inputs_lib.window(config, step)
     located = inputs_lib.locate(config, step)
     skeleton, metadata = located.primary.skeleton, located.primary.metadata

@@ -3,7 +3,10 @@ one base) compared leaf by leaf with numpy references of mergekit's formulas; ba
 
 import importlib.util
 import json
+import shutil
 import signal
+import subprocess
+import time
 
 import jax
 import ml_dtypes
@@ -14,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import save_file
 
 import checkpoints
-from jobs import REPO, launch, ok, outcome, run_job, write_config
+from jobs import REPO, job_command, job_env, launch, ok, outcome, run_job, write_config
 from surgery_job.transforms import merge as merge_lib
 from test_memory import peak_rss
 from test_safety import STREAMED, start_paused
@@ -452,3 +455,28 @@ def test_each_leaf_is_computed_wide_and_cast_back_to_its_dtype(tmp_path):
   half = sum(steps[s]['half'].astype(np.float32) for s in steps) / np.float32(3)
   np.testing.assert_array_equal(got['params/half'], half.astype(ml_dtypes.bfloat16))
   np.testing.assert_allclose(got['params/wide'], sum(steps[s]['wide'] for s in steps) / 3, rtol=1e-15)
+
+
+def test_a_watched_average_whose_oldest_step_the_trainer_deletes_is_skipped(run_steps, tmp_path):
+  in_path, out, pause = tmp_path / 'in', tmp_path / 'out', tmp_path / 'paused'
+  shutil.copytree(run_steps[0], in_path)
+  config = write_config(tmp_path, {'input': {'step': 'last:2'}, 'transforms': [{'op': 'average'}],
+                                   'watch': {'enabled': True, 'poll_seconds': 0.1,
+                                             'idle_timeout_seconds': 0.5}})
+  watcher = subprocess.Popen(
+      job_command(config, f'--config.input.path={in_path}', f'--config.output.path={out}'),
+      cwd=REPO, env=job_env(env={'SURGERY_JOB_PAUSE': 'restore', 'SURGERY_JOB_PAUSE_FILE': str(pause)}),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  for output_step in (20, 30, 40):  # Step 10 goes while step 20's average reads it.
+    deadline = time.monotonic() + 120
+    while not pause.exists():
+      assert watcher.poll() is None and time.monotonic() < deadline, watcher.stderr.read()[-3000:]
+      time.sleep(0.1)
+    if output_step == 20:
+      shutil.rmtree(in_path / '10')  # As the trainer's max_to_keep does.
+    pause.unlink()
+  stderr = watcher.communicate(timeout=300)[1]
+  assert watcher.returncode == 0, stderr[-3000:]
+  assert ('Skipping input step 20: step 10, one of the steps it averages, is no longer a committed '
+          'step of the input') in stderr
+  assert checkpoints.visible_steps(out) == [30, 40]
