@@ -160,9 +160,9 @@ def locate(config, steps: Any) -> Inputs:
 
 
 def _read(name: str, input_config, step: Any) -> Input:
-  reader = formats.reader(input_config.path, input_config.format)
-  source = reader.locate(input_config, step)
   try:
+    reader = formats.reader(input_config.path, input_config.format)
+    source = reader.locate(input_config, step)
     skeleton = reader.read_metadata(source)
   except SurgeryError as e:
     raise (e.within(f'input {name}') if name else e) from None

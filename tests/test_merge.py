@@ -292,6 +292,9 @@ def test_bad_step_forms_and_inputs(run_steps, fine_tunes, tmp_path):
   same = {'a': {'path': str(fine_tunes['a'][0])}, 'again': {'path': str(fine_tunes['a'][0]), 'step': 1}}
   assert outcome({'inputs': same, 'transforms': average, 'output': {'path': out}}) == (
       f'error: inputs a and again are the same checkpoint ({fine_tunes["a"][0] / "1" / "default"})')
+  missing = {'a': {'path': str(fine_tunes['a'][0])}, 'b': {'path': str(tmp_path / 'nowhere')}}
+  assert outcome({'inputs': missing, 'transforms': average, 'output': {'path': out}}) == (
+      f'error: input b: input.path {tmp_path / "nowhere"} does not exist')
   assert outcome({'input': {'path': str(in_path), 'step': 'last:5'}, 'transforms': average,
                   'output': {'path': out}}) == (
       f"error: input.step 'last:5' needs 5 committed steps up to step 40 of {in_path}, found 4: "
