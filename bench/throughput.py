@@ -3,6 +3,7 @@
   .venv/bin/python bench/throughput.py [--dir=/tmp/surgery_throughput] [--gib=1] [--runs=3]
                                        [--leaves=100,1000,10000] [--moments=trained]
                                        [--safetensors_budget_gb=0.1] [--llama_gib=1] [--llama_only]
+                                       [--merge_gib=GIB] [--merge_budget_gb=0.25] [--only_merge]
 
 Builds a float32 checkpoint of `--gib` GiB: params (4 large matrices, many small ones) and their
 optax Adam state (after one step from random gradients, or `--moments=zeros` as `init` leaves it,
@@ -26,6 +27,10 @@ layers and sizes of a small Llama with grouped-query attention) to a Hugging Fac
 (b) with no `memory.host_budget_gb` under a faked cgroup limit of `--cgroup_gb` GB, so that the
 default budget it picks cuts the checkpoint into groups, and compares its peak RSS with 1.5x that
 budget plus the runtime's fixed cost (the peak RSS of the job on a tiny checkpoint).
+A merge table averages 4 steps of `--merge_gib` GiB of params each (default `--gib`):
+  (i) naive: restore all four steps with their saved shardings, average, save;
+  (j) the job, `configs/average_last_n.py:4`, with the default budget and with `--merge_budget_gb`.
+`--only_merge` runs that table alone.
 """
 
 import argparse
@@ -39,6 +44,7 @@ from pathlib import Path
 
 from common import ENV, GIB, measure
 from surgery_job import memory, report
+from surgery_job.errors import SurgeryError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,6 +180,48 @@ NAIVE_LLAMA = textwrap.dedent('''
               metadata={'format': 'pt'})
 ''')
 
+# Steps 1..4 of one run: params only, 4 float32 matrices, GIB GiB a step, other values each step.
+BUILD_STEPS = textwrap.dedent('''
+    import sys
+    import jax, numpy as np, orbax.checkpoint as ocp
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    path, gib = sys.argv[1], float(sys.argv[2])
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    sharding = NamedSharding(mesh, P('data', 'model'))
+    rows = max(8, int(gib * 2**30 / 4 / 4 / 1024) // 8 * 8)
+    with ocp.CheckpointManager(path) as manager:
+      for step in range(1, 5):
+        rng = np.random.default_rng(step)
+        params = {f'w_{i}': jax.device_put(rng.standard_normal((rows, 1024), np.float32), sharding)
+                  for i in range(4)}
+        manager.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(
+            {'params': params, 'step': np.asarray(step, np.int32)})))
+        manager.wait_until_finished()
+    print(4 * rows * 1024 * 4)
+''')
+
+# Averaging the steps as a script does: every step restored at once, averaged, saved.
+NAIVE_AVERAGE = textwrap.dedent('''
+    import sys
+    import jax, orbax.checkpoint as ocp
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    import numpy as np
+    source, target = sys.argv[1], sys.argv[2]
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    with ocp.CheckpointManager(source, item_names=('default',)) as manager:
+      steps = manager.all_steps()[-4:]
+      metadata = ocp.StandardCheckpointer().metadata(f'{source}/{steps[-1]}/default').item_metadata.tree
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=NamedSharding(
+          mesh, P(*getattr(m.sharding, 'partition_spec', ())))), metadata)
+      states = [manager.restore(s, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract)))['default']
+                for s in steps]
+    params = jax.tree.map(lambda *xs: sum(xs) / len(xs), *[s['params'] for s in states])
+    with ocp.CheckpointManager(target) as manager:
+      manager.save(steps[-1], args=ocp.args.Composite(default=ocp.args.StandardSave(
+          {'params': params, 'step': states[-1]['step']})))
+      manager.wait_until_finished()
+''')
+
 RENAME = textwrap.dedent('''
     import ml_collections
     def get_config():
@@ -207,8 +255,10 @@ def median_runs(commands: dict[str, list[str]], out: Path, runs: int,
       shutil.rmtree(out, ignore_errors=True)
       subprocess.run(['sync'], check=True)
       wall, rss = measure(command, env)
-      found = json.loads(report.find(out).read_text()) if (out / '1').is_dir() and (
-          out / '1' / report.REPORT).is_file() else {}
+      try:
+        found = json.loads(report.find(out).read_text())
+      except SurgeryError:  # A naive script writes no report.
+        found = {}
       results[name].append({'wall': wall, 'rss': rss, 'phases': found.get('seconds', {}),
                             'groups': len(found.get('groups', []))})
   shutil.rmtree(out, ignore_errors=True)
@@ -227,12 +277,18 @@ def main() -> None:
                       help="Adam's moments after one step, or as `init` leaves them (zstd packs zeros)")
   parser.add_argument('--llama_gib', type=float, default=1.0)
   parser.add_argument('--llama_only', action='store_true', help='the Llama export table alone')
+  parser.add_argument('--merge_gib', type=float, default=None, help='each averaged step; default --gib')
+  parser.add_argument('--merge_budget_gb', type=float, default=0.25)
+  parser.add_argument('--only_merge', action='store_true', help='only the merge table')
   args = parser.parse_args()
   root = Path(args.dir)
   shutil.rmtree(root, ignore_errors=True)
   root.mkdir(parents=True)
   if args.llama_only:
     llama_rows(root, root / 'out', args)
+    return
+  if args.only_merge:
+    merge_rows(root, root / 'out', args)
     return
   (root / 'rename.py').write_text(RENAME)
   (root / 'naive.py').write_text(NAIVE)
@@ -269,6 +325,7 @@ def main() -> None:
   safetensors_rows(root, source, out, size, args)
   llama_rows(root, out, args)
   default_budget(root, source, out, args)
+  merge_rows(root, out, args)
 
 
 def disk_mib(path: Path) -> float:
@@ -345,6 +402,28 @@ def default_budget(root: Path, source: Path, out: Path, args) -> None:
   print('|---|---|---|---|---|')
   print(f"| (b) job, rename, default budget | {row['groups']} | {row['wall']:.1f} | {row['rss']:.2f} | "
         f"{1.5 * budget / GIB:.2f} + {fixed['rss']:.2f} = {bound:.2f} |")
+
+
+def merge_rows(root: Path, out: Path, args) -> None:
+  """(i) and (j): the last 4 steps of a run averaged, all restored at once or group by group."""
+  steps = root / 'steps'
+  size = int(subprocess.run([sys.executable, '-c', BUILD_STEPS, str(steps), str(args.merge_gib or args.gib)],
+                            env=ENV, capture_output=True, text=True, check=True).stdout)
+  (root / 'naive_average.py').write_text(NAIVE_AVERAGE)
+  average = job(f'{REPO / "configs" / "average_last_n.py"}:4', steps, out)
+  budget = args.merge_budget_gb
+  rows = median_runs({
+      '(i) naive: restore all 4, average, save': [
+          sys.executable, str(root / 'naive_average.py'), str(steps), str(out)],
+      '(j) job, average_last_n:4': average,
+      f'(j) job, average_last_n:4, budget {budget} GB': [*average, f'--config.memory.host_budget_gb={budget}'],
+  }, out, args.runs)
+  print(f'\naveraging 4 steps of {size / GIB:.2f} GiB each, median of {args.runs}\n')
+  print('| run | wall s | peak RSS GiB | groups | phases (s) |')
+  print('|---|---|---|---|---|')
+  for name, row in rows.items():
+    print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | {phases(row)} |")
+  shutil.rmtree(steps)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from surgery_job import inputs as inputs_lib
 from surgery_job.errors import SurgeryError
 
 
@@ -25,6 +26,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # folders of them) is safetensors; anything else Orbax.
   config.input.format = config_dict.placeholder(str)
   config.input.key_separator = '.'  # Safetensors: what splits a tensor's name into a key's parts.
+  # Several inputs for merge ops, by name: each a group of `input`'s fields; instead of input.path.
+  # (One directory's steps: input.step 'last:N', a list or a range, with merge ops.)
+  config.inputs = ml_collections.ConfigDict()
+  config.optimizer_from = config_dict.placeholder(str)  # Merges: the input whose optimizer state is kept.
 
   config.output = ml_collections.ConfigDict()
   config.output.path = config_dict.placeholder(str)  # Same layout as the input.
@@ -72,7 +77,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   return config
 
 
-_FREE_FORM = ('output.custom_metadata', 'output.hf_config')  # Groups whose fields are the user's own.
+def named_input() -> ml_collections.ConfigDict:
+  """An entry of `inputs` for a ready config to hold: its path and step, set on the command line
+  (`--config.inputs.NAME.path=...`)."""
+  return ml_collections.ConfigDict({'path': config_dict.placeholder(str),
+                                    'step': config_dict.placeholder(object)})
+
+
+_FREE_FORM = ('output.custom_metadata', 'output.hf_config', 'inputs')  # Groups whose fields are the user's own.
 
 # Every field's meaning: (one line for `surgery-job --help`, more for the README's table). The
 # README's table is made from this one (`make readme`), so the two never disagree.
@@ -89,7 +101,9 @@ FIELD_DOCS = {
         'zero-padded `0003`, prefixed `step_3`; not `³`); it is committed unless it is an Orbax '
         'temporary folder (`*.orbax-checkpoint-tmp*`), holds no PyTree item, or lacks '
         "`commit_success.txt` where the directory's saves write one; newer uncommitted steps are "
-        'skipped (logged), and naming one is an error'),
+        "skipped (logged), and naming one is an error. With a merge op, `'last:N'` (the N newest "
+        'committed steps), a list or a `range` of steps are combined into one output at the newest '
+        'step (see [Merging](#merging-several-checkpoints-into-one))'),
     'input.format': (
         "`'orbax'`, `'flax_msgpack'` or `'safetensors'`; None: told from the files",
         'see [Legacy Flax checkpoints](#legacy-flax-checkpoints) and '
@@ -106,6 +120,12 @@ FIELD_DOCS = {
         'with None, its PyTree items are planned together as one tree (with several, keys start '
         'with the item name: `params/...`, `opt_state/...`), items of other kinds (JSON, data '
         'iterators) copied byte for byte'),
+    'inputs': (
+        'instead of `input.path`: named inputs for the merge ops, each a group of `input` fields',
+        "`--config.inputs.base.path=...`, `step`, `item`, `format`; names hold letters, digits, `_`, "
+        '`-`, `.` (see [Merging](#merging-several-checkpoints-into-one))'),
+    'optimizer_from': (
+        "merges: the input whose optimizer state the output keeps; None: it is dropped", ''),
     'output.path': (
         "where the result appears, in the input's layout",
         'for a `CheckpointManager` input, a directory of step folders that a run adds its own step '
@@ -179,7 +199,8 @@ FIELD_DOCS = {
         'literal'),
     'watch.enabled': (
         'keep converting each new committed input step as it appears',
-        "`input.step='new'`, polled until `watch.idle_timeout_seconds` pass with none"),
+        "`input.step='new'`, polled until `watch.idle_timeout_seconds` pass with none; with "
+        "`'last:N'`, each new step with N steps up to it becomes the average of those N"),
     'watch.poll_seconds': ('how often to look for new steps', ''),
     'watch.idle_timeout_seconds': ('stop after this long with no new step', ''),
     'dry_run': (
@@ -216,7 +237,7 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
   _merge(config, _as_dict(user_config), prefix='', strict=True)
   config.transforms = [_op_fields(i, t) for i, t in enumerate(config.transforms)]
   config.partition_rules = [_rule(i, r) for i, r in enumerate(config.partition_rules)]
-  if not config.input.path:
+  if not config.input.path and not config.inputs:
     raise SurgeryError('config: missing field input.path')
   if not config.output.path and not config.dry_run:
     raise SurgeryError('config: missing field output.path')
@@ -240,10 +261,11 @@ def resolve(user_config: Any) -> ml_collections.ConfigDict:
                          f'got {config[group][name]!r}')
   config.output.sequences = [_sequence(i, s) for i, s in enumerate(config.output.sequences)]
   step = config.input.step
-  if not (step in (None, 'latest', 'all', 'new') or _is_step(step) or (
-      isinstance(step, (list, tuple)) and step and all(_is_step(s) for s in step))):
-    raise SurgeryError("config: input.step must be a step number, a list of them, None, 'latest', "
-                       f"'all' or 'new', got {step!r}")
+  if not (step in (None, 'latest', 'all', 'new') or _is_step(step) or inputs_lib.last_n(step) or (
+      isinstance(step, (list, tuple, range)) and step and all(_is_step(s) for s in step))):
+    raise SurgeryError("config: input.step must be a step number, a list or range of them, None, "
+                       f"'latest', 'all', 'new' or 'last:N', got {step!r}")
+  inputs_lib.resolve(config, get_default_config().input)
   if config.output.max_to_keep is not None and config.output.max_to_keep < 1:
     raise SurgeryError(f'config: output.max_to_keep must be at least 1, got {config.output.max_to_keep}')
   if config.output.step is not None and not _is_step(config.output.step):

@@ -11,8 +11,8 @@ import ml_collections
 from absl import logging
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
-                         distributed, faults, formats, memory, output, paths,
-                         plan as plan_lib, report as report_lib, sharding, stopping,
+                         distributed, faults, formats, inputs as inputs_lib, memory, merging, output,
+                         paths, plan as plan_lib, report as report_lib, sharding, stopping,
                          transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.families import hf_config
@@ -57,7 +57,12 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   # every op names the dtypes it creates, so nothing else changes.
   jax.config.update('jax_enable_x64', True)
   out_root = paths.of(config.output.path, 'output.path') if config.output.path else None
+  if config.inputs:
+    if config.watch.enabled:
+      raise SurgeryError('config: watch.enabled follows the steps of input.path, not inputs')
+    return [report for report in [convert(config, None, barrier_timeout_seconds, False)] if report]
   reader = formats.reader(config.input.path, config.input.format)
+  last_n = inputs_lib.last_n(config.input.step)
 
   def choose_steps(step_spec) -> list:
     # The output is listed once per choice, not once per input step.
@@ -69,7 +74,13 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
       """Whether the output has or ever had `step` (since deleted by pruning or by hand), or would
       let it go at once (older than every step it keeps, with max_to_keep of them)."""
       return step in held or (keep is not None and len(kept) >= keep and step < min(kept))
-    return reader.select_steps(config.input.path, step_spec, exported)
+    if last_n is None:
+      return reader.select_steps(config.input.path, step_spec, exported)
+    # Each output step of 'last:N' is the newest of the N steps it averages.
+    committed = reader.select_steps(config.input.path, 'all', exported)
+    if step_spec != 'new':
+      return committed[-1:]
+    return [s for s in committed[last_n - 1:] if not exported(s)]
 
   def agree_on_steps(step_spec):
     if step_spec in ('all', 'new') and out_root is not None and jax.process_index() == 0:
@@ -79,6 +90,9 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
   if config.watch.enabled:
     return _watch(config, out_root, barrier_timeout_seconds, agree_on_steps)
   steps = agree_on_steps(config.input.step)
+  if isinstance(config.input.step, (list, tuple)) and inputs_lib.merges_in(config):
+    return [report for report in [convert(config, tuple(steps), barrier_timeout_seconds, False)]
+            if report]
   if len(steps) > 1 and config.output.step is not None:
     raise SurgeryError(f'config: output.step is set but input.step names {len(steps)} steps')
   if not steps:
@@ -96,8 +110,9 @@ def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 6
 def _watch(config, out_root: paths.Path | None, barrier_timeout_seconds: int,
            agree_on_steps) -> list[dict]:
   """Converts each new committed input step as it appears, until none has for the idle timeout."""
-  if config.input.step not in (None, 'new'):
-    raise SurgeryError(f"config: watch.enabled converts input.step='new', not {config.input.step!r}")
+  if config.input.step not in (None, 'new') and inputs_lib.last_n(config.input.step) is None:
+    raise SurgeryError(f"config: watch.enabled converts input.step='new' or 'last:N', not "
+                       f'{config.input.step!r}')
   if config.output.step is not None:
     raise SurgeryError('config: output.step is set but watch.enabled converts each new input step '
                        'into its own output step')
@@ -134,29 +149,37 @@ def _sweep_abandoned(config, out_root: paths.Path) -> None:
 
 def _convert_unless_deleted(config, step, barrier_timeout_seconds: int) -> dict | None:
   """`convert` of a step the job chose itself ('all', 'new', a watch); one that failed because it
-  was deleted while it was read (the trainer keeping its newest steps) is skipped with a warning."""
+  (or, with 'last:N', a step of the N it averages) was deleted while it was read (the trainer
+  keeping its newest steps) is skipped with a warning."""
+  read = (step,)
   try:
-    return convert(config, step, barrier_timeout_seconds, named=True)
+    if inputs_lib.last_n(config.input.step) is not None:
+      read = inputs_lib.window(config, step)
+    return convert(config, read if len(read) > 1 else step, barrier_timeout_seconds, named=True)
   except Exception:  # pylint: disable=broad-except  # Whatever a vanished file made fail.
-    if stopping.requested.is_set() or _still_committed(config, step):
+    gone = [] if stopping.requested.is_set() else _gone(config, read)
+    if not gone:
       raise
-    logging.warning('Skipping input step %s: it is no longer a committed step of the input '
-                    '(deleted while it was read, as by the trainer keeping its newest steps).', step)
+    logging.warning('Skipping input step %s: %s no longer a committed step of the input (deleted '
+                    'while it was read, as by the trainer keeping its newest steps).', step,
+                    'it is' if gone == [step] else f'step {gone[0]}, one of the steps it averages, is')
     return None
 
 
-def _still_committed(config, step, settle_seconds: float = 2.0) -> bool:
-  """Whether `step` is still a committed input step, looked at again once a deletion under way
-  (a trainer's rmtree) has had `settle_seconds` to end."""
+def _gone(config, steps, settle_seconds: float = 2.0) -> list:
+  """The `steps` that are no longer committed input steps, looked at again once a deletion under
+  way (a trainer's rmtree) has had `settle_seconds` to end."""
   reader = formats.reader(config.input.path, config.input.format)
   for wait in (0, settle_seconds):
     stopping.sleep(wait)
     try:
-      if step not in reader.select_steps(config.input.path, 'all', lambda s: False):
-        return False
+      committed = set(reader.select_steps(config.input.path, 'all', lambda s: False))
     except SurgeryError:  # The input is gone altogether.
-      return False
-  return True
+      return list(steps)
+    gone = [s for s in steps if s not in committed]
+    if gone:
+      return gone
+  return []
 
 
 def convert(config, step, barrier_timeout_seconds: int, named: bool) -> dict | None:
@@ -179,16 +202,16 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   phases = Phases()
 
   with phases('read'):
-    reader = formats.reader(config.input.path, config.input.format)
-    source = reader.locate(config.input, step)
-    skeleton = reader.read_metadata(source)
-    metadata = tree.flatten(skeleton)
+    if inputs_lib.last_n(config.input.step) is not None and not isinstance(step, tuple):
+      step = inputs_lib.window(config, step)
+    located = inputs_lib.locate(config, step)
+    skeleton, metadata = located.primary.skeleton, located.primary.metadata
     try:
       layout = tree.find_layout(list(metadata), config.params_root)
     except ValueError as e:
       raise SurgeryError(f'config: {e}') from None
-    run_fingerprint = output.fingerprint(config, source)
-    target = _output(config, source)
+    run_fingerprint = located.fingerprint(config)
+    target = _output(config, located)
 
   with phases('mesh'):
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes,
@@ -198,9 +221,11 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
                    jax.process_count())
 
   with phases('plan'):
-    inputs = reader.abstract_inputs(source, metadata, layout, mesh, config.partition_rules)
-    plan = plan_lib.make_plan(transforms.build(config.transforms), layout, inputs, mesh,
-                              config.partition_rules, reader.model_config(source))
+    inputs = located.abstract_inputs(mesh, layout, config.partition_rules)
+    merges, ops = merging.split_ops(transforms.build(config.transforms))
+    plan = plan_lib.make_plan(ops, layout, inputs, mesh, config.partition_rules,
+                              located.primary.reader.model_config(located.primary.source),
+                              _merge_stage(config, located, merges, layout))
     plan = _with_hf_config(plan, config.output)
     if jax.process_index() == 0:
       for note in plan.notes:
@@ -215,20 +240,20 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
 
   budget_bytes, default_budget = _budget(config.memory.host_budget_gb)
   # A msgpack input stays in host memory while the groups stream: they share what it leaves.
-  held = reader.held_bytes(source)
+  held = located.held_bytes()
   groups = plan.groups(None if budget_bytes is None else budget_bytes - held)
   if default_budget:
     _check_fits(groups, budget_bytes, default_budget, held)
   if config.dry_run:
     if jax.process_index() == 0:
-      print(describe(plan, groups, source, target))
+      print(describe(plan, groups, located, target))
     return None
 
   claim = output.Claim(target, config.output.lock_timeout_seconds)
   # Process 0 holds the output's lock until the end of the step, however the process ends.
   with distributed.before_exit(claim.release) if jax.process_index() == 0 else contextlib.nullcontext():
     try:
-      return _claimed(config, claim, (reader, source), (skeleton, out_skeleton), inputs, plan,
+      return _claimed(config, claim, located, (skeleton, out_skeleton), inputs, plan,
                       groups, budget_bytes, phases, run_fingerprint, barrier, barrier_timeout_seconds)
     except (SurgeryError, BadStagedOutput):
       if jax.process_index() == 0 and not stopping.requested.is_set():
@@ -242,11 +267,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
 def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups, budget_bytes,
              phases, run_fingerprint: str, barrier, barrier_timeout_seconds: int) -> dict:
   """The step once its output is claimed: already done, or written, validated and committed.
-  `read`: the input's format module and location; `skeletons`: the input's tree and the output's
-  (see `_write_and_validate`)."""
+  `read`: the inputs; `skeletons`: the primary input's tree and the output's."""
   target = claim.target
-  reader, source = read
-  key = output.resume_key(run_fingerprint, source) if jax.process_index() == 0 else None
+  source = read.primary.source
+  key = read.resume_key(run_fingerprint) if jax.process_index() == 0 else None
   # Every process writes into the work folder that process 0's lock token names.
   state, work = distributed.agree('claim', lambda: (claim.acquire(
       key, config.output.overwrite, config.output.wait_seconds), claim.lock.token),
@@ -278,11 +302,12 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups,
   check = claim.check if jax.process_index() == 0 else lambda: None
   cast_errors = {}
   with memory.long_lived():
-    _write_and_validate((reader, source), skeletons[0], inputs, plan, groups, staging, writer,
+    _write_and_validate(read, inputs, plan, groups, staging, writer,
                         phases, barrier, check, budget_bytes, resumed, cast_errors)
   reused = sorted(resumed)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
                             reused, cast_errors)
+  read.add_to_report(report, plan)
   with phases('commit'), stopping.committing():
     if jax.process_index() == 0:
       claim.check()
@@ -346,15 +371,13 @@ def _resumed(writer, groups, written: dict) -> list[int]:
   return reused
 
 
-def _write_and_validate(read, skeleton, inputs, plan, groups, staging: output.Staging, writer,
-                        phases, barrier, check: Callable[[], None], budget_bytes,
+def _write_and_validate(read: inputs_lib.Inputs, inputs, plan, groups, staging: output.Staging,
+                        writer, phases, barrier, check: Callable[[], None], budget_bytes,
                         resumed: dict[int, dict], cast_errors: dict) -> None:
   """Restores, transforms and writes each group into the staging folder with the output format's
-  `writer`, then reads it all back. `read`: the input's format module and location; `skeleton`:
-  the input's tree (lists where it has them). Groups in `resumed` ({index: its record}, written by
-  an earlier run of this surgery) are taken as they are. `check()` comes before each write. Fills
-  `cast_errors` with what each cast of a computed group lost."""
-  reader, source = read
+  `writer`, then reads it all back. `read`: the inputs. Groups in `resumed` ({index: its record},
+  written by an earlier run of this surgery) are taken as they are. `check()` comes before each
+  write. Fills `cast_errors` with what each cast of a computed group lost."""
   streamed = len(groups) > 1
   progress = Progress(sum(group.host_bytes for group in groups), len(groups))
   expected = {}
@@ -369,13 +392,7 @@ def _write_and_validate(read, skeleton, inputs, plan, groups, staging: output.St
                       budget_bytes / 1e9)
     compiling = validate.compile_ahead({k: plan.abstract_output(k) for k in group.outputs})
     with phases('restore', log=not streamed):
-      try:
-        wanted = {k: inputs[k] for k in group.inputs}
-        restored = reader.restore(source, skeleton, wanted)
-      except SurgeryError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
+      restored = read.restore({k: inputs[k] for k in group.inputs})
     with phases('transform', log=not streamed):
       transform = plan_lib.transform_fn(plan, group)
       computed, cast_stats = distributed.wait_ready(transform(restored)) if transform else ({}, {})
@@ -450,9 +467,24 @@ def _with_hf_config(plan: plan_lib.Plan, output_config) -> plan_lib.Plan:
   return dataclasses.replace(plan, model_config=model_config)
 
 
-def _output(config, source: checkpoint.Location) -> output.Target | None:
+def _merge_stage(config, located: inputs_lib.Inputs, merges, layout: tree.Layout):
+  """The merge ops' stage of several inputs; None for one input."""
+  if len(located.entries) == 1:
+    if merges or config.optimizer_from:
+      raise SurgeryError(f'{merges[0][0] if merges else "config: optimizer_from"} combines several '
+                         "inputs, but the config names one: set inputs, or input.step to 'last:N' "
+                         'or a list of steps')
+    return None
+  if not merges:
+    raise SurgeryError(f'config: {len(located.entries)} inputs but no op combines them (one of: '
+                       f'{", ".join(inputs_lib.merge_lib.OPS)})')
+  return merging.Stage(merges, located.names, located.primary.name, layout, config.optimizer_from)
+
+
+def _output(config, located: inputs_lib.Inputs) -> output.Target | None:
   """Where the output goes; None for a dry run without output.path. `output.item` makes an input
   without steps give an output step."""
+  source = located.primary.source
   stepless = source.step is None and config.output.item is None
   if stepless and config.output.step is not None:
     raise SurgeryError('output.step is set but the input is a single PyTree checkpoint (with '
@@ -463,11 +495,12 @@ def _output(config, source: checkpoint.Location) -> output.Target | None:
   if not config.output.path:
     return None
   out_root = paths.of(config.output.path, 'output.path')
-  if paths.inside(out_root, source.root):
-    raise SurgeryError(f'output.path {out_root} is inside input.path {source.root}')
-  if paths.inside(source.root, out_root):
-    raise SurgeryError(f'input.path {source.root} is inside output.path {out_root}')
-  _refuse_overlap(source, out_root)
+  for entry in located.entries:
+    if paths.inside(out_root, entry.source.root):
+      raise SurgeryError(f'output.path {out_root} is inside input.path {entry.source.root}')
+    if paths.inside(entry.source.root, out_root):
+      raise SurgeryError(f'input.path {entry.source.root} is inside output.path {out_root}')
+    _refuse_overlap(entry.source, out_root)
   if stepless:
     if config.output.custom_metadata:
       raise SurgeryError('output.custom_metadata is set but the input is a single PyTree '
@@ -500,12 +533,18 @@ def _really(path: paths.Path) -> str:
   return str(path) if real == str(path) else f'{path} (really {real})'
 
 
-def describe(plan: plan_lib.Plan, groups, source, target: output.Target | None) -> str:
+def describe(plan: plan_lib.Plan, groups, located: inputs_lib.Inputs,
+             target: output.Target | None) -> str:
   """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O."""
-  lines = [f'Surgery plan: {source.item_dir} -> ' + (
+  lines = [f'Surgery plan: {located.primary.source.item_dir} -> ' + (
                'no output.path' if target is None else f'{target.root}'
                + (f' (step {target.step})' if target.step is not None else '')),
            f'Mesh: {dict(plan.mesh.shape)}']
+  if len(located.entries) > 1:
+    lines += [f'Input {e.name}: {e.source.item_dir}' + (f' (step {e.source.step})' if e.source.step
+              is not None else '') for e in located.entries]
+    lines.append(f'Each group reads its keys of all {len(located.entries)} inputs together: about '
+                 f'{len(located.entries)} times the memory of one group of one input.')
   for label, touched in plan.touched:
     lines.append(f'{label}: {len(touched)} keys: {", ".join(touched[:8])}'
                  f'{" ..." if len(touched) > 8 else ""}')

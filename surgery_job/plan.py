@@ -7,7 +7,7 @@ input passed through unchanged (those are never copied or recomputed).
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,7 @@ class Plan:
   source_model_config: dict[str, Any] | None = None  # The input's config.json, which ops may read.
   model_config: dict[str, Any] | None = None  # The output's config.json, as the ops leave it.
   notes: tuple[str, ...] = ()  # What model family ops found.
+  merge: Callable[[dict[str, Leaf]], dict[str, Leaf]] | None = None  # Several inputs into one tree.
 
   @property
   def needed(self) -> list[str]:
@@ -156,16 +157,17 @@ def abstract_inputs(metadata: dict[str, Any], key_impls: dict[str, str],
 
 
 def run_state(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None,
-              model_config: dict[str, Any] | None = None) -> State:
-  """The state after the ops; `model_config`: the input's config.json."""
-  params, mirrors, others = layout.split(inputs)
+              model_config: dict[str, Any] | None = None, merge=None) -> State:
+  """The state after the ops; `model_config`: the input's config.json; `merge`: what makes one
+  tree of several inputs first."""
+  params, mirrors, others = layout.split(merge(inputs) if merge else inputs)
   return transforms.apply(plan_ops, State(params, mirrors, others, layout.params_root,
                                           model_config=model_config), touched)
 
 
 def run_ops(plan_ops, layout: tree.Layout, inputs: dict[str, Leaf], touched=None,
-            model_config: dict[str, Any] | None = None) -> dict[str, Leaf]:
-  return assemble(layout, run_state(plan_ops, layout, inputs, touched, model_config))
+            model_config: dict[str, Any] | None = None, merge=None) -> dict[str, Leaf]:
+  return assemble(layout, run_state(plan_ops, layout, inputs, touched, model_config, merge))
 
 
 def assemble(layout: tree.Layout, state: State) -> dict[str, Leaf]:
@@ -177,15 +179,17 @@ def assemble(layout: tree.Layout, state: State) -> dict[str, Leaf]:
 
 
 def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct], mesh: Mesh,
-              rules: Sequence[tuple[str, Any]], model_config: dict[str, Any] | None = None) -> Plan:
-  """`model_config`: the input's config.json, for the ops that read it."""
+              rules: Sequence[tuple[str, Any]], model_config: dict[str, Any] | None = None,
+              merge=None) -> Plan:
+  """`model_config`: the input's config.json, for the ops that read it; `merge`: a
+  `merging.Stage` that makes one tree of several inputs before the ops run."""
   in_specs = {k: x.sharding.spec for k, x in inputs.items()}
   steps, specs, casts, final = [], {}, [], []
 
   def trace(values):
     with transforms.values.recording_casts() as records:
       state = run_state(ops, layout, {k: Leaf(values[k], in_specs[k]) for k in inputs}, steps,
-                        model_config)
+                        model_config, merge)
       final.append(state)
       out = assemble(layout, state)
     specs.update({k: leaf.spec for k, leaf in out.items()})
@@ -213,9 +217,10 @@ def make_plan(ops, layout: tree.Layout, inputs: dict[str, jax.ShapeDtypeStruct],
   _check_writable(outputs)
   cast_leaves = tuple(CastLeaf(r.key, r.dtype, r.allow_overflow, tuple(sorted(sources[name])))
                       for r, name in zip(casts, cast_keys))
-  return Plan(mesh, layout, ops, inputs, outputs,
-              [(label, _diff(layout, a, b)) for label, a, b in steps], cast_leaves, model_config,
-              final[0].model_config, final[0].notes)
+  touched = (merge.touched if merge else []) + [(label, _diff(layout, a, b)) for label, a, b in steps]
+  return Plan(mesh, layout, ops, inputs, outputs, touched, cast_leaves,
+              source_model_config=model_config, model_config=final[0].model_config,
+              notes=final[0].notes, merge=merge)
 
 
 def _check_keys(keys: list[str]) -> None:
@@ -286,7 +291,8 @@ def transform_fn(plan: Plan, group: Group):
     leaves = {k: Leaf(values[k] if k in values else jnp.zeros(x.shape, x.dtype), in_specs[k])
               for k, x in plan.inputs.items()}
     with transforms.values.recording_casts() as records:
-      out = run_ops(plan.ops, plan.layout, leaves, model_config=plan.source_model_config)
+      out = run_ops(plan.ops, plan.layout, leaves, model_config=plan.source_model_config,
+                    merge=plan.merge)
     return ({k: out[k].value for k in computed},
             {str(i): cast_errors.statistics(records[i].source, records[i].result) for i in measured})
 

@@ -14,7 +14,8 @@ def test_throughput_benchmark_runs(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   for row in ('| (a) naive Orbax script |', '| (b) job, rename |', '| (c) job, params_only_bf16 |',
               '| (d) cp -r + sync |', 'b/a = ', '| 14 |', 'MaxText Llama (3 layers',
-              '| (g) naive: restore all, numpy formulas, save_file |', '| (h) job, maxtext_llama_to_hf |'):
+              '| (g) naive: restore all, numpy formulas, save_file |', '| (h) job, maxtext_llama_to_hf |',
+              '| (i) naive: restore all 4, average, save |', '| (j) job, average_last_n:4 |'):
     assert row in result.stdout, result.stdout
 
 

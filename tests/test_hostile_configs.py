@@ -84,6 +84,13 @@ VALID_OPS = {
     'reset_optimizer': dict(pattern='head/.*'),
     'drop_optimizer': dict(),
     'set_step': dict(value=7),
+    # Merge ops (test_merge.py runs them on several inputs): here their fields are checked first.
+    'average': dict(),
+    'ema': dict(decay=0.9),
+    'task_arithmetic': dict(base='base'),
+    'slerp': dict(a='a', b='b', t=0.5),
+    'ties': dict(base='base', density=0.5),
+    'dare': dict(base='base', density=0.5),
 }
 
 WRONG_VALUES = {str: [3, None], int: ['x', 2.5, True], float: ['x', None], bool: ['yes', 1],

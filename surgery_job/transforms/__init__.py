@@ -10,10 +10,11 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import logging
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms import families, heads, layers, optimizer, shape, structure, values
+from surgery_job.transforms import (families, heads, layers, merge, optimizer, shape, structure,
+                                     values)
 from surgery_job.transforms.core import Leaf, NoMatch, Op, State, as_full_key
 
-OPS: dict[str, Callable[..., Op]] = {
+OPS: dict[str, Callable[..., Op | merge.Merge]] = {
     'rename': structure.rename,
     'drop': structure.drop,
     'keep': structure.keep,
@@ -38,6 +39,7 @@ OPS: dict[str, Callable[..., Op]] = {
     'reset_optimizer': optimizer.reset_optimizer,
     'drop_optimizer': optimizer.drop_optimizer,
     'set_step': optimizer.set_step,
+    **merge.OPS,
 }
 
 
