@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
+from surgery_job import (cast_errors as cast_errors_lib, checkpoint, cli, config as config_lib,
                          distributed, faults, formats, memory, output, paths,
                          plan as plan_lib, report as report_lib, sharding, stopping,
                          transforms, tree, validate)
@@ -251,7 +251,9 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups,
                    source.item_dir, run_fingerprint[:12])
     if target.step is not None:
       _prune(config, target.root)  # What an earlier run stopped midway.
-    return json.loads((target.unit / report_lib.REPORT).read_text())
+    report = json.loads((target.unit / report_lib.REPORT).read_text())
+    _announce('Already done:', config, target, report)
+    return report
   staging = output.Staging(target.unit, work)
   if jax.process_index() == 0 and state == 'start':
     staging.create(key)
@@ -287,7 +289,20 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups,
   if target.step is not None:
     _prune(config, target.root)
   report['seconds'] = phases.seconds
+  _announce('Wrote', config, target, report)
   return report
+
+
+def _announce(what: str, config, target: output.Target, report: dict) -> None:
+  """The line that ends each step: what is in the output, where, and its report; printed, not
+  logged, so that `--verbosity=-1` keeps it. Each process logs its peak RSS before it, since the
+  memory budget holds per process."""
+  logging.info('Process %d: peak RSS %.3f GiB.', jax.process_index(), memory.peak_rss() / 2**30)
+  if jax.process_index() != 0:
+    return
+  unit = config.output.path.rstrip('/') + ('' if target.step is None else f'/{target.step}')
+  print(f"{what} {unit}: {len(report['leaves'])} leaves, {cli.human(report['bytes_written'])}, "
+        f"validated (report: {unit}/{report_lib.REPORT})", flush=True)
 
 
 def _prune(config, out_root: paths.Path | None) -> None:

@@ -129,8 +129,6 @@ def main(argv) -> None:
                    jax.process_count(), jax.local_device_count(), jax.device_count(),
                    jax.devices()[0].platform)
     job.run(_CONFIG.value, barrier_timeout_seconds=_BARRIER_TIMEOUT.value)
-    # Each process's own figure, in its own log: the memory budget holds per process.
-    logging.info('Process %d: peak RSS %.3f GiB.', jax.process_index(), memory.peak_rss() / 2**30)
     stopping.finish()
     distributed.done()
   except (stopping.Preempted, Exception) as e:  # pylint: disable=broad-except
