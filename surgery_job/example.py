@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from surgery_job import paths
+from surgery_job import paths, quiet
 
 
 class CNN(nn.Module):
@@ -76,6 +76,7 @@ _PATH = flags.DEFINE_string('path', None, 'Where to write the example Checkpoint
 
 def main(argv) -> None:
   del argv
+  quiet.install()
   save_example(_PATH.value)
   print(f'Wrote the example CNN checkpoint (params, Adam state, step) to {_PATH.value}')
 
