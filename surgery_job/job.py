@@ -219,6 +219,9 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   if config.dry_run:
     if jax.process_index() == 0:
       print(describe(plan, groups, source, target))
+      note = target and output.dry_run_note(target, run_fingerprint, config.output.overwrite)
+      if note:
+        logging.warning('Dry run: %s.', note)
     return None
 
   claim = output.Claim(target, config.output.lock_timeout_seconds)
@@ -510,7 +513,7 @@ def describe(plan: plan_lib.Plan, groups, source, target: output.Target | None) 
   lines.append(f'Output leaves ({len(plan.outputs)}):')
   for key, leaf in plan.outputs.items():
     how = 'unchanged' if leaf.passthrough == key else f'from {", ".join(leaf.sources) or "nothing"}'
-    lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {tuple(leaf.spec)} {how}')
+    lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {cli.spec_text(leaf.spec)} {how}')
   lines.append(f'Reads {len(plan.needed)} of {len(plan.inputs)} leaves ({plan.bytes_read} bytes); '
                f'writes {len(plan.outputs)} leaves ({plan.bytes_written} bytes).')
   lines.append(f'Groups: {len(groups)}; predicted peak of arrays per host: '
