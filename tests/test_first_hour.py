@@ -88,3 +88,50 @@ def test_every_ready_config_runs_on_its_example_as_the_readme_shows(clone):
   assert leaves['examples/cls_head']['params/cls/kernel']['shape'] == [64, 2]
   assert leaves['examples/optax']['opt_state/0/nu/Dense_0/kernel']['shape'] == [3136, 256]
   assert (clone / 'examples/safetensors/1/model.safetensors').is_file()
+
+
+def walk_through() -> list[tuple[str, list[str]]]:
+  """(command, the output the README shows for it) of every `$ ` line of the walk-through."""
+  text = (REPO / 'README.md').read_text()
+  body = text.split('\n## Walk-through', 1)[1].split('\n## ', 1)[0]
+  steps = []
+  for block in re.findall(r'((?:\n    [^\n]*)+)', body):
+    lines = [line[4:] for line in block.strip('\n').splitlines()]
+    while lines and lines[0].startswith('$ '):
+      command = lines.pop(0)[2:]
+      while command.endswith('\\'):
+        command = command[:-1] + lines.pop(0).strip()
+      shown = []
+      while lines and not lines[0].startswith('$ '):
+        shown.append(lines.pop(0))
+      steps.append((command, shown))
+  return steps
+
+
+def matches(shown: list[str], printed: list[str]) -> bool:
+  """Whether `printed` is what `shown` shows: a line `...` stands for any lines, `...` in a line for
+  any text, `I ...] ` for an absl log line's prefix."""
+  if not shown:
+    return not printed
+  if shown[0] == '...':
+    return any(matches(shown[1:], printed[i:]) for i in range(len(printed) + 1))
+  pattern = '.*'.join(map(re.escape, shown[0].split('...')))
+  return bool(printed) and re.fullmatch(pattern, printed[0]) is not None and matches(shown[1:], printed[1:])
+
+
+def test_the_walk_through_runs_as_written_after_make_demo(clone, demo):
+  del demo  # What it made is there; the walk-through starts over as make demo does.
+  steps = walk_through()
+  assert [c.split()[0] for c, _ in steps[:3]] == ['export', 'rm', '.venv/bin/python']
+  exports = ''
+  for command, shown in steps:
+    if command.startswith('export '):
+      exports += command + '\n'
+      continue
+    ran = subprocess.run(['bash', '-ec', exports + command], cwd=clone,
+                         env={**USER_ENV, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+    assert ran.returncode == 0, ran.stdout[-3000:]
+    printed = [re.sub(r'^([IWEF])\d{4} [\d:.]+ +\d+ \S+:\d+\] ', r'\1 ...] ', line)
+               for line in ran.stdout.splitlines()]
+    assert matches(shown, printed), f'{command}\n' + '\n'.join(printed)
