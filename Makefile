@@ -29,7 +29,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetensors_file llama lock \
+FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetensors_file llama lock progress \
     cast_errors report_cli bad_input output_path input_checks items configs hostile_configs usage))
 
 test-fast: setup
