@@ -1,4 +1,5 @@
-# make demo: set up .venv, write the example CNN checkpoint, run a serving export on it.
+# make demo: set up .venv, write the example CNN checkpoint, run a serving export on it and print
+# its report, all in demo_out/, which it deletes first (README: the walk-through does the same).
 # make test: set up .venv and run the whole test suite.
 # make test-fast: the edit-test loop: tests that start no second JAX process, cluster or emulator.
 # make lint: ruff (pyflakes' errors, sorted imports) and mypy over surgery_job/, in seconds.
@@ -28,7 +29,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetensors_file llama lock \
+FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetensors_file llama lock progress \
     cast_errors report_cli bad_input output_path input_checks items configs hostile_configs usage))
 
 test-fast: setup

@@ -77,7 +77,9 @@ for ((i = 0; i < n; i++)); do
   log=$log_dir/process_$i.log
   # Background jobs exec the command directly, so $! is the process itself.
   if ((i == 0)); then
-    env "${envs[@]}" "${cmd[@]}" > >(tee "$log") 2>&1 &
+    # Its log in full; on the terminal, without Gloo's lines per connection between processes
+    # (written by several threads at once, so cut and joined anywhere: every piece goes).
+    env "${envs[@]}" "${cmd[@]}" > >(tee "$log" | grep --line-buffered -Ev '\[Gloo\]|peer ranks|^[0-9]*$') 2>&1 &
   else
     env "${envs[@]}" "${cmd[@]}" >"$log" 2>&1 &
   fi

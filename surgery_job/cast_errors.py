@@ -51,7 +51,8 @@ def summarize(casts, stats: dict[str, dict[str, jax.Array]]) -> dict[str, dict]:
       raise SurgeryError(f'cast of {leaf.key!r} to {leaf.dtype}: {numbers["overflowed"]} finite '
                          'values became inf or NaN; set allow_overflow=True on the op to accept it')
     if jax.process_index() == 0:
-      logging.info('Cast %s to %s: max abs error %.3g, max rel error %.3g, %d overflowed, '
+      logging.vlog(1, 'Cast %s to %s: max abs error %.3g, max rel error %.3g, %d overflowed, '
                    '%d flushed to zero.', leaf.key, leaf.dtype, numbers['max_abs_error'],
                    numbers['max_rel_error'], numbers['overflowed'], numbers['flushed_to_zero'])
   return found
+

@@ -1,10 +1,19 @@
-"""The small example checkpoint: the Flax "Model Surgery" guide's CNN with optax Adam state.
+"""Small example checkpoints, one per kind of tree the ready configs expect, each with optax Adam
+state after one step, sharded over a ('data', 'model') mesh of all devices.
 
-`python -m surgery_job.example --path=DIR` writes it as a CheckpointManager directory (step 1,
-item `default`), sharded over a ('data', 'model') mesh of all devices.
+  python -m surgery_job.example --path=DIR [--kind=KIND]
+
+KIND: `cnn` (default; the Flax "Model Surgery" guide's CNN, as `make demo` writes it),
+`transformer` (unscanned `layers_N` blocks with separate `query`, `key`, `value` projections, an
+`embed/embedding` and an untied `lm_head`: for scan_layers, fuse_qkv and vocab_resize),
+`scanned_transformer` (the same with its blocks stacked on axis 0 under `layers`: for
+unscan_layers), both as CheckpointManager directories (step 1, item `default`); and
+`flax_msgpack` (the CNN with a flax.optim Adam state, a `checkpoint_1` msgpack file in DIR as
+`flax.training.checkpoints` saved it: for legacy_flax_optim_to_optax).
 """
 
 import flax.linen as nn
+from flax import serialization, traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from surgery_job import paths
+from surgery_job import paths, quiet
 
 
 class CNN(nn.Module):
@@ -62,22 +71,98 @@ def example_state(mesh: Mesh, seed: int = 0) -> dict:
   return jax.tree_util.tree_map_with_path(place, state)
 
 
-def save_example(path: str, step: int = 1, mesh: Mesh | None = None) -> dict:
-  state = example_state(mesh or example_mesh())
+def transformer_params(layers: int = 4, width: int = 64, vocab: int = 256, scanned: bool = False,
+                       seed: int = 0) -> dict:
+  """A small decoder's params as Flax names them; `scanned`: blocks stacked on axis 0 under
+  `layers`, as `nn.scan` keeps them."""
+  rng = np.random.default_rng(seed)
+
+  def dense(features_in, features_out):
+    return {'kernel': rng.normal(0, 0.02, (features_in, features_out)).astype(np.float32),
+            'bias': np.zeros((features_out,), np.float32)}
+
+  blocks = [{'attn': {name: dense(width, width) for name in ('query', 'key', 'value', 'out')},
+             'mlp': {'up': dense(width, 4 * width), 'down': dense(4 * width, width)}}
+            for _ in range(layers)]
+  params = {'embed': {'embedding': rng.normal(0, 0.02, (vocab, width)).astype(np.float32)},
+            'lm_head': dense(width, vocab)}
+  if scanned:
+    params['layers'] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+  else:
+    params.update({f'layers_{i}': block for i, block in enumerate(blocks)})
+  return params
+
+
+def _spec(key: str, ndim: int) -> P:
+  """The example's saved spec: a kernel's output features on 'model' (and a scanned kernel's too)."""
+  spec = next((s for suffix, s in SPECS.items() if key.endswith(suffix)), None)
+  if spec is None and key.endswith('kernel') and ndim >= 2:
+    spec = P(*(None,) * (ndim - 1), 'model')
+  return spec or P()
+
+
+def _adam_state(params: dict, mesh: Mesh) -> dict:
+  """{'params', 'opt_state', 'step'} after one Adam step, placed with the example's specs."""
+  tx = optax.adam(1e-3)
+  params = jax.tree.map(jnp.asarray, params)
+  opt_state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+           'step': jnp.asarray(1, jnp.int32)}
+
+  def place(path, x):
+    key = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    return jax.device_put(x, NamedSharding(mesh, _spec(key, x.ndim)))
+  return jax.tree_util.tree_map_with_path(place, state)
+
+
+def flax_optim_state(params: dict, step: int = 1, seed: int = 0) -> dict:
+  """A flax.optim Adam Optimizer's state dict, as the guide prints it: `target`, and `state` with
+  `step` and each parameter's `grad_ema` and `grad_sq_ema`."""
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  param_states = {k: {'grad_ema': rng.normal(size=v.shape).astype(np.float32) * 0.1,
+                      'grad_sq_ema': rng.uniform(0.01, 0.1, size=v.shape).astype(np.float32)}
+                  for k, v in flat.items()}
+  return {'target': jax.tree.map(np.asarray, params),
+          'state': {'step': np.asarray(step, np.int32),
+                    'param_states': traverse_util.unflatten_dict(param_states, sep='/')}}
+
+
+def save_example(path: str, step: int = 1, mesh: Mesh | None = None, kind: str = 'cnn') -> dict:
+  """Writes the example of `kind` (see the module's docstring) to `path`; returns its state."""
+  mesh = mesh or example_mesh()
+  if kind == 'flax_msgpack':
+    state = flax_optim_state(example_state(mesh)['params'], step)
+    folder = paths.of(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f'checkpoint_{step}').write_bytes(serialization.to_bytes(state))
+    return state
+  state = (example_state(mesh) if kind == 'cnn'
+           else _adam_state(transformer_params(scanned=kind == 'scanned_transformer'), mesh))
   with ocp.CheckpointManager(paths.of(path)) as manager:
     manager.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state)))
     manager.wait_until_finished()
   return state
 
 
-_PATH = flags.DEFINE_string('path', None, 'Where to write the example CheckpointManager directory.',
-                            required=True)
+KINDS = {'cnn': 'the example CNN checkpoint (params, Adam state, step)',
+         'transformer': 'the example transformer checkpoint (unscanned layers, separate query, key '
+                        'and value; params, Adam state, step)',
+         'scanned_transformer': 'the example scanned transformer checkpoint (params, Adam state, '
+                                'step)',
+         'flax_msgpack': 'the example flax.optim Adam checkpoint (msgpack, checkpoint_1)'}
+
+_PATH = flags.DEFINE_string('path', None, 'Where to write the example.', required=True)
+_KIND = flags.DEFINE_enum('kind', 'cnn', list(KINDS), 'Which example to write.')
 
 
 def main(argv) -> None:
   del argv
-  save_example(_PATH.value)
-  print(f'Wrote the example CNN checkpoint (params, Adam state, step) to {_PATH.value}')
+  quiet.install()
+  save_example(_PATH.value, kind=_KIND.value)
+  print(f'Wrote {KINDS[_KIND.value]} to {_PATH.value}')
 
 
 if __name__ == '__main__':

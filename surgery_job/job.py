@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from surgery_job import (cast_errors as cast_errors_lib, checkpoint, config as config_lib,
+from surgery_job import (cast_errors as cast_errors_lib, checkpoint, cli, config as config_lib,
                          distributed, faults, formats, inputs as inputs_lib, memory, merging, output,
                          paths, plan as plan_lib, report as report_lib, sharding, stopping,
                          transforms, tree, validate)
@@ -44,8 +44,11 @@ class Phases:
 
   def log(self, name: str, groups: int = 1) -> None:
     if jax.process_index() == 0:
-      logging.info('Phase %-9s done in %.2f s%s', name, self.seconds[name],
+      logging.vlog(1, 'Phase %-9s done in %.2f s%s', name, self.seconds[name],
                    f' over {groups} groups' if groups > 1 else '')
+
+  def summary(self) -> str:
+    return ', '.join(f'{name} {seconds:.2f}' for name, seconds in self.seconds.items())
 
 
 def run(user_config: ml_collections.ConfigDict, barrier_timeout_seconds: int = 600) -> list[dict]:
@@ -247,6 +250,9 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   if config.dry_run:
     if jax.process_index() == 0:
       print(describe(plan, groups, located, target))
+      note = target and output.dry_run_note(target, run_fingerprint, config.output.overwrite)
+      if note:
+        logging.warning('Dry run: %s.', note)
     return None
 
   claim = output.Claim(target, config.output.lock_timeout_seconds)
@@ -281,7 +287,9 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups,
                    source.item_dir, run_fingerprint[:12])
     if target.step is not None:
       _prune(config, target.root)  # What an earlier run stopped midway.
-    return json.loads((target.unit / report_lib.REPORT).read_text())
+    report = json.loads((target.unit / report_lib.REPORT).read_text())
+    _announce('Already done:', config, target, report)
+    return report
   staging = output.Staging(target.unit, work)
   if jax.process_index() == 0 and state == 'start':
     staging.create(key)
@@ -315,10 +323,25 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups,
       claim.commit()
       faults.at('renamed')
     barrier('committed')
+  if jax.process_index() == 0:
+    logging.vlog(1, 'Seconds per phase: %s.', phases.summary())
   if target.step is not None:
     _prune(config, target.root)
   report['seconds'] = phases.seconds
+  _announce('Wrote', config, target, report)
   return report
+
+
+def _announce(what: str, config, target: output.Target, report: dict) -> None:
+  """The line that ends each step: what is in the output, where, and its report; printed, not
+  logged, so that `--verbosity=-1` keeps it. Each process logs its peak RSS before it, since the
+  memory budget holds per process."""
+  logging.info('Process %d: peak RSS %.3f GiB.', jax.process_index(), memory.peak_rss() / 2**30)
+  if jax.process_index() != 0:
+    return
+  unit = config.output.path.rstrip('/') + ('' if target.step is None else f'/{target.step}')
+  print(f"{what} {unit}: {len(report['leaves'])} leaves, {cli.human(report['bytes_written'])}, "
+        f"validated (report: {unit}/{report_lib.REPORT})", flush=True)
 
 
 def _prune(config, out_root: paths.Path | None) -> None:
@@ -379,69 +402,76 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, plan, groups, staging: 
   written by an earlier run of this surgery) are taken as they are. `check()` comes before each
   write. Fills `cast_errors` with what each cast of a computed group lost."""
   streamed = len(groups) > 1
-  progress = Progress(sum(group.host_bytes for group in groups), len(groups))
-  expected = {}
-  for index, group in enumerate(groups):
-    if index in resumed:
-      expected.update(resumed[index]['digests'])
-      progress.advance(index, group.host_bytes)
-      continue
-    if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
-      logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
-                      'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
-                      budget_bytes / 1e9)
-    compiling = validate.compile_ahead({k: plan.abstract_output(k) for k in group.outputs})
-    with phases('restore', log=not streamed):
-      restored = read.restore({k: inputs[k] for k in group.inputs})
-    with phases('transform', log=not streamed):
-      transform = plan_lib.transform_fn(plan, group)
-      computed, cast_stats = distributed.wait_ready(transform(restored)) if transform else ({}, {})
-      cast_errors.update(cast_errors_lib.summarize(plan.casts, cast_stats))
-    outputs = {k: computed[k] if plan.outputs[k].passthrough is None
-               else restored[plan.outputs[k].passthrough] for k in group.outputs}
-    del restored, computed  # Inputs that no output passes through are freed before the write.
-    with phases('write', log=not streamed):
-      compiling.join()
-      digests = validate.digests(outputs)
-      saves = writer.saves() if jax.process_index() == 0 else set()
-      check()
-      writer.write(outputs)
-      barrier(f'group_{index}_written')
-      if jax.process_index() == 0:
+  read_bytes = [plan.inputs_bytes(group.inputs) for group in groups]
+  written_bytes = [sum(plan.outputs[k].nbytes for k in group.outputs) for group in groups]
+  with Progress(sum(read_bytes), sum(written_bytes), len(groups)) as progress:
+    expected = {}
+    for index, group in enumerate(groups):
+      if index in resumed:
+        expected.update(resumed[index]['digests'])
+        progress.skip(read_bytes[index], written_bytes[index])
+        continue
+      if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
+        logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
+                        'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
+                        budget_bytes / 1e9)
+      compiling = validate.compile_ahead({k: plan.abstract_output(k) for k in group.outputs})
+      with phases('restore', log=not streamed), progress.phase('restore', index, read_bytes[index]):
+        restored = read.restore({k: inputs[k] for k in group.inputs})
+      with phases('transform', log=not streamed), progress.phase('transform', index):
+        transform = plan_lib.transform_fn(plan, group)
+        computed, cast_stats = distributed.wait_ready(transform(restored)) if transform else ({}, {})
+        cast_errors.update(cast_errors_lib.summarize(plan.casts, cast_stats))
+      outputs = {k: computed[k] if plan.outputs[k].passthrough is None
+                 else restored[plan.outputs[k].passthrough] for k in group.outputs}
+      del restored, computed  # Inputs that no output passes through are freed before the write.
+      with phases('write', log=not streamed), progress.phase('write', index, written_bytes[index]):
+        compiling.join()
+        digests = validate.digests(outputs)
+        saves = writer.saves() if jax.process_index() == 0 else set()
         check()
-        staging.add_group(index, group.outputs, digests, sorted(writer.saves() - saves))
-      faults.at('group_written')
-    expected.update(digests)
-    del outputs
-    if index < len(groups) - 1:  # The next group reuses what the last one freed.
-      memory.release()
-    progress.advance(index, group.host_bytes)
-  if streamed:
-    for name in ('restore', 'transform', 'write'):
-      if name in phases.seconds:  # Not when every group was resumed.
-        phases.log(name, len(groups))
-  with phases('finalize'):
-    check()
-    try:
-      written_trees = writer.finish()
-    except Exception as e:  # pylint: disable=broad-except
-      raise BadStagedOutput(
-          f'finalize failed: {checkpoint.read_error(e, staging.checkpoint)}') from None
-    faults.corrupt_output(staging.checkpoint)
-    barrier('written')
-  with phases('validate'):
-    _validate(writer, written_trees, staging.checkpoint, plan, groups, expected)
+        writer.write(outputs)
+        barrier(f'group_{index}_written')
+        if jax.process_index() == 0:
+          check()
+          staging.add_group(index, group.outputs, digests, sorted(writer.saves() - saves))
+        faults.at('group_written')
+      expected.update(digests)
+      del outputs
+      if index < len(groups) - 1:  # The next group reuses what the last one freed.
+        memory.release()
+      progress.group_done(index)
+    if cast_errors and jax.process_index() == 0:
+      logging.info('Cast %s (each leaf: cast_errors in the report, or --verbosity=1).',
+                   report_lib.cast_summary(cast_errors))
+    if streamed:
+      for name in ('restore', 'transform', 'write'):
+        if name in phases.seconds:  # Not when every group was resumed.
+          phases.log(name, len(groups))
+    with phases('finalize'), progress.phase('finalize', None):
+      check()
+      try:
+        written_trees = writer.finish()
+      except Exception as e:  # pylint: disable=broad-except
+        raise BadStagedOutput(
+            f'finalize failed: {checkpoint.read_error(e, staging.checkpoint)}') from None
+      faults.corrupt_output(staging.checkpoint)
+      barrier('written')
+    with phases('validate'):
+      _validate(writer, written_trees, staging.checkpoint, plan, groups, expected,
+                lambda index: progress.phase('validate', index, written_bytes[index]))
 
 
 def _validate(writer, written_trees, unit_dir: paths.Path, plan: plan_lib.Plan, groups,
-              expected: dict) -> None:
+              expected: dict, progress_phase) -> None:
   """Reads the written checkpoint back, group by group, with the planned shardings; the digest of
   every leaf must equal the one taken of the computed array. `written_trees`: what
-  `writer.finish` returned."""
+  `writer.finish` returned; `progress_phase(index)`: the progress context of group `index`."""
   bad = []
   for index, group in enumerate(groups):
     try:
-      written = writer.read_back(written_trees, {k: plan.abstract_output(k) for k in group.outputs})
+      with progress_phase(index):
+        written = writer.read_back(written_trees, {k: plan.abstract_output(k) for k in group.outputs})
     except Exception as e:  # pylint: disable=broad-except
       raise BadStagedOutput(f'validation failed: {checkpoint.read_error(e, unit_dir)}') from None
     bad += validate.mismatches({k: expected[k] for k in group.outputs}, validate.digests(written))
@@ -555,7 +585,7 @@ def describe(plan: plan_lib.Plan, groups, located: inputs_lib.Inputs,
   lines.append(f'Output leaves ({len(plan.outputs)}):')
   for key, leaf in plan.outputs.items():
     how = 'unchanged' if leaf.passthrough == key else f'from {", ".join(leaf.sources) or "nothing"}'
-    lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {tuple(leaf.spec)} {how}')
+    lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {cli.spec_text(leaf.spec)} {how}')
   lines.append(f'Reads {len(plan.needed)} of {len(plan.inputs)} leaves ({plan.bytes_read} bytes); '
                f'writes {len(plan.outputs)} leaves ({plan.bytes_written} bytes).')
   lines.append(f'Groups: {len(groups)}; predicted peak of arrays per host: '

@@ -26,14 +26,13 @@ if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
 # pylint: disable=wrong-import-position
 import ast
 import json
-import logging as py_logging
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surgery_job import config as config_lib, distributed, errors, job, memory, stopping, usage
+from surgery_job import config as config_lib, distributed, errors, job, memory, quiet, stopping, usage
 from surgery_job.errors import SurgeryError
 
 EXIT_FAILED = 1
@@ -102,18 +101,12 @@ _CONFIG_PARSER = flags.FLAGS['config'].parser
 _CONFIG_PARSER.parse = _lay_over_defaults(_CONFIG_PARSER.parse)  # type: ignore[method-assign]
 
 
-def _quiet_orbax() -> None:
-  """Orbax logs every save and restore step at INFO; keep its warnings and the job's own lines."""
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname)
-
-
 def main(argv) -> None:
   memory.few_arenas()
   # What the imports made lives as long as the process: no garbage collection scans it, until the
   # first step's groups end (`memory.long_lived` freezes it with the plan, then unfreezes all).
   gc.freeze()
-  _quiet_orbax()
+  quiet.install()
   errors.ignore_reads_after_a_failed_restore()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -129,8 +122,6 @@ def main(argv) -> None:
                    jax.process_count(), jax.local_device_count(), jax.device_count(),
                    jax.devices()[0].platform)
     job.run(_CONFIG.value, barrier_timeout_seconds=_BARRIER_TIMEOUT.value)
-    # Each process's own figure, in its own log: the memory budget holds per process.
-    logging.info('Process %d: peak RSS %.3f GiB.', jax.process_index(), memory.peak_rss() / 2**30)
     stopping.finish()
     distributed.done()
   except (stopping.Preempted, Exception) as e:  # pylint: disable=broad-except

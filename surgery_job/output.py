@@ -338,15 +338,13 @@ class Claim:
     _refuse(output_folder.unit_refusal(unit, str(self.target), single=self.target.step is None))
     if paths.listing(unit):  # Seen by readers or not: only overwrite replaces it.
       found = existing_fingerprint(unit) if present(unit) else None
-      if found == run_fingerprint:
+      if found == run_fingerprint and not overwrite:  # With overwrite, the user asks for it again.
         if resumable:
           self.staging.remove()
         self._record()
         return 'done'
       if not overwrite:
-        raise SurgeryError(f'{self.target} exists' + (
-            f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
-            if found else '') + '; set output.overwrite=True to replace it')
+        raise SurgeryError(_exists(self.target, found, run_fingerprint))
     self.staging_ours = True
     return 'resume' if resumable else 'start'
 
@@ -386,6 +384,25 @@ class Claim:
         self.target.root.rmdir()
       except (OSError, ValueError):  # Not empty (epath says so with a ValueError).
         pass
+
+
+def _exists(target: Target, found: str | None, run_fingerprint: str) -> str:
+  """Why a run without overwrite leaves `target`, which holds the surgery `found` (None: not one
+  this job wrote), as it is."""
+  return f'{target} exists' + (
+      f' and holds another surgery (fingerprint {found[:12]}, this run {run_fingerprint[:12]})'
+      if found else '') + '; set output.overwrite=True to replace it'
+
+
+def dry_run_note(target: Target, run_fingerprint: str, overwrite: bool) -> str | None:
+  """What the real run would find at `target`, looked at without its lock: refused, or already
+  done; None when it would write it."""
+  if overwrite or not paths.listing(target.unit):
+    return None
+  found = existing_fingerprint(target.unit) if present(target.unit) else None
+  if found == run_fingerprint:
+    return f'{target} already holds this surgery: the real run would be done at once'
+  return f'the real run would be refused: {_exists(target, found, run_fingerprint)}'
 
 
 def _refuse(refusal: str | None) -> None:

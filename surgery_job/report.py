@@ -57,12 +57,18 @@ def summary(report: dict) -> str:
                f"{report['bytes_written']} bytes written, validated: {report['validation']['ok']}")
   casts = report.get('cast_errors') or {}
   if casts:
-    worst = max(casts, key=lambda k: casts[k]['max_rel_error'])
-    lines.append(f"  cast {len(casts)} leaves: worst max rel error {casts[worst]['max_rel_error']:.3g} "
-                 f"({worst}), {sum(c['overflowed'] for c in casts.values())} values overflowed, "
-                 f"{sum(c['flushed_to_zero'] for c in casts.values())} flushed to zero")
+    lines.append(f'  cast {cast_summary(casts)}')
   lines.append('  seconds: ' + ', '.join(f'{k} {v:.2f}' for k, v in report['seconds'].items()))
   return '\n'.join(lines)
+
+
+def cast_summary(casts: dict[str, dict]) -> str:
+  """Every cast of a run in one line: how many leaves, the worst relative error and where, the
+  counts of values that overflowed or were flushed to zero."""
+  worst = max(casts, key=lambda k: casts[k]['max_rel_error'])
+  return (f"{len(casts)} leaves: worst max rel error {casts[worst]['max_rel_error']:.3g} ({worst}), "
+          f"{sum(c['overflowed'] for c in casts.values())} values overflowed, "
+          f"{sum(c['flushed_to_zero'] for c in casts.values())} flushed to zero")
 
 
 def find(path: paths.Path) -> paths.Path:

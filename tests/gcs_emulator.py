@@ -11,7 +11,8 @@ answering (`Emulator.request_counts`). Object stores bill and wait per request; 
 many a job makes.
 
 `python tests/gcs_emulator.py --bucket NAME` binds a free port, prints it and serves until killed (or
-until the process that started it is gone). `running()` does that in a subprocess: the job and the
+until the process that started it is gone); with `--print-env` it prints the variables to export
+instead (the README's gs:// on a laptop). `running()` does that in a subprocess: the job and the
 tests are separate processes, and a server thread in the test process would compete with it for the
 GIL.
 """
@@ -44,7 +45,7 @@ KINDS = {'ls': 'list', 'get': 'metadata', 'download': 'read', 'insert': 'upload'
          '_health_check': 'health check'}
 
 
-def _serve(bucket: str, parent_pid: int) -> None:
+def _serve(bucket: str, parent_pid: int, print_env: bool = False) -> None:
   # Imported here: the test process only starts the server and must not need the package loaded.
   from gcp_storage_emulator import server as emulator
   from gcp_storage_emulator.handlers import buckets, objects
@@ -207,7 +208,12 @@ def _serve(bucket: str, parent_pid: int) -> None:
     os._exit(0)  # pylint: disable=protected-access
 
   threading.Thread(target=exit_with_parent, daemon=True).start()
-  print(httpd.server_address[1], flush=True)
+  if print_env:
+    url = f'http://{HOST}:{httpd.server_address[1]}'
+    print(''.join(f'export {name}={value}\n' for name, value in environment(url).items())
+          + f'# gs://{bucket} is served at {url} until this command ends (Ctrl-C).', flush=True)
+  else:
+    print(httpd.server_address[1], flush=True)
   httpd.serve_forever()
 
 
@@ -300,9 +306,11 @@ def main() -> None:
   parser.add_argument('--bucket', default='bucket')
   parser.add_argument('--parent-pid', type=int, default=os.getppid(),
                       help='exit when this process is gone')
+  parser.add_argument('--print-env', action='store_true',
+                      help='print the `export` lines that point the job and Orbax at it, not the port')
   args = parser.parse_args()
   logging.basicConfig(level=logging.ERROR)  # The emulator logs every request and more otherwise.
-  _serve(args.bucket, args.parent_pid)
+  _serve(args.bucket, args.parent_pid, args.print_env)
 
 
 if __name__ == '__main__':

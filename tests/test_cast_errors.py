@@ -1,6 +1,7 @@
 """What a cast lost: its statistics on literal arrays, in the report of a real run (bf16, and an
 overflow accepted), and a run that fails when finite values would overflow."""
 
+import contextlib
 import json
 
 import jax
@@ -8,9 +9,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from absl import logging
 
 from jobs import surgery, ok
 from surgery_job import cast_errors
+from surgery_job.plan import CastLeaf
 from surgery_job.report import REPORT, summary
 
 
@@ -23,6 +26,29 @@ def test_statistics_of_a_float16_cast():
       'max_rel_error': 1.0,  # 1e-9 flushed to zero.
       'overflowed': 2,  # 1e6 and -7e4; inf and NaN were not finite to begin with.
       'flushed_to_zero': 1}
+
+
+def test_each_cast_leaf_is_logged_at_verbosity_1(caplog):
+  casts = (CastLeaf('params/a', 'bfloat16', False, ('params/a',)),)
+  stats = {'0': {'max_abs_error': jnp.float32(0.5), 'max_rel_error': jnp.float32(0.25),
+                 'overflowed': jnp.int32(0), 'flushed_to_zero': jnp.int32(2)}}
+  caplog.set_level(1)
+  for verbosity in (0, 1):
+    with absl_verbosity(verbosity):
+      cast_errors.summarize(casts, stats)
+  assert [r.getMessage() for r in caplog.records if r.getMessage().startswith('Cast ')] == [
+      'Cast params/a to bfloat16: max abs error 0.5, max rel error 0.25, 0 overflowed, 2 flushed '
+      'to zero.']
+
+
+@contextlib.contextmanager
+def absl_verbosity(level: int):
+  saved = logging.get_verbosity()
+  logging.set_verbosity(level)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(saved)
 
 
 def numpy_statistics(source: np.ndarray, result: np.ndarray) -> dict:
@@ -86,8 +112,13 @@ def test_the_report_gives_what_each_cast_lost(layered, tmp_path):
     assert 0 < max_rel <= 2 ** -8
   assert errors['params/head/kernel']['dtype'] == 'float16'
   assert errors['params/head/kernel']['overflowed'] == overflowing(x['params/head/kernel']) > 0
-  assert 'Cast params/layers_1/mlp/kernel to bfloat16: max abs error' in result.stderr
   worst = max(errors, key=lambda k: errors[k]['max_rel_error'])
+  # One line for all the casts of every group; each leaf's only with --verbosity=1.
+  assert 'Cast params/' not in result.stderr
+  assert [line.split('] ', 1)[1] for line in result.stderr.splitlines() if '] Cast ' in line] == [
+      f"Cast 10 leaves: worst max rel error {errors[worst]['max_rel_error']:.3g} ({worst}), "
+      f"{errors['params/head/kernel']['overflowed']} values overflowed, 0 flushed to zero (each "
+      'leaf: cast_errors in the report, or --verbosity=1).']
   assert worst.startswith('params/layers_')  # bfloat16 keeps 8 bits of mantissa, float16 11.
   assert (f"cast 10 leaves: worst max rel error {errors[worst]['max_rel_error']:.3g} ({worst}), "
           f"{errors['params/head/kernel']['overflowed']} values overflowed, 0 flushed to zero"

@@ -1,5 +1,6 @@
 """The ready configs in configs/, run as their docstrings say, on a real sharded checkpoint."""
 
+import json
 import re
 
 import numpy as np
@@ -8,16 +9,27 @@ from jax.sharding import PartitionSpec as P
 import checkpoints
 from jobs import REPO, ok, run_job, write_config
 
+from surgery_job.cli import human
+
 CONFIGS = REPO / 'configs'
 
 
 def run_config(name: str, in_path, out, arg: str | None = None):
   config = CONFIGS / f'{name}.py'
-  ok(run_job(f'{config}:{arg}' if arg else config, f'--config.input.path={in_path}',
-             f'--config.output.path={out}'))
+  result = run_job(f'{config}:{arg}' if arg else config, f'--config.input.path={in_path}',
+                   f'--config.output.path={out}')
+  ok(result)
   step = 3 if (out / '3').exists() else None
+  assert result.stdout.splitlines()[-1] == wrote_line(out / '3' if step else out)
   item_dir = out / '3' / 'default' if step else out
   return checkpoints.flat_numpy(checkpoints.restore_plain(item_dir)), checkpoints.saved_specs(item_dir)
+
+
+def wrote_line(unit, what: str = 'Wrote') -> str:
+  """The line that ends a run which committed (or found done) the output `unit`."""
+  report = json.loads((unit / 'surgery_report.json').read_text())
+  return (f"{what} {unit}: {len(report['leaves'])} leaves, {human(report['bytes_written'])}, "
+          f'validated (report: {unit}/surgery_report.json)')
 
 
 def test_every_config_documents_its_command():

@@ -86,3 +86,23 @@ def test_the_emulator_counts_the_requests_it_serves_by_kind(gs_path, gcs):
   assert counts['total'] == sum(counts['requests'].values())
   assert {'POST upload', 'GET read', 'GET list'} <= set(counts['requests']), counts
   assert gcs.request_counts()['total'] == 0
+
+
+def test_print_env_gives_the_exports_that_point_the_tools_at_it(tmp_path):
+  """The README's gs:// on a laptop: one command serves a bucket and prints what to export."""
+  server = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), '--print-env'],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    lines = [server.stdout.readline()]
+    while lines[-1].startswith('export '):
+      lines.append(server.stdout.readline())
+    assert lines[-1].startswith('# gs://bucket is served at http://127.0.0.1:'), lines
+    exports = dict(line.removeprefix('export ').strip().split('=', 1) for line in lines[:-1])
+    found = subprocess.run([str(REPO / '.venv' / 'bin' / 'surgery-job-inspect'), 'gs://bucket/run'],
+                           env={**job_env(), **exports}, capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert (found.returncode, found.stderr.strip()) == (
+        2, 'surgery-job-inspect: error: gs://bucket/run does not exist')
+  finally:
+    server.terminate()
+    server.wait(timeout=10)

@@ -119,7 +119,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(layered, tmp_path):
   in_path, _ = layered
   out, result = surgery(tmp_path, in_path, [STACK], dry_run=True)
   ok(result)
-  assert 'params/layers/mlp/kernel (3, 8, 16) float32' in result.stdout
+  assert "params/layers/mlp/kernel (3, 8, 16) float32 P(None, 'data', 'model') from " in result.stdout
   assert "op 0 (stack)" in result.stdout
   assert not out.exists() and not list(tmp_path.glob('out*'))
 
@@ -134,6 +134,12 @@ def test_overwrite_replaces_its_own_step_only(layered, tmp_path):
   config = write_config(tmp_path, {'transforms': [dict(op='set_step', value=9)], 'output': {'overwrite': True, 'step': 9}})
   ok(run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}'))
   assert sorted(p.name for p in out.iterdir()) == ['5', '9', output.RECORD] and digest(out / '5') == before
+  # The same surgery again: overwrite asks for it to run again, not for 'already done'.
+  report = out / '9' / 'surgery_report.json'
+  first = report.stat().st_ino
+  again = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}')
+  ok(again)
+  assert again.stdout.startswith(f'Wrote {out}/9: ') and report.stat().st_ino != first
   assert sorted(p.name for p in (out / '9').iterdir()) == ['_CHECKPOINT_METADATA', 'commit_success.txt', 'default',
                                                            'surgery_report.json']
   with ocp.CheckpointManager(out, item_names=('default',)) as manager:

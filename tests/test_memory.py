@@ -116,7 +116,7 @@ def test_a_plan_that_cannot_fit_is_refused_before_reading(layered, tmp_path):
                    f'--config.output.path={out}', env=fake_cgroup(tmp_path, 5_000, 0))
   assert_bad_input(result, 'not enough memory: ')
   assert 'over the memory budget of 0.000 GB (40% of 0.00 GB available (cgroup v2 memory.max)' in result.stderr
-  assert 'Phase restore' not in result.stderr and not out.exists()
+  assert 'Progress counts' not in result.stderr and not out.exists()
 
 
 # Runs a command and prints its exit code and its peak RSS in bytes (`getrusage` of the child).

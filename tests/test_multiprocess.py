@@ -26,6 +26,12 @@ def test_two_processes(name, two_process_checkpoint, tmp_path):
   out, result = run_two_processes(tmp_path, in_path, {'transforms': transforms, **extra})
   ok(result)
   check_case(name, out / '3' / 'default', x)
+  # What the user sees of process 0: none of the joining's own lines; its log keeps Gloo's.
+  log = (tmp_path / 'logs' / 'process_0.log').read_text()
+  for noise in ('[Gloo]', 'preemption service', 'distributed service'):
+    assert noise not in result.stdout
+  assert '[Gloo]' in log
+  assert result.stdout.splitlines()[-1].startswith(f'Wrote {out}/3: ')
 
 
 RESHARD = [dict(op='stack', pattern=r'layers_(\d+)/(.*)', replacement=r'layers/\2'),

@@ -151,6 +151,10 @@ def test_another_config_without_overwrite_is_refused(baseline, existing_output):
   result = run_job(other, *overrides)
   assert_bad_input(result, f'step 3 of output.path {out} exists and holds another surgery (fingerprint ')
   assert_same(values(out), want)
+  refusal = result.stderr.strip().splitlines()[-1].removeprefix('surgery-job: error: ')
+  planned = run_job(other, *overrides, '--config.dry_run=True')
+  ok(planned)
+  assert f'Dry run: the real run would be refused: {refusal}.' in planned.stderr
 
 
 def test_overwrite_keeps_the_old_output_until_the_new_one_validates(layered, baseline, existing_output,

@@ -14,6 +14,7 @@ import pytest
 import checkpoints
 from jobs import REPO, assert_unlocked, job_command, job_env, launch, ok, run_job, write_config
 from test_bad_input import assert_bad_input
+from test_configs import wrote_line
 from test_safety import assert_same, start_paused
 from write_steps import state_at
 
@@ -63,6 +64,8 @@ def test_all_then_new_adds_steps_and_skips_what_is_done(trained, tmp_path):
   result = run(tmp_path, trained, out, '--config.input.step=all')
   ok(result)
   assert 'Already done: step 2' in result.stderr
+  assert result.stdout.splitlines() == [wrote_line(out / '1'), wrote_line(out / '2', 'Already done:'),
+                                        wrote_line(out / '4')]
   assert_exported(out, [1, 2, 4])
   again = run(tmp_path, trained, out, '--config.input.step=new')
   ok(again)
@@ -72,8 +75,11 @@ def test_all_then_new_adds_steps_and_skips_what_is_done(trained, tmp_path):
 
 def test_latest_is_the_latest_committed_step(trained, tmp_path):
   out = tmp_path / 'out'
-  ok(run(tmp_path, trained, out))
+  result = run(tmp_path, trained, out, '--verbosity=-1')
+  ok(result)
   assert_exported(out, [4])
+  assert result.stdout.splitlines() == [wrote_line(out / '4')]  # The step 'latest' chose.
+  assert not [line for line in result.stderr.splitlines() if line.startswith('I')], result.stderr
 
 
 def test_max_to_keep_keeps_the_newest(trained, tmp_path):
@@ -123,17 +129,18 @@ def test_watch_converts_each_step_as_it_appears(tmp_path):
       job_command(write_config(tmp_path, {**SERVING, 'watch': {
           'enabled': True, 'poll_seconds': 0.5, 'idle_timeout_seconds': 8.0}}),
                   f'--config.input.path={in_path}', f'--config.output.path={out}'),
-      cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   # Steps 1 s apart, well within the idle timeout; the watch then ends 8 s after the last one.
   writer = subprocess.run([*WRITER, str(in_path), '1', '10', '20', '30', '40'], cwd=REPO,
                           env=job_env(), check=True)
-  stderr = watcher.communicate(timeout=300)[1]
+  stdout, stderr = watcher.communicate(timeout=300)
   assert watcher.returncode == 0, stderr[-3000:]
   assert writer.returncode == 0
   for step in (10, 20, 30):
     assert f'Converting input step {step}.' in stderr
   assert 'input step 40' not in stderr and 'No new step for 8 s' in stderr
   assert_exported(out, [10, 20, 30])
+  assert stdout.splitlines() == [wrote_line(out / str(step)) for step in (10, 20, 30)]
 
 
 def test_watch_stops_on_sigterm(tmp_path):

@@ -206,7 +206,7 @@ class Soak:
       self.wait_for(run, lambda: run.log.with_suffix('.paused').exists())
       how = self.rng.choice(['SIGTERM', 'SIGKILL'])
     else:
-      self.wait_for(run, lambda: 'Phase ' in run.stderr())
+      self.wait_for(run, lambda: 'Mesh ' in run.stderr())
       time.sleep(self.rng.uniform(0.0, 5.0))
       how = self.rng.choice(['SIGTERM', 'SIGKILL', 'SIGSTOP'])
     if run.process.poll() is not None:
