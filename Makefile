@@ -26,8 +26,10 @@ demo: setup
 	    --config.input.path=$(DEMO)/cnn --config.output.path=$(DEMO)/cnn_serving
 	$(BIN)/surgery-job-report $(DEMO)/cnn_serving
 
+# Two workers, one test file each at a time: most tests wait on a job's subprocesses, and a file's
+# fixtures (a Slurm cluster, an emulator) stay in one worker.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetensors_file llama lock progress \
     cast_errors report_cli bad_input output_path input_checks items configs hostile_configs usage))

@@ -18,7 +18,7 @@ setup(
         'ml_dtypes>=0.5.0',  # float8_e8m0fnu, for safetensors' F8_E8M0.
     ],
     extras_require={'test': [
-        'pytest>=8', 'pyyaml>=6', 'gcp-storage-emulator>=2026.7.19',
+        'pytest>=8', 'pytest-xdist==3.8.0', 'pyyaml>=6', 'gcp-storage-emulator>=2026.7.19',
         'safetensors>=0.8',  # 0.8: every dtype in formats.safetensors_file.
         # The Llama tests compare with transformers' forward pass. Exactly this torch: its CPU
         # wheel is on the machine image; any other version downloads a CUDA build of several GB.
