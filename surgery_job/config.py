@@ -319,7 +319,7 @@ def _check_mesh(shape: tuple | None, axes: tuple | None) -> None:
 def _op_fields(index: int, op: Any) -> dict:
   if not isinstance(op, (dict, ml_collections.ConfigDict)):
     raise SurgeryError(f"op {index}: expected a dict with an 'op' field, got {op!r}")
-  return _as_dict(op)
+  return op.to_dict() if isinstance(op, ml_collections.ConfigDict) else dict(op)
 
 
 def _sequence(index: int, pair: Any) -> tuple[str, int]:
@@ -348,7 +348,11 @@ def _rule(index: int, rule: Any) -> tuple[str, tuple]:
 
 
 def _as_dict(value: Any) -> dict:
-  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value)
+  """Placeholders stay references, so that a free-form group keeps each field's type for
+  `--config.inputs.NAME.path=...` to set it."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return value.to_dict(preserve_field_references=True)
+  return dict(value)
 
 
 def _merge(defaults: ml_collections.ConfigDict, user: dict, prefix: str, strict: bool) -> None:
@@ -367,6 +371,8 @@ def _merge(defaults: ml_collections.ConfigDict, user: dict, prefix: str, strict:
         continue
       _merge(defaults[key], _as_dict(value), prefix=path + '.', strict=strict)
       continue
+    if isinstance(value, config_dict.FieldReference):
+      value = value.get()
     expected = defaults.get_type(key)
     if isinstance(value, list) and expected is tuple:
       value = tuple(value)

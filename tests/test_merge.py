@@ -12,12 +12,15 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from absl import flags
 from flax import serialization, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
 from safetensors.numpy import save_file
 
 import checkpoints
 from jobs import REPO, job_command, job_env, launch, ok, outcome, run_job, write_config
+from surgery_job import main as surgery_main
 from surgery_job.transforms import merge as merge_lib
 from test_memory import peak_rss
 from test_safety import STREAMED, start_paused
@@ -324,6 +327,21 @@ def ready_config(name: str, arg: str, **inputs) -> dict:
   for input_name, path in inputs.items():
     config.inputs[input_name].path = str(path)
   return config.to_dict()
+
+
+@pytest.mark.parametrize('name,arg,field', [('soup', '3', 'ft2'), ('task_vector', '0.5', 'base'),
+                                            ('slerp', '0.5', 'b')])
+def test_ready_merge_configs_take_their_inputs_on_the_command_line(name, arg, field):
+  # surgery-job's --config flag, on flags of its own: the file laid over the defaults, then overrides.
+  argv = ['surgery-job', f'--config={CONFIGS / name}.py:{arg}', f'--config.inputs.{field}.path=run',
+          f'--config.inputs.{field}.step=3']
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=False,
+                                  accept_new_attributes=True, sys_argv=argv)
+  parser = flag_values['config'].parser
+  parser.parse = surgery_main._lay_over_defaults(parser.parse)
+  flag_values(argv)
+  assert flag_values.config.inputs[field].to_dict() == {'path': 'run', 'step': 3}
 
 
 def test_soup_task_vector_and_slerp_configs(fine_tunes, tmp_path):
