@@ -1,5 +1,5 @@
 """Small example checkpoints, one per kind of tree the ready configs expect, each with optax Adam
-state after one step, sharded over a ('data', 'model') mesh of all devices.
+state, sharded over a ('data', 'model') mesh of all devices.
 
   python -m surgery_job.example --path=DIR [--kind=KIND]
 
@@ -9,7 +9,10 @@ KIND: `cnn` (default; the Flax "Model Surgery" guide's CNN, as `make demo` write
 `scanned_transformer` (the same with its blocks stacked on axis 0 under `layers`: for
 unscan_layers), both as CheckpointManager directories (step 1, item `default`); and
 `flax_msgpack` (the CNN with a flax.optim Adam state, a `checkpoint_1` msgpack file in DIR as
-`flax.training.checkpoints` saved it: for legacy_flax_optim_to_optax).
+`flax.training.checkpoints` saved it: for legacy_flax_optim_to_optax); `maxtext_llama` (a tiny
+MaxText Llama training run with grouped-query attention, Linen `params/params/...` scanned on axis 1,
+steps 1, 2 and 3 of Adam each in item `items` as MaxText saves them: for maxtext_llama_to_hf, and
+for average_last_n, soup, task_vector and slerp on its steps).
 """
 
 import flax.linen as nn
@@ -108,9 +111,54 @@ def _adam_state(params: dict, mesh: Mesh) -> dict:
   opt_state = tx.init(params)
   grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
   updates, opt_state = tx.update(grads, opt_state, params)
-  state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
-           'step': jnp.asarray(1, jnp.int32)}
+  return _placed({'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+                  'step': jnp.asarray(1, jnp.int32)}, mesh)
 
+
+# A tiny Llama: hidden, layers, query heads, kv heads, head_dim, mlp, vocab.
+LLAMA_SIZES = dict(embed=64, layers=2, q_heads=4, kv_heads=2, head_dim=16, mlp=128, vocab=256)
+
+
+def maxtext_llama_params(seed: int = 0) -> dict:
+  """MaxText's Linen Llama params (`params/...` as its TrainState holds them), scanned: each layer's
+  tensors stacked on axis 1 (`param_scan_axis`); kernels scaled by their fan-in, norms around 1."""
+  rng = np.random.default_rng(seed)
+  e, n, nq, nkv, d, f, v = (LLAMA_SIZES[k] for k in ('embed', 'layers', 'q_heads', 'kv_heads',
+                                                     'head_dim', 'mlp', 'vocab'))
+
+  def draw(shape, fan_in=0):
+    x = 1 + 0.2 * rng.normal(size=shape) if fan_in == 0 else rng.normal(size=shape) / np.sqrt(fan_in)
+    return x.astype(np.float32)
+  layers = {'pre_self_attention_layer_norm': {'scale': draw((e, n))},
+            'post_self_attention_layer_norm': {'scale': draw((e, n))},
+            'self_attention': {'query': {'kernel': draw((e, n, nq, d), e)},
+                               'key': {'kernel': draw((e, n, nkv, d), e)},
+                               'value': {'kernel': draw((e, n, nkv, d), e)},
+                               'out': {'kernel': draw((nq, n, d, e), nq * d)}},
+            'mlp': {'wi_0': {'kernel': draw((e, n, f), e)}, 'wi_1': {'kernel': draw((e, n, f), e)},
+                    'wo': {'kernel': draw((f, n, e), f)}}}
+  return {'params': {'token_embedder': {'embedding': draw((v, e), 1)},
+                     'decoder': {'decoder_norm': {'scale': draw((e,))},
+                                 'logits_dense': {'kernel': draw((e, v), e)},
+                                 'layers': layers}}}
+
+
+def training_run(params: dict, mesh: Mesh, steps: int = 3) -> list[dict]:
+  """The states a run saves after each of `steps` Adam steps: {'params', 'opt_state', 'step'}."""
+  tx = optax.adam(1e-2)
+  params = jax.tree.map(jnp.asarray, params)
+  opt_state = tx.init(params)
+  states = []
+  for step in range(1, steps + 1):
+    grads = jax.tree.map(lambda p, s=step: jnp.sin(s * p) + 0.1, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    states.append(_placed({'params': params, 'opt_state': opt_state,
+                           'step': jnp.asarray(step, jnp.int32)}, mesh))
+  return states
+
+
+def _placed(state: dict, mesh: Mesh) -> dict:
   def place(path, x):
     key = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
     return jax.device_put(x, NamedSharding(mesh, _spec(key, x.ndim)))
@@ -131,7 +179,8 @@ def flax_optim_state(params: dict, step: int = 1, seed: int = 0) -> dict:
 
 
 def save_example(path: str, step: int = 1, mesh: Mesh | None = None, kind: str = 'cnn') -> dict:
-  """Writes the example of `kind` (see the module's docstring) to `path`; returns its state."""
+  """Writes the example of `kind` (see the module's docstring) to `path` at `step` (the
+  maxtext_llama run: steps 1 to 3); returns its (last) state."""
   mesh = mesh or example_mesh()
   if kind == 'flax_msgpack':
     state = flax_optim_state(example_state(mesh)['params'], step)
@@ -139,6 +188,13 @@ def save_example(path: str, step: int = 1, mesh: Mesh | None = None, kind: str =
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f'checkpoint_{step}').write_bytes(serialization.to_bytes(state))
     return state
+  if kind == 'maxtext_llama':
+    states = training_run(maxtext_llama_params(), mesh)
+    with ocp.CheckpointManager(paths.of(path)) as manager:
+      for state in states:
+        manager.save(int(state['step']), args=ocp.args.Composite(items=ocp.args.StandardSave(state)))
+      manager.wait_until_finished()
+    return states[-1]
   state = (example_state(mesh) if kind == 'cnn'
            else _adam_state(transformer_params(scanned=kind == 'scanned_transformer'), mesh))
   with ocp.CheckpointManager(paths.of(path)) as manager:
@@ -152,7 +208,8 @@ KINDS = {'cnn': 'the example CNN checkpoint (params, Adam state, step)',
                         'and value; params, Adam state, step)',
          'scanned_transformer': 'the example scanned transformer checkpoint (params, Adam state, '
                                 'step)',
-         'flax_msgpack': 'the example flax.optim Adam checkpoint (msgpack, checkpoint_1)'}
+         'flax_msgpack': 'the example flax.optim Adam checkpoint (msgpack, checkpoint_1)',
+         'maxtext_llama': 'the example MaxText Llama run (steps 1, 2, 3; params, Adam state, step)'}
 
 _PATH = flags.DEFINE_string('path', None, 'Where to write the example.', required=True)
 _KIND = flags.DEFINE_enum('kind', 'cnn', list(KINDS), 'Which example to write.')

@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
+import checkpoints
 from jobs import REPO
 
 VENV = Path(sys.prefix)
@@ -81,8 +84,9 @@ def test_every_ready_config_runs_on_its_example_as_the_readme_shows(clone):
                        capture_output=True, text=True, timeout=900, check=False)
   assert ran.returncode == 0, ran.stderr[-3000:]
   wrote = [line for line in ran.stdout.splitlines() if line.startswith('Wrote examples/')]
-  assert [line.split(':')[0] for line in wrote] == [f'Wrote {out}/1' for out in outputs]
-  leaves = {out: report(clone / out / '1')['leaves'] for out in outputs}
+  steps = {out: OUTPUT_STEPS.get(out, 1) for out in outputs}
+  assert [line.split(':')[0] for line in wrote] == [f'Wrote {out}/{steps[out]}' for out in outputs]
+  leaves = {out: report(clone / out / str(steps[out]))['leaves'] for out in outputs}
   assert leaves['examples/scanned']['params/layers/attn/query/kernel']['shape'] == [4, 64, 64]
   assert leaves['examples/unscanned']['params/layers_3/mlp/up/kernel']['shape'] == [64, 256]
   assert leaves['examples/fused_qkv']['params/layers_0/attn/qkv/kernel']['shape'] == [64, 192]
@@ -91,6 +95,43 @@ def test_every_ready_config_runs_on_its_example_as_the_readme_shows(clone):
   assert leaves['examples/cls_head']['params/cls/kernel']['shape'] == [64, 2]
   assert leaves['examples/optax']['opt_state/0/nu/Dense_0/kernel']['shape'] == [3136, 256]
   assert (clone / 'examples/safetensors/1/model.safetensors').is_file()
+  check_llama_outputs(clone / 'examples', leaves)
+
+
+# Outputs not numbered 1: the export of step 3, the average at the newest step, the import at 0.
+OUTPUT_STEPS = {'examples/llama_hf': 3, 'examples/llama_average': 3, 'examples/llama_maxtext': 0}
+
+
+def check_llama_outputs(examples: Path, leaves: dict) -> None:
+  """The six Llama and merge outputs against the run's three steps read with plain Orbax."""
+  def restored(name: str, step: int) -> dict[str, np.ndarray]:
+    return checkpoints.flat_numpy(checkpoints.restore_plain(examples / f'llama_{name}/{step}/items'))
+  run = [restored('run', step) for step in (1, 2, 3)]
+  params = [k for k in run[0] if k.startswith('params/')]
+  hf_names = {'lm_head.weight', 'model.embed_tokens.weight', 'model.norm.weight'} | {
+      f'model.layers.{i}.{name}' for i in range(2) for name in (
+          'input_layernorm.weight', 'post_attention_layernorm.weight', 'mlp.gate_proj.weight',
+          'mlp.up_proj.weight', 'mlp.down_proj.weight', *(f'self_attn.{p}_proj.weight' for p in 'qkvo'))}
+  assert set(safetensors.numpy.load_file(examples / 'llama_hf/3/model.safetensors')) == hf_names
+  config = json.loads((examples / 'llama_hf/3/config.json').read_text())
+  assert {k: config[k] for k in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+                                 'num_key_value_heads', 'head_dim', 'intermediate_size')} == {
+      'vocab_size': 256, 'hidden_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 4,
+      'num_key_value_heads': 2, 'head_dim': 16, 'intermediate_size': 128}
+  # Imported back: the run's params, same keys and shapes, and the step MaxText's loader reads.
+  imported = leaves['examples/llama_maxtext']
+  assert {k: v['shape'] for k, v in imported.items()} == {
+      'step': [], **{k: list(run[2][k].shape) for k in params}}
+  merged = {name: restored(name, OUTPUT_STEPS.get(f'examples/llama_{name}', 1))
+            for name in ('average', 'soup', 'task_vector', 'slerp')}
+  for key in params:
+    mean = np.mean([steps[key] for steps in run], axis=0)
+    np.testing.assert_allclose(merged['average'][key], mean, rtol=1e-6, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(merged['soup'][key], mean, rtol=1e-6, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(merged['task_vector'][key], run[0][key] + 0.5 * (run[2][key] - run[0][key]),
+                               rtol=1e-6, atol=1e-7, err_msg=key)
+  assert merged['average']['step'] == 3 and merged['soup']['step'] == 1
+  assert set(merged['slerp']) == set(params) | {'step'}
 
 
 def walk_through() -> list[tuple[str, list[str]]]:
