@@ -146,13 +146,18 @@ def maxtext_llama_params(seed: int = 0) -> dict:
 def training_run(params: dict, mesh: Mesh, steps: int = 3) -> list[dict]:
   """The states a run saves after each of `steps` Adam steps: {'params', 'opt_state', 'step'}."""
   tx = optax.adam(1e-2)
+
+  @jax.jit  # One compilation for the whole update, not one per operation and leaf shape.
+  def train_step(params, opt_state, step):
+    grads = jax.tree.map(lambda p: jnp.sin(step * p) + 0.1, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
   params = jax.tree.map(jnp.asarray, params)
   opt_state = tx.init(params)
   states = []
   for step in range(1, steps + 1):
-    grads = jax.tree.map(lambda p, s=step: jnp.sin(s * p) + 0.1, params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = train_step(params, opt_state, jnp.float32(step))
     states.append(_placed({'params': params, 'opt_state': opt_state,
                            'step': jnp.asarray(step, jnp.int32)}, mesh))
   return states
