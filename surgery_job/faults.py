@@ -7,10 +7,10 @@
 - `SURGERY_JOB_CORRUPT_OUTPUT=1`: flip a byte of each data file written (OCDBT's, or safetensors
   files), before validation.
 
-Points: each phase's name at its start (read, mesh, plan, restore, transform, write, finalize,
-validate, commit), `writing` while Orbax writes, `group_written` once a group's save is on record,
-`rename` between moving an old output aside and renaming the new one in, `renamed` just after,
-`pruning` once a pruned step is out of readers' sight and not yet deleted.
+Points: each phase's name at its start (read, mesh, plan, compile, restore, transform, write,
+finalize, validate, commit), `writing` while Orbax writes, `group_written` once a group's save is
+on record, `rename` between moving an old output aside and renaming the new one in, `renamed` just
+after, `pruning` once a pruned step is out of readers' sight and not yet deleted.
 """
 
 import os

@@ -12,8 +12,8 @@ from absl import logging
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, cli, config as config_lib,
                          distributed, faults, formats, inputs as inputs_lib, memory, merging, output,
-                         paths, plan as plan_lib, report as report_lib, sharding, stopping,
-                         transforms, tree, validate)
+                         paths, plan as plan_lib, programs as programs_lib, report as report_lib,
+                         sharding, stopping, transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.families import hf_config
 from surgery_job.progress import Progress
@@ -244,7 +244,10 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   budget_bytes, default_budget = _budget(config.memory.host_budget_gb)
   # A msgpack input stays in host memory while the groups stream: they share what it leaves.
   held = located.held_bytes()
-  groups = plan.groups(None if budget_bytes is None else budget_bytes - held)
+  programs = programs_lib.Programs(plan)
+  with phases('compile'):
+    groups = plan.groups(None if budget_bytes is None else budget_bytes - held, programs.temp_bytes)
+    programs.keep_only(groups)
   if default_budget:
     _check_fits(groups, budget_bytes, default_budget, held)
   if config.dry_run:
@@ -259,7 +262,7 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   # Process 0 holds the output's lock until the end of the step, however the process ends.
   with distributed.before_exit(claim.release) if jax.process_index() == 0 else contextlib.nullcontext():
     try:
-      return _claimed(config, claim, located, (skeleton, out_skeleton), inputs, plan,
+      return _claimed(config, claim, located, (skeleton, out_skeleton), inputs, (plan, programs),
                       groups, budget_bytes, phases, run_fingerprint, barrier, barrier_timeout_seconds)
     except (SurgeryError, BadStagedOutput):
       if jax.process_index() == 0 and not stopping.requested.is_set():
@@ -270,10 +273,12 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
         claim.release()
 
 
-def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups, budget_bytes,
+def _claimed(config, claim: output.Claim, read, skeletons, inputs, planned, groups, budget_bytes,
              phases, run_fingerprint: str, barrier, barrier_timeout_seconds: int) -> dict:
   """The step once its output is claimed: already done, or written, validated and committed.
-  `read`: the inputs; `skeletons`: the primary input's tree and the output's."""
+  `read`: the inputs; `skeletons`: the primary input's tree and the output's; `planned`: the plan
+  and its groups' programs."""
+  plan, _ = planned
   target = claim.target
   source = read.primary.source
   key = read.resume_key(run_fingerprint) if jax.process_index() == 0 else None
@@ -310,7 +315,7 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, plan, groups,
   check = claim.check if jax.process_index() == 0 else lambda: None
   cast_errors = {}
   with memory.long_lived():
-    _write_and_validate(read, inputs, plan, groups, staging, writer,
+    _write_and_validate(read, inputs, planned, groups, staging, writer,
                         phases, barrier, check, budget_bytes, resumed, cast_errors)
   reused = sorted(resumed)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
@@ -370,12 +375,12 @@ def _budget(host_budget_gb: float | None) -> tuple[int | None, str]:
 def _check_fits(groups, budget: int, how: str, held: int) -> None:
   """Under the default budget, a group larger than it (with the `held` bytes of a msgpack input
   beside it) is refused before any data moves."""
-  largest = max(groups, key=lambda group: group.host_bytes)
-  if largest.host_bytes + held > budget:
+  largest = max(groups, key=lambda group: group.peak_bytes)
+  if largest.peak_bytes + held > budget:
     raise SurgeryError(
         f'not enough memory: {len(largest.outputs)} leaves read together '
         f'({", ".join(largest.outputs[:3])}{" ..." if len(largest.outputs) > 3 else ""}) need '
-        f'{largest.host_bytes / 1e9:.3f} GB of arrays per process'
+        f'{largest.peak_bytes / 1e9:.3f} GB of arrays per process'
         + (f' beside the {held / 1e9:.3f} GB of the msgpack input held in memory' if held else '')
         + ', over the memory budget of '
         f'{budget / 1e9:.3f} GB ({how}); give the job more memory or devices, or set '
@@ -394,13 +399,15 @@ def _resumed(writer, groups, written: dict) -> list[int]:
   return reused
 
 
-def _write_and_validate(read: inputs_lib.Inputs, inputs, plan, groups, staging: output.Staging,
+def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, staging: output.Staging,
                         writer, phases, barrier, check: Callable[[], None], budget_bytes,
                         resumed: dict[int, dict], cast_errors: dict) -> None:
   """Restores, transforms and writes each group into the staging folder with the output format's
-  `writer`, then reads it all back. `read`: the inputs. Groups in `resumed` ({index: its record},
-  written by an earlier run of this surgery) are taken as they are. `check()` comes before each
-  write. Fills `cast_errors` with what each cast of a computed group lost."""
+  `writer`, then reads it all back. `read`: the inputs; `planned`: the plan and its groups'
+  compiled transforms. Groups in `resumed` ({index: its record}, written by an earlier run of
+  this surgery) are taken as they are. `check()` comes before each write. Fills `cast_errors`
+  with what each cast of a computed group lost."""
+  plan, programs = planned
   streamed = len(groups) > 1
   read_bytes = [plan.inputs_bytes(group.inputs) for group in groups]
   written_bytes = [sum(plan.outputs[k].nbytes for k in group.outputs) for group in groups]
@@ -411,15 +418,15 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, plan, groups, staging: 
         expected.update(resumed[index]['digests'])
         progress.skip(read_bytes[index], written_bytes[index])
         continue
-      if budget_bytes is not None and group.host_bytes > budget_bytes and jax.process_index() == 0:
+      if budget_bytes is not None and group.peak_bytes > budget_bytes and jax.process_index() == 0:
         logging.warning('Group %d: %d leaves read together need %.2f GB, over the budget of %.2f GB; '
-                        'handled alone.', index, len(group.outputs), group.host_bytes / 1e9,
+                        'handled alone.', index, len(group.outputs), group.peak_bytes / 1e9,
                         budget_bytes / 1e9)
       compiling = validate.compile_ahead({k: plan.abstract_output(k) for k in group.outputs})
       with phases('restore', log=not streamed), progress.phase('restore', index, read_bytes[index]):
         restored = read.restore({k: inputs[k] for k in group.inputs})
       with phases('transform', log=not streamed), progress.phase('transform', index):
-        transform = plan_lib.transform_fn(plan, group)
+        transform = programs.get(group)
         computed, cast_stats = distributed.wait_ready(transform(restored)) if transform else ({}, {})
         cast_errors.update(cast_errors_lib.summarize(plan.casts, cast_stats))
       outputs = {k: computed[k] if plan.outputs[k].passthrough is None
@@ -589,9 +596,9 @@ def describe(plan: plan_lib.Plan, groups, located: inputs_lib.Inputs,
   lines.append(f'Reads {len(plan.needed)} of {len(plan.inputs)} leaves ({plan.bytes_read} bytes); '
                f'writes {len(plan.outputs)} leaves ({plan.bytes_written} bytes).')
   lines.append(f'Groups: {len(groups)}; predicted peak of arrays per host: '
-               f'{max(g.host_bytes for g in groups) / 1e9:.3f} GB (plus the runtime).')
+               f'{max(g.peak_bytes for g in groups) / 1e9:.3f} GB (plus the runtime).')
   for index, group in enumerate(groups):
     lines.append(f'  group {index}: {len(group.outputs)} outputs from {len(group.inputs)} inputs, '
-                 f'{group.host_bytes / 1e9:.3f} GB: {", ".join(group.outputs[:4])}'
+                 f'{group.peak_bytes / 1e9:.3f} GB: {", ".join(group.outputs[:4])}'
                  f'{" ..." if len(group.outputs) > 4 else ""}')
   return '\n'.join(lines)

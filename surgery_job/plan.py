@@ -47,6 +47,11 @@ class Group:
   outputs: tuple[str, ...]
   inputs: tuple[str, ...]  # The input keys it restores; no other group restores them.
   host_bytes: int  # Per host: the inputs it reads and the outputs it writes, every shard counted.
+  temp_bytes: int = 0  # Per host: XLA's temporaries of its transform's program, besides those.
+
+  @property
+  def peak_bytes(self) -> int:
+    return self.host_bytes + self.temp_bytes
 
 
 def host_bytes(x: jax.ShapeDtypeStruct) -> int:
@@ -95,8 +100,10 @@ class Plan:
     leaf = self.outputs[key]
     return sharding.abstract(leaf.shape, leaf.dtype, self.mesh, leaf.spec)
 
-  def groups(self, budget_bytes: int | None) -> list[Group]:
-    """The outputs cut into groups of at most `budget_bytes` per host (None: one group).
+  def groups(self, budget_bytes: int | None,
+             temp_bytes: Callable[[Group], int] | None = None) -> list[Group]:
+    """The outputs cut into groups of at most `budget_bytes` per host (None: one group), counting
+    `temp_bytes(group)` (per host, beside its arrays) when given.
 
     Outputs that read a common input always share a group (stack, concat, copy and mean-padding
     read several leaves), so each input is restored once. A set of such outputs larger than the
@@ -130,14 +137,36 @@ class Plan:
                   for k in inputs_of(keys))
               + sum(host_bytes(self.abstract_output(k)) for k in keys))
 
-    packed: list[tuple[list[str], int]] = []
-    for component in components.values():
-      size = bytes_of(component)
-      if packed and (budget_bytes is None or packed[-1][1] + size <= budget_bytes):
-        packed[-1] = (packed[-1][0] + component, packed[-1][1] + size)
+    def pack(parts: list[list[str]], weight: float) -> list[list[list[str]]]:
+      """`parts` in order, cut where their bytes times `weight` would pass the budget."""
+      packed: list[tuple[list[list[str]], float]] = []
+      for part in parts:
+        size = bytes_of(part) * weight
+        if packed and (budget_bytes is None or packed[-1][1] + size <= budget_bytes):
+          packed[-1] = (packed[-1][0] + [part], packed[-1][1] + size)
+        else:
+          packed.append(([part], size))
+      return [cut for cut, _ in packed]
+
+    def group_of(parts: list[list[str]]) -> Group:
+      keys = [key for part in parts for key in part]
+      return Group(tuple(keys), tuple(inputs_of(keys)), bytes_of(keys))
+
+    pending = pack(list(components.values()), 1.0)
+    if temp_bytes is None or budget_bytes is None:
+      return [group_of(parts) for parts in pending]
+    # A group whose temporaries take it over the budget is cut again, its parts weighed by what
+    # its arrays and temporaries came to together, until each fits or is one part.
+    done = []
+    while pending:
+      parts = pending.pop(0)
+      group = group_of(parts)
+      group = dataclasses.replace(group, temp_bytes=temp_bytes(group))
+      if group.peak_bytes <= budget_bytes or len(parts) == 1:
+        done.append(group)
       else:
-        packed.append((component, size))
-    return [Group(tuple(keys), tuple(inputs_of(keys)), size) for keys, size in packed]
+        pending[:0] = pack(parts, group.peak_bytes / group.host_bytes)
+    return done
 
 
 def abstract_inputs(metadata: dict[str, Any], key_impls: dict[str, str],

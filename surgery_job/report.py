@@ -28,9 +28,9 @@ def build(config, plan, groups, source, target, seconds: dict[str, float], finge
       'ops': [{'op': label, 'touched': keys} for label, keys in plan.touched],
       'leaves': {k: {'shape': list(leaf.shape), 'dtype': leaf.dtype.name, 'spec': list(leaf.spec),
                      'sources': list(leaf.sources)} for k, leaf in plan.outputs.items()},
-      'groups': [{'outputs': list(g.outputs), 'inputs': list(g.inputs), 'host_bytes': g.host_bytes}
-                 for g in groups],
-      'predicted_peak_host_bytes': max(g.host_bytes for g in groups),
+      'groups': [{'outputs': list(g.outputs), 'inputs': list(g.inputs), 'host_bytes': g.host_bytes,
+                  'temp_bytes': g.temp_bytes} for g in groups],
+      'predicted_peak_host_bytes': max(g.peak_bytes for g in groups),
       'bytes_read': plan.bytes_read,
       'groups_reused': reused,
       'cast_errors': cast_errors,
