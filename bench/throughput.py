@@ -4,6 +4,7 @@
                                        [--leaves=100,1000,10000] [--moments=trained]
                                        [--safetensors_budget_gb=0.1] [--llama_gib=1] [--llama_only]
                                        [--merge_gib=GIB] [--merge_budget_gb=0.25] [--only_merge]
+                                       [--main_only]
 
 Builds a float32 checkpoint of `--gib` GiB: params (4 large matrices, many small ones) and their
 optax Adam state (after one step from random gradients, or `--moments=zeros` as `init` leaves it,
@@ -11,9 +12,13 @@ which zstd packs to a third), sharded over a ('data', 'model') 2x4 mesh of 8 fak
 Then times, interleaved, the median of `--runs` runs of:
   (a) naive: the Flax guide's script: restore everything with its saved shardings, rename every
       param in the flat dict (and its moments), save everything; no validation;
-  (b) the job, renaming every param (every leaf passed through; validated);
-  (c) the job, `configs/params_only_bf16.py`;
+  (b) the job, renaming every param (every leaf passed through, sharded ones copied as their
+      stored chunks; validated), and (b0) the same with `output.copy_stored_chunks=False` (every
+      leaf decoded and encoded again);
+  (c) the job, `configs/params_only_bf16.py`, and (c0) a params-only export without cast
+      (`drop_optimizer`);
   (d) `cp -r` + `sync` of the checkpoint: the disk's practical limit.
+`--main_only` stops after that table.
 A safetensors table times the export of the params (a third of the checkpoint):
   (e) naive: restore everything, `np.asarray` every param, `safetensors.numpy.save_file`;
   (f) the job, `configs/export_safetensors.py` (validated), with the default budget and with
@@ -222,6 +227,12 @@ NAIVE_AVERAGE = textwrap.dedent('''
       manager.wait_until_finished()
 ''')
 
+PARAMS_ONLY = textwrap.dedent('''
+    import ml_collections
+    def get_config():
+      return ml_collections.ConfigDict({'transforms': [dict(op='drop_optimizer')]})
+''')
+
 RENAME = textwrap.dedent('''
     import ml_collections
     def get_config():
@@ -280,6 +291,7 @@ def main() -> None:
   parser.add_argument('--merge_gib', type=float, default=None, help='each averaged step; default --gib')
   parser.add_argument('--merge_budget_gb', type=float, default=0.25)
   parser.add_argument('--only_merge', action='store_true', help='only the merge table')
+  parser.add_argument('--main_only', action='store_true', help='only the first table')
   args = parser.parse_args()
   root = Path(args.dir)
   shutil.rmtree(root, ignore_errors=True)
@@ -292,6 +304,7 @@ def main() -> None:
     return
   (root / 'rename.py').write_text(RENAME)
   (root / 'naive.py').write_text(NAIVE)
+  (root / 'params_only.py').write_text(PARAMS_ONLY)
   source, out = root / 'in', root / 'out'
   leaves, size = build(source, args.gib, 30, args.moments)
   print(f'checkpoint: {leaves} leaves, {size / GIB:.2f} GiB (params and Adam state, {args.moments} '
@@ -299,7 +312,10 @@ def main() -> None:
   commands = {
       '(a) naive Orbax script': [sys.executable, str(root / 'naive.py'), str(source), str(out)],
       '(b) job, rename': job(str(root / 'rename.py'), source, out),
+      '(b0) job, rename, decoded and encoded': [*job(str(root / 'rename.py'), source, out),
+                                                '--config.output.copy_stored_chunks=False'],
       '(c) job, params_only_bf16': job(str(REPO / 'configs' / 'params_only_bf16.py'), source, out),
+      '(c0) job, params only, no cast': job(str(root / 'params_only.py'), source, out),
       '(d) cp -r + sync': copy_and_sync(source, out),
   }
   rows = median_runs(commands, out, args.runs)
@@ -309,8 +325,13 @@ def main() -> None:
   for name, row in rows.items():
     print(f"| {name} | {row['wall']:.1f} | {size / 1e6 / row['wall']:.0f} | {row['rss']:.2f} | "
           f"{phases(row)} |")
-  a, b, _, d = (row['wall'] for row in rows.values())
-  print(f'\nb/a = {b / a:.2f}, b/d = {b / d:.2f}')
+  a, b, b0, c0, d = (rows[name]['wall'] for name in (
+      '(a) naive Orbax script', '(b) job, rename', '(b0) job, rename, decoded and encoded',
+      '(c0) job, params only, no cast', '(d) cp -r + sync'))
+  print(f'\nb/a = {b / a:.2f}, b/b0 = {b / b0:.2f}, b/d = {b / d:.2f}, c0/d = {c0 / d:.2f} '
+        '(d copies the whole checkpoint, c0 a third of it)')
+  if args.main_only:
+    return
 
   print('\n| leaves | GiB | wall s | ms per leaf | phases (s) |')
   print('|---|---|---|---|---|')

@@ -48,6 +48,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.output.wait_seconds = 0.0  # How long to wait for another run that holds the output's lock.
   config.output.lock_timeout_seconds = 60.0  # A lock silent this long is taken over.
   config.output.max_to_keep = config_dict.placeholder(int)  # Keep the newest N output steps.
+  # Orbax: leaves passed through unchanged are copied as their stored chunks where they can be.
+  config.output.copy_stored_chunks = True
   # Fields set in the output step's `custom_metadata`, over those of the input step (MaxText, for
   # one, keeps `scan_layers` there).
   config.output.custom_metadata = ml_collections.ConfigDict()
@@ -167,6 +169,10 @@ FIELD_DOCS = {
         'keep the newest N exported steps; None: all of them',
         'older ones are deleted after each commit (see [Scheduled conversions]'
         '(#scheduled-conversions-beside-a-training-run))'),
+    'output.copy_stored_chunks': (
+        'Orbax to Orbax: leaves passed through unchanged are copied as their stored chunks',
+        'where the stored chunks are what Orbax writes for the output sharding, never decoded (see '
+        '[Bounded memory](#bounded-memory)); False: every leaf is read and written by Orbax'),
     'output.custom_metadata': (
         "fields set in the output step's `custom_metadata`, over the input step's", ''),
     'output.sequences': (
@@ -180,9 +186,9 @@ FIELD_DOCS = {
     'mesh.axes': ("the job's mesh axis names; None: the saved mesh's", 'distinct names'),
     'memory.host_budget_gb': (
         'per process: stream the surgery in groups whose arrays fit this many GB',
-        'inputs read and outputs written; None: 40% of what the host has (cgroup limit or '
-        'MemAvailable) shared by its processes, and a plan that cannot fit is refused before any '
-        'data moves; 0: no budget, one group'),
+        "inputs read and outputs written, and XLA's temporaries; None: 40% of what the host has "
+        '(cgroup limit or MemAvailable) shared by its processes, and a plan that cannot fit is '
+        'refused before any data moves; 0: no budget, one group'),
     'params_root': (
         'the subtree of parameters; None: `params`, flax.optim\'s `target`, or the whole tree',
         "`params` when present, else flax.optim's `target` or `optimizer/target` beside its "

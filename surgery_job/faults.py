@@ -8,9 +8,10 @@
   files), before validation.
 
 Points: each phase's name at its start (read, mesh, plan, compile, restore, transform, write,
-finalize, validate, commit), `writing` while Orbax writes, `group_written` once a group's save is
-on record, `rename` between moving an old output aside and renaming the new one in, `renamed` just
-after, `pruning` once a pruned step is out of readers' sight and not yet deleted.
+finalize, copy, validate, commit), `writing` while Orbax writes, `group_written` once a group's
+save is on record, `copying` once a process's copied chunks are written and not yet merged,
+`rename` between moving an old output aside and renaming the new one in, `renamed` just after,
+`pruning` once a pruned step is out of readers' sight and not yet deleted.
 """
 
 import os

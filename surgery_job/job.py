@@ -8,12 +8,14 @@ from typing import Callable
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from surgery_job import (cast_errors as cast_errors_lib, checkpoint, cli, config as config_lib,
                          distributed, faults, formats, inputs as inputs_lib, memory, merging, output,
                          paths, plan as plan_lib, programs as programs_lib, report as report_lib,
-                         sharding, stopping, transforms, tree, validate)
+                         sharding, stopping, stored_chunks, transforms, tree, validate)
 from surgery_job.errors import SurgeryError
 from surgery_job.families import hf_config
 from surgery_job.progress import Progress
@@ -240,19 +242,21 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     # Leaves the output format cannot hold are refused before anything is written.
     formats.writer(config.output.format).check_outputs(
         {k: plan.abstract_output(k) for k in plan.outputs}, config.output)
+    copies = _copies(config, located, plan, out_skeleton, target)
 
   budget_bytes, default_budget = _budget(config.memory.host_budget_gb)
   # A msgpack input stays in host memory while the groups stream: they share what it leaves.
   held = located.held_bytes()
   programs = programs_lib.Programs(plan)
   with phases('compile'):
-    groups = plan.groups(None if budget_bytes is None else budget_bytes - held, programs.temp_bytes)
+    groups = plan.groups(None if budget_bytes is None else budget_bytes - held, programs.temp_bytes,
+                         copies)
     programs.keep_only(groups)
   if default_budget:
     _check_fits(groups, budget_bytes, default_budget, held)
   if config.dry_run:
     if jax.process_index() == 0:
-      print(describe(plan, groups, located, target))
+      print(describe(plan, groups, located, target, copies))
       note = target and output.dry_run_note(target, run_fingerprint, config.output.overwrite)
       if note:
         logging.warning('Dry run: %s.', note)
@@ -262,7 +266,8 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   # Process 0 holds the output's lock until the end of the step, however the process ends.
   with distributed.before_exit(claim.release) if jax.process_index() == 0 else contextlib.nullcontext():
     try:
-      return _claimed(config, claim, located, (skeleton, out_skeleton), inputs, (plan, programs),
+      return _claimed(config, claim, located, (skeleton, out_skeleton), inputs,
+                      (plan, programs, copies),
                       groups, budget_bytes, phases, run_fingerprint, barrier, barrier_timeout_seconds)
     except (SurgeryError, BadStagedOutput):
       if jax.process_index() == 0 and not stopping.requested.is_set():
@@ -276,9 +281,9 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
 def _claimed(config, claim: output.Claim, read, skeletons, inputs, planned, groups, budget_bytes,
              phases, run_fingerprint: str, barrier, barrier_timeout_seconds: int) -> dict:
   """The step once its output is claimed: already done, or written, validated and committed.
-  `read`: the inputs; `skeletons`: the primary input's tree and the output's; `planned`: the plan
-  and its groups' programs."""
-  plan, _ = planned
+  `read`: the inputs; `skeletons`: the primary input's tree and the output's; `planned`: the plan,
+  its groups' programs and the outputs copied as stored chunks."""
+  plan, _, copies = planned
   target = claim.target
   source = read.primary.source
   key = read.resume_key(run_fingerprint) if jax.process_index() == 0 else None
@@ -319,7 +324,7 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, planned, grou
                         phases, barrier, check, budget_bytes, resumed, cast_errors)
   reused = sorted(resumed)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
-                            reused, cast_errors)
+                            reused, cast_errors, sorted(copies))
   read.add_to_report(report, plan)
   with phases('commit'), stopping.committing():
     if jax.process_index() == 0:
@@ -359,6 +364,20 @@ def _prune(config, out_root: paths.Path | None) -> None:
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Pruning %s to output.max_to_keep=%d stopped: %s: %s', out_root,
                     config.output.max_to_keep, type(e).__name__, e)
+
+
+def _copies(config, located: inputs_lib.Inputs, plan: plan_lib.Plan, out_skeleton,
+            target: output.Target | None) -> dict[str, stored_chunks.Copy]:
+  """The outputs copied as their stored chunks: only from one Orbax input into an Orbax output."""
+  primary = located.primary
+  if not (config.output.copy_stored_chunks and config.output.format == 'orbax'
+          and len(located.entries) == 1 and not primary.name
+          and primary.reader is formats.module('orbax')):
+    return {}
+  source = primary.source
+  out_trees = sorted({k.partition(tree.SEP)[0] for k in plan.outputs}) if source.items else ['']
+  return stored_chunks.plan_copies(source, plan, out_skeleton, out_trees,
+                                   target is not None and paths.on_object_store(target.root))
 
 
 def _budget(host_budget_gb: float | None) -> tuple[int | None, str]:
@@ -403,11 +422,11 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, stagin
                         writer, phases, barrier, check: Callable[[], None], budget_bytes,
                         resumed: dict[int, dict], cast_errors: dict) -> None:
   """Restores, transforms and writes each group into the staging folder with the output format's
-  `writer`, then reads it all back. `read`: the inputs; `planned`: the plan and its groups'
-  compiled transforms. Groups in `resumed` ({index: its record}, written by an earlier run of
+  `writer`, then reads it all back. `read`: the inputs; `planned`: the plan, its groups' compiled
+  transforms and the outputs copied as stored chunks (after the groups). Groups in `resumed` ({index: its record}, written by an earlier run of
   this surgery) are taken as they are. `check()` comes before each write. Fills `cast_errors`
   with what each cast of a computed group lost."""
-  plan, programs = planned
+  plan, programs, copies = planned
   streamed = len(groups) > 1
   read_bytes = [plan.inputs_bytes(group.inputs) for group in groups]
   written_bytes = [sum(plan.outputs[k].nbytes for k in group.outputs) for group in groups]
@@ -462,11 +481,23 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, stagin
       except Exception as e:  # pylint: disable=broad-except
         raise BadStagedOutput(
             f'finalize failed: {checkpoint.read_error(e, staging.checkpoint)}') from None
-      faults.corrupt_output(staging.checkpoint)
-      barrier('written')
+    checksums = {}
+    if copies:
+      with phases('copy'):
+        check()
+        checksums = stored_chunks.copy(copies, read.primary.source, written_trees, barrier)
+    faults.corrupt_output(staging.checkpoint)
+    barrier('written')
     with phases('validate'):
       _validate(writer, written_trees, staging.checkpoint, plan, groups, expected,
                 lambda index: progress.phase('validate', index, written_bytes[index]))
+      if copies:
+        # Each process reads back the stored bytes it copied, none decoded; all hear how many differ.
+        bad = stored_chunks.mismatches(copies, written_trees, checksums)
+        found = int(multihost_utils.process_allgather(np.asarray([len(bad)], np.int32)).sum())
+        if found:
+          raise BadStagedOutput(f'validation failed: {found} leaves copied as stored chunks differ '
+                                f'on disk' + (f', first {bad[0]!r}' if bad else ''))
 
 
 def _validate(writer, written_trees, unit_dir: paths.Path, plan: plan_lib.Plan, groups,
@@ -571,7 +602,7 @@ def _really(path: paths.Path) -> str:
 
 
 def describe(plan: plan_lib.Plan, groups, located: inputs_lib.Inputs,
-             target: output.Target | None) -> str:
+             target: output.Target | None, copies=()) -> str:
   """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O."""
   lines = [f'Surgery plan: {located.primary.source.item_dir} -> ' + (
                'no output.path' if target is None else f'{target.root}'
@@ -592,6 +623,7 @@ def describe(plan: plan_lib.Plan, groups, located: inputs_lib.Inputs,
   lines.append(f'Output leaves ({len(plan.outputs)}):')
   for key, leaf in plan.outputs.items():
     how = 'unchanged' if leaf.passthrough == key else f'from {", ".join(leaf.sources) or "nothing"}'
+    how += ', copied as stored chunks' if key in copies else ''
     lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {cli.spec_text(leaf.spec)} {how}')
   lines.append(f'Reads {len(plan.needed)} of {len(plan.inputs)} leaves ({plan.bytes_read} bytes); '
                f'writes {len(plan.outputs)} leaves ({plan.bytes_written} bytes).')

@@ -7,7 +7,7 @@ input passed through unchanged (those are never copied or recomputed).
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,16 +100,18 @@ class Plan:
     leaf = self.outputs[key]
     return sharding.abstract(leaf.shape, leaf.dtype, self.mesh, leaf.spec)
 
-  def groups(self, budget_bytes: int | None,
-             temp_bytes: Callable[[Group], int] | None = None) -> list[Group]:
+  def groups(self, budget_bytes: int | None, temp_bytes: Callable[[Group], int] | None = None,
+             copied: Collection[str] = ()) -> list[Group]:
     """The outputs cut into groups of at most `budget_bytes` per host (None: one group), counting
-    `temp_bytes(group)` (per host, beside its arrays) when given.
+    `temp_bytes(group)` (per host, beside its arrays) when given. Outputs `copied` as their stored
+    chunks are in none.
 
     Outputs that read a common input always share a group (stack, concat, copy and mean-padding
     read several leaves), so each input is restored once. A set of such outputs larger than the
     budget is a group of its own.
     """
-    parent = {key: key for key in self.outputs}
+    outputs = {key: leaf for key, leaf in self.outputs.items() if key not in copied}
+    parent = {key: key for key in outputs}
 
     def root(key):
       while parent[key] != key:
@@ -117,11 +119,11 @@ class Plan:
         key = parent[key]
       return key
     reader = {}
-    for key, leaf in self.outputs.items():
+    for key, leaf in outputs.items():
       for source in leaf.sources:
         parent[root(key)] = root(reader.setdefault(source, key))
     components: dict[str, list[str]] = {}
-    for key in self.outputs:
+    for key in outputs:
       components.setdefault(root(key), []).append(key)
 
     # Components share no input, so a group's bytes are the sum of its components' bytes.

@@ -16,9 +16,10 @@ REPORT = 'surgery_report.json'
 
 
 def build(config, plan, groups, source, target, seconds: dict[str, float], fingerprint: str,
-          reused: list[int], cast_errors: dict) -> dict:
+          reused: list[int], cast_errors: dict, copied: list[str]) -> dict:
   """The report of a run; `reused`: the groups an earlier, stopped run of it had written;
-  `cast_errors`: what each cast lost, in the groups this run computed."""
+  `cast_errors`: what each cast lost, in the groups this run computed; `copied`: the leaves
+  copied as stored chunks (in no group)."""
   return {
       'fingerprint': fingerprint,
       'input': {'path': str(source.root), 'step': source.step, 'item': source.item},
@@ -33,6 +34,7 @@ def build(config, plan, groups, source, target, seconds: dict[str, float], finge
       'predicted_peak_host_bytes': max(g.peak_bytes for g in groups),
       'bytes_read': plan.bytes_read,
       'groups_reused': reused,
+      'copied_as_stored_chunks': copied,
       'cast_errors': cast_errors,
       'bytes_read_this_run': sum(plan.inputs_bytes(g.inputs) for i, g in enumerate(groups)
                                  if i not in reused),

@@ -13,6 +13,7 @@ def test_throughput_benchmark_runs(tmp_path):
       cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   for row in ('| (a) naive Orbax script |', '| (b) job, rename |', '| (c) job, params_only_bf16 |',
+              '| (b0) job, rename, decoded and encoded |', '| (c0) job, params only, no cast |',
               '| (d) cp -r + sync |', 'b/a = ', '| 14 |', 'MaxText Llama (3 layers',
               '| (g) naive: restore all, numpy formulas, save_file |', '| (h) job, maxtext_llama_to_hf |',
               '| (i) naive: restore all 4, average, save |', '| (j) job, average_last_n:4 |'):
