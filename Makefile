@@ -35,7 +35,7 @@ FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,transforms heads safetenso
     cast_errors report_cli bad_input output_path input_checks items configs hostile_configs usage))
 
 test-fast: setup
-	$(BIN)/python -m pytest -q $(FAST_TESTS)
+	$(BIN)/python -m pytest -q -n 2 $(FAST_TESTS)
 
 lint: setup
 	$(BIN)/ruff check surgery_job tests configs bench
