@@ -427,7 +427,7 @@ def test_the_dry_run_of_a_range_of_steps_names_each_and_its_memory(run_steps, ca
   assert f'Input 20: {in_path / "20" / "default"} (step 20)' in printed
   assert f'Input 40: {in_path / "40" / "default"} (step 40)' in printed
   assert 'Each group reads its keys of all 2 inputs together: about 2 times the memory' in printed
-  assert '  params/head/kernel (8, 12) float32 (None, \'model\') from 20:params/head/kernel, ' \
+  assert '  params/head/kernel (8, 12) float32 P(None, \'model\') from 20:params/head/kernel, ' \
          '40:params/head/kernel' in printed
 
 
