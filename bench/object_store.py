@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from common import ENV, GIB, MIB, measure
-from throughput import RENAME, build, job
 from surgery_job import paths, report
+from throughput import RENAME, build, job
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / 'tests'))

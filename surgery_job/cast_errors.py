@@ -5,8 +5,8 @@ the cast's own source and result, so no extra data is read or kept."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from absl import logging
+from jax import lax
 
 from surgery_job.errors import SurgeryError
 

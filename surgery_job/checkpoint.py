@@ -14,7 +14,6 @@ from absl import logging
 from surgery_job import paths, storage, tree
 from surgery_job.errors import SurgeryError
 
-
 CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'
 COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX  # In the name of each of Orbax's temporary folders.

@@ -24,8 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from surgery_job import (checkpoint, cli, config as config_lib, distributed, keys, memory,
-                         plan as plan_lib, sharding, transforms, tree, validate)
+from surgery_job import (
+  checkpoint,
+  cli,
+  config as config_lib,
+  distributed,
+  keys,
+  memory,
+  plan as plan_lib,
+  sharding,
+  transforms,
+  tree,
+  validate,
+)
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-diff'

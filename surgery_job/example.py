@@ -16,13 +16,13 @@ for average_last_n, soup, task_vector and slerp on its steps).
 """
 
 import flax.linen as nn
-from flax import serialization, traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import app, flags
+from flax import serialization, traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from surgery_job import paths, quiet

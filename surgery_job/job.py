@@ -12,10 +12,29 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from surgery_job import (cast_errors as cast_errors_lib, checkpoint, cli, config as config_lib,
-                         distributed, faults, formats, inputs as inputs_lib, memory, merging, output,
-                         paths, plan as plan_lib, programs as programs_lib, report as report_lib,
-                         sharding, stopping, stored_chunks, transforms, tree, validate)
+from surgery_job import (
+  cast_errors as cast_errors_lib,
+  checkpoint,
+  cli,
+  config as config_lib,
+  distributed,
+  faults,
+  formats,
+  inputs as inputs_lib,
+  memory,
+  merging,
+  output,
+  paths,
+  plan as plan_lib,
+  programs as programs_lib,
+  report as report_lib,
+  sharding,
+  stopping,
+  stored_chunks,
+  transforms,
+  tree,
+  validate,
+)
 from surgery_job.errors import SurgeryError
 from surgery_job.families import hf_config
 from surgery_job.progress import Progress

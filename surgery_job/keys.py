@@ -11,8 +11,10 @@ import asyncio
 from typing import Any
 
 import jax
-from orbax.checkpoint._src.metadata import array_metadata as array_metadata_lib
-from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.metadata import (
+  array_metadata as array_metadata_lib,
+  array_metadata_store,
+)
 
 from surgery_job import checkpoint, paths
 from surgery_job.errors import SurgeryError

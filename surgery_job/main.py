@@ -32,7 +32,16 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from surgery_job import config as config_lib, distributed, errors, job, memory, quiet, stopping, usage
+from surgery_job import (
+  config as config_lib,
+  distributed,
+  errors,
+  job,
+  memory,
+  quiet,
+  stopping,
+  usage,
+)
 from surgery_job.errors import SurgeryError
 
 EXIT_FAILED = 1

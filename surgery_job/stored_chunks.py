@@ -22,8 +22,7 @@ import zlib
 import jax
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from orbax.checkpoint._src.metadata import sharding as sharding_metadata
-from orbax.checkpoint._src.metadata import tree as tree_metadata
+from orbax.checkpoint._src.metadata import sharding as sharding_metadata, tree as tree_metadata
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from surgery_job import checkpoint, faults, orbax_speedups, paths, plan as plan_lib, storage, tree

@@ -1,8 +1,8 @@
 """Test checkpoints written with plain Flax, optax and Orbax, and the numpy views tests compare against."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util

@@ -23,13 +23,13 @@ os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 # starts (the job keeps an ignored SIGINT ignored, as under nohup): the Ctrl-C tests need it to arrive.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-import pytest  # pylint: disable=wrong-import-position
-
 import sys  # pylint: disable=wrong-import-position
+
+import pytest  # pylint: disable=wrong-import-position
+from etils import epath  # pylint: disable=wrong-import-position
 
 import checkpoints  # pylint: disable=wrong-import-position
 import gcs_emulator  # pylint: disable=wrong-import-position
-from etils import epath  # pylint: disable=wrong-import-position
 from jobs import REPO, launch, ok, run_job, write_config  # pylint: disable=wrong-import-position
 
 

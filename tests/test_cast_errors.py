@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from absl import logging
 
-from jobs import surgery, ok
+from jobs import ok, surgery
 from surgery_job import cast_errors
 from surgery_job.plan import CastLeaf
 from surgery_job.report import REPORT, summary

@@ -8,7 +8,6 @@ from jax.sharding import PartitionSpec as P
 
 import checkpoints
 from jobs import REPO, ok, run_job, write_config
-
 from surgery_job.cli import human
 
 CONFIGS = REPO / 'configs'

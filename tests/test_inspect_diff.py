@@ -15,9 +15,8 @@ import pytest
 import checkpoints
 import write_steps
 from jobs import REPO, job_env, launch, ok, run_job, write_config
-from test_items import composite  # noqa: F401  (a fixture)
-
 from surgery_job import cli, diff, inspect, saved_leaves
+from test_items import composite  # noqa: F401  (a fixture)
 
 LAYERED_BYTES = 14936  # 12 params (4976 bytes), Adam's mu and nu (4976 each), count and step (4 each).
 

@@ -17,7 +17,15 @@ from jax.sharding import PartitionSpec as P, SingleDeviceSharding
 
 import checkpoints
 from jobs import REPO, launch, ok, run_job, surgery, write_config
-from surgery_job import config as config_lib, example, formats, memory, plan as plan_lib, transforms, tree
+from surgery_job import (
+  config as config_lib,
+  example,
+  formats,
+  memory,
+  plan as plan_lib,
+  transforms,
+  tree,
+)
 from surgery_job.errors import SurgeryError
 from surgery_job.formats import flax_msgpack as legacy_flax
 from surgery_job.transforms import Leaf

@@ -13,14 +13,13 @@ from jax.sharding import PartitionSpec as P
 
 import checkpoints
 from jobs import REPO, job_env, launch, ok, run_job, write_config
+from surgery_job import checkpoint
+from surgery_job.errors import SurgeryError
+from surgery_job.output import DELETING_MARKER, RECORD
 from test_bad_input import assert_bad_input
 from test_ops import SPLIT, STACK, bf16
 from test_safety import start_paused
 from test_scheduled import SERVING, expected, trained  # noqa: F401  (trained: a fixture)
-
-from surgery_job import checkpoint
-from surgery_job.errors import SurgeryError
-from surgery_job.output import DELETING_MARKER, RECORD
 
 COMMIT_FILE = 'commit_success.txt'
 STAGING = '3.orbax-checkpoint-tmp-surgery'

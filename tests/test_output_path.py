@@ -11,8 +11,8 @@ import pytest
 
 import checkpoints
 from jobs import ok, outcome, run_job, write_config
-from test_bad_input import assert_bad_input, assert_refused, digest
 from surgery_job import lock, output, paths
+from test_bad_input import assert_bad_input, assert_refused, digest
 
 DROP_HEAD = {'transforms': [dict(op='drop', pattern='head/.*')]}
 

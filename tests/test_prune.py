@@ -8,12 +8,11 @@ import numpy as np
 
 import checkpoints
 from jobs import REPO, assert_unlocked, job_command, job_env, ok, outcome, write_config
+from surgery_job import inspect, output
+from surgery_job.report import REPORT
 from test_bad_input import assert_bad_input, assert_refused, digest
 from test_safety import start_paused
 from test_scheduled import SERVING, expected, trained  # noqa: F401  (trained: a fixture)
-
-from surgery_job import inspect, output
-from surgery_job.report import REPORT
 
 DELETING = '.orbax-checkpoint-tmp-surgery-deleting'
 

@@ -7,6 +7,7 @@ import sys
 
 from jobs import REPO, ok, surgery
 
+
 def report_command(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, '-m', 'surgery_job.report', *args], cwd=REPO,
                         capture_output=True, text=True, check=False)

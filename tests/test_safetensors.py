@@ -19,10 +19,10 @@ from safetensors.numpy import save_file
 
 import checkpoints
 from jobs import REPO, launch, ok, outcome, run_job, write_config
-from test_safety import STREAMED, start_paused
 from surgery_job import config as config_lib, output, paths
 from surgery_job.errors import SurgeryError
 from surgery_job.formats import safetensors_file as sf
+from test_safety import STREAMED, start_paused
 
 EXPORT = {'transforms': [{'op': 'drop_optimizer'}], 'output': {'format': 'safetensors'}}
 # Safetensors keep no sharding: the way back to Orbax lays leaves out as the source was saved.

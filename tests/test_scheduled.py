@@ -13,12 +13,11 @@ import pytest
 
 import checkpoints
 from jobs import REPO, assert_unlocked, job_command, job_env, launch, ok, run_job, write_config
+from surgery_job.output import RECORD
 from test_bad_input import assert_bad_input
 from test_configs import wrote_line
 from test_safety import assert_same, start_paused
 from write_steps import state_at
-
-from surgery_job.output import RECORD
 
 SERVING = {'transforms': [dict(op='drop_optimizer')]}
 WRITER = [sys.executable, str(REPO / 'tests' / 'write_steps.py')]

@@ -7,7 +7,6 @@ import pytest
 from surgery_job import output
 from surgery_job.errors import SurgeryError
 
-
 KEY = {'fingerprint': 'f' * 64, 'input': 'i' * 64, 'topology': {'processes': 1, 'devices': 8}}
 OTHER = {**KEY, 'fingerprint': 'e' * 64}  # Another surgery: nothing staged is resumed.
 

@@ -12,8 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 from jobs import launch, ok, outcome, write_config
-from test_memory import float32_checkpoint
 from surgery_job import diff, faults, inspect, job, paths
+from test_memory import float32_checkpoint
 
 RENAME = [dict(op='rename', pattern=r'(.*)/kernel', replacement=r'\1/w')]
 # The leaves whose chunks are one per shard with no shard held twice: the kernels, sharded over

@@ -12,8 +12,13 @@ from orbax.checkpoint.experimental import v1
 from orbax.checkpoint.experimental.v1 import options, partial
 
 from surgery_job import checkpoint, faults, keys, orbax_speedups, paths, plan as plan_lib, tree
-from surgery_job.checkpoint import (CHECKPOINT_METADATA, COMMIT_FILE, STANDARD_HANDLER, Location,
-                                    step_metadata)
+from surgery_job.checkpoint import (
+  CHECKPOINT_METADATA,
+  COMMIT_FILE,
+  STANDARD_HANDLER,
+  Location,
+  step_metadata,
+)
 
 PARTIAL_ITEM = 'state'  # The item folder a partial save writes under the path it is given.
 _SAVES = '.partial_save'  # The folder of an item's partial saves, each `*.pending_<time>_<uuid>`.

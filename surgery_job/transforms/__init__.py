@@ -10,8 +10,16 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import logging
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms import (families, heads, layers, merge, optimizer, shape, structure,
-                                     values)
+from surgery_job.transforms import (
+  families,
+  heads,
+  layers,
+  merge,
+  optimizer,
+  shape,
+  structure,
+  values,
+)
 from surgery_job.transforms.core import Leaf, NoMatch, Op, State, as_full_key
 
 OPS: dict[str, Callable[..., Op | merge.Merge]] = {

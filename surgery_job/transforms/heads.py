@@ -8,8 +8,8 @@ Meta's Llama and MaxText's LLaMARotaryEmbedding do, or halves (j, j + D/2), as H
 `rotate_half` does; moving a query or key kernel from one to the other permutes its head_dim axis.
 """
 
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import PartitionSpec
 
 from surgery_job.errors import SurgeryError

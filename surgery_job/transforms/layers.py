@@ -10,8 +10,18 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms.core import (Leaf, Op, State, Tree, check_mirror_shapes, expand, matches,
-                                         normalize_axis, structural, whole_tree)
+from surgery_job.transforms.core import (
+  Leaf,
+  Op,
+  State,
+  Tree,
+  check_mirror_shapes,
+  expand,
+  matches,
+  normalize_axis,
+  structural,
+  whole_tree,
+)
 
 
 def _spec_entries(leaf: Leaf, ndim: int) -> list | None:

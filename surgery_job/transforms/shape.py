@@ -8,9 +8,19 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms.core import (Leaf, Op, State, check_init, check_mirror_shapes,
-                                         check_numeric, fill, matches, normalize_axis, structural,
-                                         whole_tree)
+from surgery_job.transforms.core import (
+  Leaf,
+  Op,
+  State,
+  check_init,
+  check_mirror_shapes,
+  check_numeric,
+  fill,
+  matches,
+  normalize_axis,
+  structural,
+  whole_tree,
+)
 
 
 def per_leaf(name: str, pattern: str, allow_empty: bool,

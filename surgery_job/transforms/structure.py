@@ -3,8 +3,20 @@
 from typing import Sequence
 
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms.core import (INITS, Leaf, Op, State, check_init, expand, fill, matches,
-                                         parse_dtype, rebuilt, structural, whole_tree)
+from surgery_job.transforms.core import (
+  INITS,
+  Leaf,
+  Op,
+  State,
+  check_init,
+  expand,
+  fill,
+  matches,
+  parse_dtype,
+  rebuilt,
+  structural,
+  whole_tree,
+)
 
 
 def _targets(state: State, pattern: str, template: str, allow_empty: bool) -> dict[str, str]:

@@ -14,8 +14,16 @@ import jax.numpy as jnp
 
 from surgery_job import tree as tree_lib
 from surgery_job.errors import SurgeryError
-from surgery_job.transforms.core import (FULL, Leaf, Op, State, check_numeric, matches, parse_dtype,
-                                         whole_tree)
+from surgery_job.transforms.core import (
+  FULL,
+  Leaf,
+  Op,
+  State,
+  check_numeric,
+  matches,
+  parse_dtype,
+  whole_tree,
+)
 
 
 @dataclasses.dataclass(frozen=True)
