@@ -357,6 +357,13 @@ def phases(row: dict) -> str:
   return ', '.join(f'{k} {v:.1f}' for k, v in row['phases'].items() if v >= 0.05)
 
 
+def print_groups_table(rows: dict) -> None:
+  print('| run | wall s | peak RSS GiB | groups | phases (s) |')
+  print('|---|---|---|---|---|')
+  for name, row in rows.items():
+    print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | {phases(row)} |")
+
+
 def safetensors_rows(root: Path, source: Path, out: Path, size: int, args) -> None:
   """(e) and (f): the params exported to safetensors, gathered on one host or not."""
   (root / 'naive_safetensors.py').write_text(NAIVE_SAFETENSORS)
@@ -370,11 +377,7 @@ def safetensors_rows(root: Path, source: Path, out: Path, size: int, args) -> No
           *export, f'--config.memory.host_budget_gb={budget}'],
   }, out, args.runs)
   print(f'\nsafetensors export of the params ({size / 3 / GIB:.2f} GiB), median of {args.runs}\n')
-  print('| run | wall s | peak RSS GiB | groups | phases (s) |')
-  print('|---|---|---|---|---|')
-  for name, row in rows.items():
-    print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | "
-          f"{phases(row)} |")
+  print_groups_table(rows)
 
 
 def llama_rows(root: Path, out: Path, args) -> None:
@@ -395,11 +398,7 @@ def llama_rows(root: Path, out: Path, args) -> None:
   }, out, args.runs)
   print(f'\nMaxText Llama ({layers} layers, {size / GIB:.2f} GiB float32) to Hugging Face, median of '
         f'{args.runs}\n')
-  print('| run | wall s | peak RSS GiB | groups | phases (s) |')
-  print('|---|---|---|---|---|')
-  for name, row in rows.items():
-    print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | "
-          f"{phases(row)} |")
+  print_groups_table(rows)
   shutil.rmtree(source)
 
 
@@ -440,10 +439,7 @@ def merge_rows(root: Path, out: Path, args) -> None:
       f'(j) job, average_last_n:4, budget {budget} GB': [*average, f'--config.memory.host_budget_gb={budget}'],
   }, out, args.runs)
   print(f'\naveraging 4 steps of {size / GIB:.2f} GiB each, median of {args.runs}\n')
-  print('| run | wall s | peak RSS GiB | groups | phases (s) |')
-  print('|---|---|---|---|---|')
-  for name, row in rows.items():
-    print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | {phases(row)} |")
+  print_groups_table(rows)
   shutil.rmtree(steps)
 
 

@@ -302,28 +302,27 @@ def test_a_truncated_manifest_is_one_line(layered, tmp_path, kept):
     assert f'{manifest} cannot be read' in result.stderr
 
 
-def test_the_tools_ignore_failed_reads_nobody_awaited():
-  # What Orbax leaves when one read of a damaged checkpoint fails first: its siblings' errors.
+def run_tool_leaving_a_task_nobody_awaited(error: str, end: str) -> subprocess.CompletedProcess:
+  """A tool whose asyncio task failed with `error` unawaited before the tool ends with `end`."""
   code = ('import asyncio, gc, sys\nfrom surgery_job import cli\nfrom surgery_job.errors import SurgeryError\n'
-          'async def read():\n  raise ValueError("DATA_LOSS: Error decoding manifest")\n'
+          f'async def read():\n  raise {error}\n'
           'def main(argv):\n  loop = asyncio.new_event_loop()\n  task = loop.create_task(read())\n'
           '  loop.run_until_complete(asyncio.sleep(0))\n  loop.close()\n  del task\n  gc.collect()\n'
-          '  raise SurgeryError("damaged")\n'
+          f'  {end}\n'
           'sys.exit(cli.run("tool", main, []))\n')
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=120, check=False)
+  return subprocess.run([sys.executable, '-c', code], cwd=REPO, env=job_env(),
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_tools_ignore_failed_reads_nobody_awaited():
+  # What Orbax leaves when one read of a damaged checkpoint fails first: its siblings' errors.
+  result = run_tool_leaving_a_task_nobody_awaited('ValueError("DATA_LOSS: Error decoding manifest")',
+                                                  'raise SurgeryError("damaged")')
   assert (result.returncode, result.stderr) == (2, 'tool: error: damaged\n')
 
 
 def test_other_errors_nobody_awaited_are_still_reported():
-  code = ('import asyncio, gc, sys\nfrom surgery_job import cli\n'
-          'async def work():\n  raise KeyError("a bug")\n'
-          'def main(argv):\n  loop = asyncio.new_event_loop()\n  task = loop.create_task(work())\n'
-          '  loop.run_until_complete(asyncio.sleep(0))\n  loop.close()\n  del task\n  gc.collect()\n'
-          '  return 0\n'
-          'sys.exit(cli.run("tool", main, []))\n')
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=120, check=False)
+  result = run_tool_leaving_a_task_nobody_awaited('KeyError("a bug")', 'return 0')
   assert result.returncode == 0
   assert 'Task exception was never retrieved' in result.stderr and "KeyError: 'a bug'" in result.stderr
 
