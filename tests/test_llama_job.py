@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 import transformers
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
@@ -93,13 +94,7 @@ def save_maxtext(path, flat: dict, step: int, scanned: bool) -> None:
            'params/params/decoder/layers/self_attention/query/kernel': P(None, None, 'model')}
   placed = {k: v if checkpoints.is_key(v) else jax.device_put(v, NamedSharding(mesh, specs.get(k, P())))
             for k, v in flat.items()}
-  state = {}
-  for key, value in placed.items():
-    node = state
-    *parents, leaf = key.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
+  state = traverse_util.unflatten_dict(placed, sep='/')
   with ocp.CheckpointManager(path) as manager:
     manager.save(step, args=ocp.args.Composite(items=ocp.args.StandardSave(state)),
                  custom_metadata={'scan_layers': scanned})
