@@ -464,8 +464,7 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, stagin
       with phases('restore', log=not streamed), progress.phase('restore', index, read_bytes[index]):
         restored = read.restore({k: inputs[k] for k in group.inputs})
       with phases('transform', log=not streamed), progress.phase('transform', index):
-        transform = programs.get(group)
-        computed, cast_stats = distributed.wait_ready(transform(restored)) if transform else ({}, {})
+        computed, cast_stats = distributed.wait_ready(programs.run(group, restored))
         cast_errors.update(cast_errors_lib.summarize(plan.casts, cast_stats))
       outputs = {k: computed[k] if plan.outputs[k].passthrough is None
                  else restored[plan.outputs[k].passthrough] for k in group.outputs}

@@ -156,6 +156,7 @@ class Staging:
   def __init__(self, unit: paths.PathLike, work: str | None = None):
     self.unit = paths.of(unit)
     self.work = work
+    self.finished_a_commit = False  # Set by `recover`: it put a stopped run's output in place.
 
   @property
   def root(self) -> paths.Path:
@@ -190,6 +191,7 @@ class Staging:
     if (self.root / COMMITTING).exists():
       # A marker without a work folder is an older version's, whose checkpoint was at the top.
       self._move_into_place(self.root / str(marker.get('work', '')) / 'checkpoint')
+      self.finished_a_commit = True
       return False
     if self.displaced.exists() and not self.unit.exists():
       self.displaced.rename(self.unit)
@@ -338,7 +340,9 @@ class Claim:
     _refuse(output_folder.unit_refusal(unit, str(self.target), single=self.target.step is None))
     if paths.listing(unit):  # Seen by readers or not: only overwrite replaces it.
       found = existing_fingerprint(unit) if present(unit) else None
-      if found == run_fingerprint and not overwrite:  # With overwrite, the user asks for it again.
+      # With overwrite the user asks for it again, unless this is the rerun of a run of it that was
+      # stopped committing: its output, just put in place, is what was asked for.
+      if found == run_fingerprint and (not overwrite or self.staging.finished_a_commit):
         if resumable:
           self.staging.remove()
         self._record()

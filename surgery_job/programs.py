@@ -29,6 +29,17 @@ class Programs:
           {k: self.plan.inputs[k] for k in group.inputs}).compile()
     return self.compiled[group.outputs]
 
+  def run(self, group: plan_lib.Group, values: dict[str, jax.Array]) -> tuple[dict, dict]:
+    """(computed outputs, cast statistics) of `group` on its restored inputs. Orbax restores
+    sub-byte leaves (int4) unpacked, where the compiled program takes them packed: jit repacks
+    them, so such a group runs through it (compiling again, once)."""
+    compiled = self.get(group)
+    if compiled is None:
+      return {}, {}
+    if any(_sub_byte(self.plan.inputs[k].dtype) for k in group.inputs):
+      return plan_lib.transform_fn(self.plan, group)(values)
+    return compiled(values)
+
   def temp_bytes(self, group: plan_lib.Group) -> int:
     """Per host: the temporaries of `group`'s program."""
     compiled = self.get(group)
@@ -41,3 +52,7 @@ class Programs:
     """Drops the programs of groups the planner cut again."""
     wanted = {group.outputs for group in groups}
     self.compiled = {k: v for k, v in self.compiled.items() if k in wanted}
+
+
+def _sub_byte(dtype) -> bool:
+  return not jax.dtypes.issubdtype(dtype, jax.dtypes.extended) and jax.dtypes.itemsize_bits(dtype) < 8
