@@ -17,7 +17,7 @@ MIB = 2 ** 20
 
 def test_plain_lines_name_the_running_phase_and_the_bytes_done(caplog, monkeypatch):
   monkeypatch.setenv(progress_lib.INTERVAL, '0.05')
-  caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')  # Whatever verbosity an earlier test left.
   with Progress(read=4 * MIB, written=2 * MIB, groups=2) as progress:
     with progress.phase('restore', 0, 2 * MIB):
       pass

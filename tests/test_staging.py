@@ -101,7 +101,7 @@ def test_a_run_taking_the_work_over_renames_it_to_its_own(tmp_path):
     ({'topology': {'processes': 2, 'devices': 8}},
      'the stopped run had 1 processes and 8 devices, this one 2 and 8')])
 def test_work_of_other_input_bytes_or_topology_is_not_taken_over(change, reason, tmp_path, caplog):
-  caplog.set_level('INFO')
+  caplog.set_level('INFO', logger='absl')  # Whatever verbosity an earlier test left.
   staging = staged(tmp_path)
   assert not output.Staging(staging.unit, 'b' * 32).recover({**KEY, **change})
   assert not staging.root.exists()
