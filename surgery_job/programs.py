@@ -3,7 +3,8 @@
 What XLA's program holds besides its arguments and results (its temporaries: a sort's or a
 cumulative sum's scratch, the copies a reshard makes) is host memory on CPU devices, one block per
 device, and counts against the budget like the arrays do. The planner asks for it when it cuts
-groups (`temp_bytes`), and the job runs the very executable it measured (`get`).
+groups (`temp_bytes`), and the job runs the very executable it measured (`run`; a group with
+sub-byte inputs goes through jit, see there).
 """
 
 import jax
