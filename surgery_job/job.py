@@ -1,5 +1,6 @@
 """The surgery job, phase by phase: read, mesh, plan, restore, transform, write, validate, commit."""
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -267,15 +268,14 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
   # A msgpack input stays in host memory while the groups stream: they share what it leaves.
   held = located.held_bytes()
   programs = programs_lib.Programs(plan)
+  streaming_budget = None if budget_bytes is None else budget_bytes - held
   with phases('compile'):
-    groups = plan.groups(None if budget_bytes is None else budget_bytes - held, programs.temp_bytes,
-                         copies)
-    programs.keep_only(groups)
+    groups = _groups(plan, streaming_budget, programs, copies)
   if default_budget:
     _check_fits(groups, budget_bytes, default_budget, held)
   if config.dry_run:
     if jax.process_index() == 0:
-      print(describe(plan, groups, located, target, copies))
+      print(describe(plan, groups, located, target, copies, streaming_budget))
       note = target and output.dry_run_note(target, run_fingerprint, config.output.overwrite)
       if note:
         logging.warning('Dry run: %s.', note)
@@ -287,7 +287,8 @@ def _convert(config, step, barrier_timeout_seconds: int) -> dict | None:
     try:
       return _claimed(config, claim, located, (skeleton, out_skeleton), inputs,
                       (plan, programs, copies),
-                      groups, budget_bytes, phases, run_fingerprint, barrier, barrier_timeout_seconds)
+                      groups, streaming_budget, phases, run_fingerprint, barrier,
+                      barrier_timeout_seconds)
     except (SurgeryError, BadStagedOutput):
       if jax.process_index() == 0 and not stopping.requested.is_set():
         claim.discard()
@@ -343,7 +344,8 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, planned, grou
                         phases, barrier, check, budget_bytes, resumed, cast_errors)
   reused = sorted(resumed)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
-                            reused, cast_errors, sorted(copies))
+                            reused, cast_errors, sorted(copies),
+                            sorted(_read_ahead(groups, budget_bytes, resumed)))
   read.add_to_report(report, plan)
   with phases('commit'), stopping.committing():
     if jax.process_index() == 0:
@@ -399,6 +401,30 @@ def _copies(config, located: inputs_lib.Inputs, plan: plan_lib.Plan, out_skeleto
                                    target is not None and paths.on_object_store(target.root))
 
 
+def _groups(plan: plan_lib.Plan, budget_bytes: int | None, programs: programs_lib.Programs,
+            copies) -> list[plan_lib.Group]:
+  """The groups the outputs stream in. Where they do not fit in one, each takes at most half the
+  budget: the next group is then read while this one is written (`_read_ahead`). Whether
+  they fit is asked of the arrays alone, which compiles nothing."""
+  if (budget_bytes is not None and _reads_ahead()
+      and len(plan.groups(budget_bytes, copied=copies)) > 1):
+    budget_bytes //= 2
+  groups = plan.groups(budget_bytes, programs.temp_bytes, copies)
+  programs.keep_only(groups)
+  return groups
+
+
+def _reads_ahead() -> bool:
+  """Whether a group may be read while another is written: in one process only. Orbax's save and
+  restore each run collectives across the processes, which must come in the same order on all of
+  them; run at once, they pair up wrongly."""
+  return jax.process_count() == 1
+
+
+def _read_ahead(groups, budget_bytes: int | None, resumed=()) -> set[int]:
+  return plan_lib.read_ahead(groups, budget_bytes, resumed) if _reads_ahead() else set()
+
+
 def _budget(host_budget_gb: float | None) -> tuple[int | None, str]:
   """(bytes of arrays a group may hold per process, or None for no budget; how the default budget
   was found, '' for the user's)."""
@@ -449,7 +475,11 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, stagin
   streamed = len(groups) > 1
   read_bytes = [plan.inputs_bytes(group.inputs) for group in groups]
   written_bytes = [sum(plan.outputs[k].nbytes for k in group.outputs) for group in groups]
-  with Progress(sum(read_bytes), sum(written_bytes), len(groups)) as progress:
+  read_ahead = _read_ahead(groups, budget_bytes, resumed)
+  reading = {}  # {group index: its restore, started while the group before it is written}
+  reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='surgery_job_read_ahead')
+  with Progress(sum(read_bytes), sum(written_bytes), len(groups)) as progress, \
+      _shut_down(reader):
     expected = {}
     for index, group in enumerate(groups):
       if index in resumed:
@@ -462,13 +492,17 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, stagin
                         budget_bytes / 1e9)
       compiling = validate.compile_ahead({k: plan.abstract_output(k) for k in group.outputs})
       with phases('restore', log=not streamed), progress.phase('restore', index, read_bytes[index]):
-        restored = read.restore({k: inputs[k] for k in group.inputs})
+        restored = (reading.pop(index).result() if index in reading
+                    else read.restore({k: inputs[k] for k in group.inputs}))
       with phases('transform', log=not streamed), progress.phase('transform', index):
         computed, cast_stats = distributed.wait_ready(programs.run(group, restored))
         cast_errors.update(cast_errors_lib.summarize(plan.casts, cast_stats))
       outputs = {k: computed[k] if plan.outputs[k].passthrough is None
                  else restored[plan.outputs[k].passthrough] for k in group.outputs}
       del restored, computed  # Inputs that no output passes through are freed before the write.
+      if index + 1 in read_ahead:
+        reading[index + 1] = reader.submit(
+            read.restore, {k: inputs[k] for k in groups[index + 1].inputs})
       with phases('write', log=not streamed), progress.phase('write', index, written_bytes[index]):
         compiling.join()
         digests = validate.digests(outputs)
@@ -516,6 +550,15 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, stagin
         if found:
           raise BadStagedOutput(f'validation failed: {found} leaves copied as stored chunks differ '
                                 f'on disk' + (f', first {bad[0]!r}' if bad else ''))
+
+
+@contextlib.contextmanager
+def _shut_down(reader: concurrent.futures.ThreadPoolExecutor):
+  """Lets a run that stops go without waiting for a read ahead that nobody will take."""
+  try:
+    yield
+  finally:
+    reader.shutdown(wait=False, cancel_futures=True)
 
 
 def _validate(writer, written_trees, unit_dir: paths.Path, plan: plan_lib.Plan, groups,
@@ -620,8 +663,9 @@ def _really(path: paths.Path) -> str:
 
 
 def describe(plan: plan_lib.Plan, groups, located: inputs_lib.Inputs,
-             target: output.Target | None, copies=()) -> str:
-  """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O."""
+             target: output.Target | None, copies=(), budget_bytes: int | None = None) -> str:
+  """The dry run's printout: ops, every output leaf with its spec and sources, and the I/O
+  (`budget_bytes`: what the groups stream under)."""
   lines = [f'Surgery plan: {located.primary.source.item_dir} -> ' + (
                'no output.path' if target is None else f'{target.root}'
                + (f' (step {target.step})' if target.step is not None else '')),
@@ -645,10 +689,12 @@ def describe(plan: plan_lib.Plan, groups, located: inputs_lib.Inputs,
     lines.append(f'  {key} {leaf.shape} {leaf.dtype.name} {cli.spec_text(leaf.spec)} {how}')
   lines.append(f'Reads {len(plan.needed)} of {len(plan.inputs)} leaves ({plan.bytes_read} bytes); '
                f'writes {len(plan.outputs)} leaves ({plan.bytes_written} bytes).')
+  read_ahead = _read_ahead(groups, budget_bytes)
   lines.append(f'Groups: {len(groups)}; predicted peak of arrays per host: '
-               f'{max(g.peak_bytes for g in groups) / 1e9:.3f} GB (plus the runtime).')
+               f'{plan_lib.peak_bytes(groups, read_ahead) / 1e9:.3f} GB (plus the runtime).')
   for index, group in enumerate(groups):
     lines.append(f'  group {index}: {len(group.outputs)} outputs from {len(group.inputs)} inputs, '
-                 f'{group.peak_bytes / 1e9:.3f} GB: {", ".join(group.outputs[:4])}'
-                 f'{" ..." if len(group.outputs) > 4 else ""}')
+                 f'{group.peak_bytes / 1e9:.3f} GB'
+                 f'{", read while the one before is written" if index in read_ahead else ""}: '
+                 f'{", ".join(group.outputs[:4])}{" ..." if len(group.outputs) > 4 else ""}')
   return '\n'.join(lines)

@@ -171,6 +171,19 @@ class Plan:
     return done
 
 
+def read_ahead(groups: list[Group], budget_bytes: int | None, skip: Collection[int] = ()) -> set[int]:
+  """The groups read while the group before them is written: those that fit in the budget
+  (None: no bound) together with it. Groups in `skip` are not read at all."""
+  return {index for index in range(1, len(groups)) if index not in skip and (
+      budget_bytes is None or groups[index - 1].peak_bytes + groups[index].peak_bytes <= budget_bytes)}
+
+
+def peak_bytes(groups: list[Group], read_ahead: Collection[int]) -> int:
+  """The most host bytes the groups hold at once: one group, or two where one is read ahead."""
+  return max([g.peak_bytes for g in groups] +
+             [groups[i - 1].peak_bytes + groups[i].peak_bytes for i in read_ahead])
+
+
 def abstract_inputs(metadata: dict[str, Any], key_impls: dict[str, str],
                     mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """Every input leaf as it is restored: with its saved spec fitted to `mesh`, and a typed PRNG key

@@ -8,7 +8,7 @@ with a report).
 import json
 import sys
 
-from surgery_job import paths
+from surgery_job import paths, plan as plan_lib
 from surgery_job.errors import SurgeryError
 
 PROG = 'surgery-job-report'
@@ -16,10 +16,11 @@ REPORT = 'surgery_report.json'
 
 
 def build(config, plan, groups, source, target, seconds: dict[str, float], fingerprint: str,
-          reused: list[int], cast_errors: dict, copied: list[str]) -> dict:
+          reused: list[int], cast_errors: dict, copied: list[str], read_ahead: list[int]) -> dict:
   """The report of a run; `reused`: the groups an earlier, stopped run of it had written;
   `cast_errors`: what each cast lost, in the groups this run computed; `copied`: the leaves
-  copied as stored chunks (in no group)."""
+  copied as stored chunks (in no group); `read_ahead`: the groups read while the one before them
+  was written."""
   return {
       'fingerprint': fingerprint,
       'input': {'path': str(source.root), 'step': source.step, 'item': source.item},
@@ -31,7 +32,8 @@ def build(config, plan, groups, source, target, seconds: dict[str, float], finge
                      'sources': list(leaf.sources)} for k, leaf in plan.outputs.items()},
       'groups': [{'outputs': list(g.outputs), 'inputs': list(g.inputs), 'host_bytes': g.host_bytes,
                   'temp_bytes': g.temp_bytes} for g in groups],
-      'predicted_peak_host_bytes': max(g.peak_bytes for g in groups),
+      'groups_read_ahead': read_ahead,
+      'predicted_peak_host_bytes': plan_lib.peak_bytes(groups, read_ahead),
       'bytes_read': plan.bytes_read,
       'groups_reused': reused,
       'copied_as_stored_chunks': copied,
