@@ -12,6 +12,8 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
@@ -22,6 +24,7 @@ from jobs import REPO, launch, ok, outcome, run_job, write_config
 from surgery_job import config as config_lib, output, paths
 from surgery_job.errors import SurgeryError
 from surgery_job.formats import safetensors_file as sf
+from test_bad_input import assert_bad_input
 from test_safety import STREAMED, start_paused
 
 EXPORT = {'transforms': [{'op': 'drop_optimizer'}], 'output': {'format': 'safetensors'}}
@@ -160,6 +163,27 @@ def test_validation_catches_a_flipped_byte(layered, tmp_path):
   assert not (out / '3').exists()
 
 
+def test_validation_checks_each_header_against_the_plan(layered, tmp_path):
+  # The metadata {"format": "tf"} in place of "pt": a sound file holding the right bytes, which
+  # only the check of its header against the plan refuses.
+  in_path, _ = layered
+  out = tmp_path / 'hf'
+  process = start_paused(write_config(tmp_path, EXPORT), in_path, out, 'validate', tmp_path / 'paused')
+  (written,) = out.rglob('model.safetensors')
+  data = written.read_bytes()
+  assert data.count(b'"format":"pt"') == 1
+  written.write_bytes(data.replace(b'"format":"pt"', b'"format":"tf"'))
+  with safe_open(written, framework='np') as f:
+    assert f.metadata() == {'format': 'tf'}
+  (tmp_path / 'paused').unlink()
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 1, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].endswith(
+      f'validation failed: cannot read the checkpoint in {written.parent}: {written}: its header is '
+      'not the planned one'), stderr[-2000:]
+  assert not (out / '3').exists()
+
+
 def test_two_processes_each_write_their_shards(two_process_checkpoint, tmp_path):
   in_path, x = two_process_checkpoint
   out, back = tmp_path / 'hf', tmp_path / 'back'
@@ -186,6 +210,40 @@ def test_single_file_input_and_its_key_separator(tmp_path):
   ok(run(tmp_path, 'import', {}, tmp_path / 'model.safetensors', out))
   restored = checkpoints.flat_numpy(checkpoints.restore_plain(out))
   assert_bit_equal(restored, {k.replace('.', '/'): v for k, v in values.items()})
+
+
+def test_key_separators_write_and_split_tensor_names(layered, tmp_path):
+  in_path, x = layered
+  out, back = tmp_path / 'hf', tmp_path / 'back'
+  ok(run(tmp_path, 'export', EXPORT, in_path, out, '--config.output.key_separator=::'))
+  params = {k: v for k, v in x.items() if not k.startswith('opt_state/')}
+  assert_bit_equal(tensors(out / '3'), {k.replace('/', '::'): v for k, v in params.items()})
+  ok(run(tmp_path, 'import', IMPORT, out, back, '--config.input.key_separator=::'))
+  assert_bit_equal(checkpoints.flat_numpy(checkpoints.restore_plain(back / '3' / 'default')), params)
+
+
+def test_each_block_a_process_holds_is_read_once(tmp_path, monkeypatch):
+  # 'w' is cut in 4 column blocks, each held by the 2 devices of a 'data' pair; 'b' by all 8.
+  rng = np.random.default_rng(2)
+  values = {'w': rng.normal(size=(4, 16)).astype(np.float32), 'b': np.arange(16, dtype=np.int32)}
+  save_file(values, tmp_path / 'model.safetensors')
+  reads = []
+  read_block = sf.read_block
+
+  def counting(source, entry, index=()):
+    reads.append((entry.name, tuple(part.indices(size) for part, size in zip(index, entry.shape))))
+    return read_block(source, entry, index)
+
+  monkeypatch.setattr(sf, 'read_block', counting)
+  out = tmp_path / 'orbax'
+  assert outcome({'mesh': {'shape': (2, 4), 'axes': ('data', 'model')},
+                  'partition_rules': [('w', (None, 'model'))],
+                  'input': {'path': str(tmp_path / 'model.safetensors')},
+                  'output': {'path': str(out)}}) == 'ok'
+  assert sorted(reads) == sorted([('b', ((0, 16, 1),))] + [
+      ('w', ((0, 4, 1), (4 * i, 4 * i + 4, 1))) for i in range(4)])
+  assert_bit_equal(checkpoints.flat_numpy(checkpoints.restore_plain(out)), values)
+  assert checkpoints.saved_specs(out)['w'] == P(None, 'model')
 
 
 def test_inspect_and_diff_read_an_export(layered, tmp_path):
@@ -279,7 +337,7 @@ def _bad_inputs(folder) -> dict:
                 'safetensors file {file}: header is not valid JSON')
   broken.write_bytes(broken.read_bytes().replace(b'{"a"', b'["a"', 1))
   case('unknown_dtype', {'a': {'dtype': 'F31', 'shape': [2], 'data_offsets': [0, 8]}}, b'\0' * 8,
-       "safetensors file {file}: tensor 'a': unknown dtype \"F31\"")
+       "safetensors file {file}: tensor 'a': unknown dtype \"F31\" (known: " + ', '.join(sf.DTYPES) + ')')
   case('shape_size', {'a': {'dtype': 'F32', 'shape': [3], 'data_offsets': [0, 8]}}, b'\0' * 8,
        "safetensors file {file}: tensor 'a': shape [3] of F32 is 12 bytes but data_offsets [0, 8] hold 8")
   case('overlap', {'a': {**F32_2, 'data_offsets': [0, 8]}, 'b': {**F32_2, 'data_offsets': [4, 12]}},
@@ -304,32 +362,33 @@ def _bad_inputs(folder) -> dict:
                                    'b': {**F32_2, 'data_offsets': [8, 16]}}, b'\0' * 16)
   (twice.parent / sf.INDEX).write_text(json.dumps({'metadata': {}, 'weight_map': {
       'a': first, 'b': second}}))
+  named = case('index_names_a_tensor_twice').parent
+  raw_file(named / first, {'a': {**F32_2, 'data_offsets': [0, 8]}}, b'\0' * 8)
+  raw_file(named / second, {'b': {**F32_2, 'data_offsets': [0, 8]}}, b'\0' * 8)
+  (named / sf.INDEX).write_text(
+      f'{{"metadata": {{}}, "weight_map": {{"a": "{first}", "b": "{second}", "a": "{second}"}}}}')
+  cases['index_names_a_tensor_twice'] = (named, f"safetensors index {named / sf.INDEX}: 'a' is "
+                                                'listed twice')
   return cases
 
 
-def test_bad_safetensors_inputs_are_refused_in_one_line(tmp_path):
+BAD_INPUTS = ('header_length', 'broken_json', 'unknown_dtype', 'shape_size', 'overlap', 'gap',
+              'truncated', 'index_missing_file', 'index_tensor_twice', 'index_names_a_tensor_twice')
+
+
+@pytest.mark.parametrize('name', BAD_INPUTS)
+def test_a_bad_input_is_refused_by_the_command_in_one_line(name, tmp_path):
   (tmp_path / 'in').mkdir()
-  for name, (in_path, expected) in _bad_inputs(tmp_path / 'in').items():
-    out = tmp_path / f'out_{name}'
-    error = outcome({'input': {'path': str(in_path)}, 'output': {'path': str(out)}})
-    assert error.startswith('error: ') and expected in error and '\n' not in error, (name, error)
-    assert not out.exists(), name
-
-
-def test_a_bad_file_is_exit_2_from_the_command(tmp_path):
-  in_path = tmp_path / 'bad.safetensors'
-  raw_file(in_path, {'a': {'dtype': 'F31', 'shape': [2], 'data_offsets': [0, 8]}}, b'\0' * 8)
-  result = run(tmp_path, 'import', {}, in_path, tmp_path / 'out')
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert result.stderr.strip().splitlines()[-1] == (
-      f"surgery-job: error: safetensors file {in_path}: tensor 'a': unknown dtype \"F31\" "
-      f'(known: {", ".join(sf.DTYPES)})')
-  assert not (tmp_path / 'out').exists()
+  cases = _bad_inputs(tmp_path / 'in')
+  assert sorted(cases) == sorted(BAD_INPUTS)
+  in_path, expected = cases[name]
+  out = tmp_path / 'out'
+  result = run(tmp_path, 'import', {}, in_path, out)
+  assert_bad_input(result, expected)
+  assert not out.exists()
 
 
 def test_transformers_loads_an_exported_llama(tmp_path):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
   hf_config = transformers.LlamaConfig(
       vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,

@@ -29,6 +29,7 @@ SUFFIX = '.safetensors'
 ITEM = 'default'  # The item of an Orbax output of a step, as a CheckpointManager names a single item.
 METADATA = {'format': 'pt'}  # What save_pretrained writes; transformers 4.x requires it.
 CONFIG_JSON = 'config.json'  # The model's Hugging Face config, beside the files.
+_UPLOAD_PIECE = 1 << 24  # Bytes handed to an object store's upload buffer at a time.
 
 abstract_inputs = flax_msgpack.abstract_inputs
 
@@ -140,6 +141,20 @@ def read_metadata(source: Source) -> dict[str, Any]:
                          for k, (_, e) in source.entries.items()}, {})
 
 
+def _each_block_once(reader: sf.Reader,
+                     entry: sf.Entry) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """x[index] for each of this process's devices; a block that several of them hold (replicated
+  along a mesh axis) is read once, not once per device: on gs:// each read is a request."""
+  blocks: dict[tuple, np.ndarray] = {}
+
+  def block(index: tuple[slice, ...]) -> np.ndarray:
+    bounds = tuple(part.indices(size) for part, size in zip(index, entry.shape))
+    if bounds not in blocks:
+      blocks[bounds] = sf.read_block(reader, entry, index)
+    return blocks[bounds]
+  return block
+
+
 def _read(entries: dict[str, tuple[paths.Path, sf.Entry]],
           targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   """Each target put on its sharding, each process reading only the bytes of its own shards."""
@@ -150,9 +165,8 @@ def _read(entries: dict[str, tuple[paths.Path, sf.Entry]],
       file, entry = entries[key]
       if file not in readers:
         readers[file] = sf.Reader(file)
-      placed[key] = jax.make_array_from_callback(
-          target.shape, target.sharding,
-          lambda index, reader=readers[file], entry=entry: sf.read_block(reader, entry, index))
+      placed[key] = jax.make_array_from_callback(target.shape, target.sharding,
+                                                 _each_block_once(readers[file], entry))
     return placed
   finally:
     for reader in readers.values():
@@ -392,7 +406,11 @@ class Writer:
         for block in (self.staged / entry.name).iterdir():
           index = _block_index(block.name)
           tensor[index] = np.frombuffer(block.read_bytes(), entry.dtype).reshape(tensor[index].shape)
-        f.write(tensor.tobytes())
+        # Its own bytes, a piece at a time: tobytes(), or one write into the upload buffer, would
+        # copy the whole tensor.
+        data = tensor.reshape(-1).view(np.uint8)
+        for start in range(0, data.size, _UPLOAD_PIECE):
+          f.write(data[start:start + _UPLOAD_PIECE])
 
   def read_back(self, trees: dict[str, paths.Path],
                 targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
