@@ -2,7 +2,8 @@
 
   .venv/bin/python bench/throughput.py [--dir=/tmp/surgery_throughput] [--gib=1] [--runs=3]
                                        [--leaves=100,1000,10000] [--moments=trained]
-                                       [--safetensors_budget_gb=0.1] [--llama_gib=1] [--llama_only]
+                                       [--safetensors_gib=1] [--safetensors_budget_gb=0.1]
+                                       [--safetensors_only] [--llama_gib=1] [--llama_only]
                                        [--merge_gib=GIB] [--merge_budget_gb=0.25] [--only_merge]
                                        [--main_only]
 
@@ -19,10 +20,12 @@ Then times, interleaved, the median of `--runs` runs of:
       (`drop_optimizer`);
   (d) `cp -r` + `sync` of the checkpoint: the disk's practical limit.
 `--main_only` stops after that table.
-A safetensors table times the export of the params (a third of the checkpoint):
+A safetensors table times the export of a checkpoint of `--safetensors_gib` GiB of float32 params
+(4 matrices sharded over the 2x4 mesh, and a step):
   (e) naive: restore everything, `np.asarray` every param, `safetensors.numpy.save_file`;
   (f) the job, `configs/export_safetensors.py` (validated), with the default budget and with
       `--safetensors_budget_gb`, its peak RSS next to that budget.
+`--safetensors_only` runs that table alone.
 A Llama table exports a MaxText Llama checkpoint of `--llama_gib` GiB (Linen params, scanned, the
 layers and sizes of a small Llama with grouped-query attention) to a Hugging Face folder:
   (g) naive: restore everything, numpy per tensor (HF.md's formulas), `safetensors.numpy.save_file`;
@@ -185,17 +188,17 @@ NAIVE_LLAMA = textwrap.dedent('''
               metadata={'format': 'pt'})
 ''')
 
-# Steps 1..4 of one run: params only, 4 float32 matrices, GIB GiB a step, other values each step.
+# Steps 1..STEPS of one run: params only, 4 float32 matrices, GIB GiB a step, other values each step.
 BUILD_STEPS = textwrap.dedent('''
     import sys
     import jax, numpy as np, orbax.checkpoint as ocp
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-    path, gib = sys.argv[1], float(sys.argv[2])
+    path, gib, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
     sharding = NamedSharding(mesh, P('data', 'model'))
     rows = max(8, int(gib * 2**30 / 4 / 4 / 1024) // 8 * 8)
     with ocp.CheckpointManager(path) as manager:
-      for step in range(1, 5):
+      for step in range(1, steps + 1):
         rng = np.random.default_rng(step)
         params = {f'w_{i}': jax.device_put(rng.standard_normal((rows, 1024), np.float32), sharding)
                   for i in range(4)}
@@ -247,6 +250,12 @@ def build(path: Path, gib: float, leaves: int, moments: str = 'trained') -> tupl
   return int(out[0]), int(out[1])
 
 
+def build_steps(path: Path, gib: float, steps: int) -> int:
+  """Steps 1..`steps` of params only, `gib` GiB each; returns a step's bytes."""
+  return int(subprocess.run([sys.executable, '-c', BUILD_STEPS, str(path), str(gib), str(steps)],
+                            env=ENV, capture_output=True, text=True, check=True).stdout)
+
+
 def job(config: str, source: Path, target: Path) -> list[str]:
   return [sys.executable, '-m', 'surgery_job', f'--config={config}', f'--config.input.path={source}',
           f'--config.output.path={target}']
@@ -283,7 +292,9 @@ def main() -> None:
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--leaves', default='100,1000,10000')
   parser.add_argument('--cgroup_gb', type=float, default=1.0)
+  parser.add_argument('--safetensors_gib', type=float, default=1.0)
   parser.add_argument('--safetensors_budget_gb', type=float, default=0.1)
+  parser.add_argument('--safetensors_only', action='store_true', help='the safetensors table alone')
   parser.add_argument('--moments', choices=('trained', 'zeros'), default='trained',
                       help="Adam's moments after one step, or as `init` leaves them (zstd packs zeros)")
   parser.add_argument('--llama_gib', type=float, default=1.0)
@@ -298,6 +309,9 @@ def main() -> None:
   root.mkdir(parents=True)
   if args.llama_only:
     llama_rows(root, root / 'out', args)
+    return
+  if args.safetensors_only:
+    safetensors_rows(root, root / 'out', args)
     return
   if args.only_merge:
     merge_rows(root, root / 'out', args)
@@ -343,7 +357,7 @@ def main() -> None:
           f"{phases(row)} |")
     shutil.rmtree(many)
 
-  safetensors_rows(root, source, out, size, args)
+  safetensors_rows(root, out, args)
   llama_rows(root, out, args)
   default_budget(root, source, out, args)
   merge_rows(root, out, args)
@@ -364,8 +378,10 @@ def print_groups_table(rows: dict) -> None:
     print(f"| {name} | {row['wall']:.1f} | {row['rss']:.2f} | {row['groups'] or '-'} | {phases(row)} |")
 
 
-def safetensors_rows(root: Path, source: Path, out: Path, size: int, args) -> None:
-  """(e) and (f): the params exported to safetensors, gathered on one host or not."""
+def safetensors_rows(root: Path, out: Path, args) -> None:
+  """(e) and (f): params exported to safetensors, gathered on one host or not."""
+  source = root / 'params'
+  size = build_steps(source, args.safetensors_gib, 1)
   (root / 'naive_safetensors.py').write_text(NAIVE_SAFETENSORS)
   export = job(str(REPO / 'configs' / 'export_safetensors.py'), source, out)
   budget = args.safetensors_budget_gb
@@ -376,8 +392,9 @@ def safetensors_rows(root: Path, source: Path, out: Path, size: int, args) -> No
       f'(f) job, export_safetensors, budget {budget} GB': [
           *export, f'--config.memory.host_budget_gb={budget}'],
   }, out, args.runs)
-  print(f'\nsafetensors export of the params ({size / 3 / GIB:.2f} GiB), median of {args.runs}\n')
+  print(f'\nsafetensors export of {size / GIB:.2f} GiB of params, median of {args.runs}\n')
   print_groups_table(rows)
+  shutil.rmtree(source)
 
 
 def llama_rows(root: Path, out: Path, args) -> None:
@@ -427,8 +444,7 @@ def default_budget(root: Path, source: Path, out: Path, args) -> None:
 def merge_rows(root: Path, out: Path, args) -> None:
   """(i) and (j): the last 4 steps of a run averaged, all restored at once or group by group."""
   steps = root / 'steps'
-  size = int(subprocess.run([sys.executable, '-c', BUILD_STEPS, str(steps), str(args.merge_gib or args.gib)],
-                            env=ENV, capture_output=True, text=True, check=True).stdout)
+  size = build_steps(steps, args.merge_gib or args.gib, 4)
   (root / 'naive_average.py').write_text(NAIVE_AVERAGE)
   average = job(f'{REPO / "configs" / "average_last_n.py"}:4', steps, out)
   budget = args.merge_budget_gb
