@@ -2,6 +2,7 @@
 by `safetensors`' own reader and by the job, on one process and on two; bad files refused in one
 line with nothing written."""
 
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from etils import epath
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
@@ -23,7 +25,7 @@ import checkpoints
 from jobs import REPO, launch, ok, outcome, run_job, write_config
 from surgery_job import config as config_lib, output, paths
 from surgery_job.errors import SurgeryError
-from surgery_job.formats import safetensors_file as sf
+from surgery_job.formats import safetensors as st_format, safetensors_file as sf
 from test_bad_input import assert_bad_input
 from test_safety import STREAMED, start_paused
 
@@ -433,6 +435,39 @@ def test_a_sharded_folder_on_gs_is_read_in_ranges(gs_path, tmp_path, gcs):
   assert_bit_equal(checkpoints.flat_numpy(checkpoints.restore_plain(out)),
                    {k.replace('.', '/'): v for k, v in values.items()})
   assert checkpoints.saved_specs(out)['a/kernel'] == P(None, 'model')
+
+
+def test_a_file_on_gs_is_assembled_a_few_rows_at_a_time(gs_path, monkeypatch):
+  # Shards cut across both axes; pieces of 3 rows of 40 bytes: no read, and no write into the
+  # upload buffer, holds more than a piece.
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(12, 10)).astype(np.float32)
+  blocks = [(slice(r0, r1), slice(c0, c1)) for r0, r1 in ((0, 5), (5, 12)) for c0, c1 in ((0, 4), (4, 10))]
+  for index in blocks:
+    (gs_path / 'x' / st_format._block_name(index, x.shape)).write_bytes(x[index].tobytes())
+  (gs_path / 'y' / 'scalar').write_bytes(np.asarray(7, np.int64).tobytes())
+  _, entries = sf.encode([('x', x.dtype, x.shape), ('y', np.int64, ())])
+  fs = epath.backend.fsspec_backend.fs(str(gs_path))
+  reads = []
+  cat_file = fs.cat_file
+
+  def counting(path, start=None, end=None, **kwargs):
+    reads.append(end - start)
+    return cat_file(path, start=start, end=end, **kwargs)
+
+  monkeypatch.setattr(fs, 'cat_file', counting)
+  writes = []
+
+  class Upload(io.BytesIO):
+    def write(self, data):
+      writes.append(memoryview(data).nbytes)
+      return super().write(data)
+
+  out = Upload()
+  st_format.stream_tensor(out, entries['x'], gs_path / 'x', piece=3 * 40)
+  st_format.stream_tensor(out, entries['y'], gs_path / 'y', piece=3 * 40)
+  assert out.getvalue() == x.tobytes() + np.asarray(7, np.int64).tobytes()
+  assert writes == [120] * 4 + [8] and max(reads) <= 120 and sum(reads) == x.nbytes + 8
 
 
 @pytest.mark.parametrize('processes', [1, 2])

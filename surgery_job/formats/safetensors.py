@@ -8,6 +8,7 @@ process reads the byte ranges of its own shards. The files record no sharding: i
 by `partition_rules`, else replicated. Tensor names are keys with `/` written as the key separator.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -271,6 +272,35 @@ def _block_index(name: str) -> tuple[slice, ...]:
   return tuple(slice(*map(int, bounds.split('-'))) for bounds in name.split('_'))
 
 
+def stream_tensor(out, entry: sf.Entry, blocks_dir: paths.Path, piece: int = _UPLOAD_PIECE) -> None:
+  """Writes the bytes of tensor `entry` to the binary file `out`, from the objects in `blocks_dir`
+  (one per shard, named by `_block_name`), rows of the first axis at a time, about `piece` bytes:
+  each row range read from each shard it crosses, never a whole shard or tensor."""
+  if entry.nbytes == 0:
+    return
+  with contextlib.ExitStack() as opened:
+    readers = [(_block_index(block.name), opened.enter_context(sf.Reader(block)))
+               for block in blocks_dir.iterdir()]
+    if not entry.shape:
+      out.write(readers[0][1].read(0, entry.nbytes))
+      return
+    rows = entry.shape[0]
+    step = max(1, piece * rows // entry.nbytes)
+    for start in range(0, rows, step):
+      stop = min(start + step, rows)
+      rows_data = np.empty((stop - start, *entry.shape[1:]), entry.dtype)
+      for index, reader in readers:
+        low, high = max(start, index[0].start), min(stop, index[0].stop)
+        if low >= high:
+          continue
+        block_shape = tuple(part.stop - part.start for part in index[1:])
+        row_bytes = math.prod(block_shape) * entry.dtype.itemsize
+        data = reader.read((low - index[0].start) * row_bytes, (high - low) * row_bytes)
+        rows_data[(slice(low - start, high - start), *index[1:])] = np.frombuffer(
+            data, entry.dtype).reshape((high - low, *block_shape))
+      out.write(rows_data.reshape(-1).view(np.uint8))
+
+
 class Writer:
   """Writes the safetensors files into a folder beside `unit_dir` (in the run's work folder, which
   a resumed run takes over), then moves them to `unit_dir` with the index
@@ -278,9 +308,10 @@ class Writer:
 
   On an object store, where an object cannot be written at an offset, each process uploads its
   shards as objects of their own instead; at the end each process assembles the files assigned to
-  it (every P-th), one tensor at a time from its shards' objects, streaming the file up. That
-  costs the data uploaded twice and downloaded once more, and a process holds one tensor at a
-  time (plus its upload buffer), whatever the group size.
+  it (every P-th), streaming the file up a few rows of a tensor at a time, each piece put together
+  from ranged reads of its shards' objects. That costs the data uploaded twice and downloaded once
+  more; a process holds one piece (`_UPLOAD_PIECE` bytes, or one row if longer) and the upload
+  buffer, whatever the size of a tensor.
 
   `model_config`, the config.json that goes with the tensors, is written beside them, unless
   `output.extra_files` names a config.json: the user's file wins."""
@@ -402,15 +433,7 @@ class Writer:
       f.write(self.layout.headers[file])
       for entry in sorted((e for f, e in self.layout.entries.values() if f == file),
                           key=lambda e: e.offset):
-        tensor = np.empty(entry.shape, entry.dtype)
-        for block in (self.staged / entry.name).iterdir():
-          index = _block_index(block.name)
-          tensor[index] = np.frombuffer(block.read_bytes(), entry.dtype).reshape(tensor[index].shape)
-        # Its own bytes, a piece at a time: tobytes(), or one write into the upload buffer, would
-        # copy the whole tensor.
-        data = tensor.reshape(-1).view(np.uint8)
-        for start in range(0, data.size, _UPLOAD_PIECE):
-          f.write(data[start:start + _UPLOAD_PIECE])
+        stream_tensor(f, entry, self.staged / entry.name)
 
   def read_back(self, trees: dict[str, paths.Path],
                 targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
