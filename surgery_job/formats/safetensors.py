@@ -378,7 +378,8 @@ class Writer:
           if shard.replica_id == 0:
             data = np.ascontiguousarray(np.asarray(shard.data))
             name = _block_name(shard.index, array.shape)
-            (self.staged / self.layout.entries[key][1].name / name).write_bytes(data.tobytes())
+            (self.staged / self.layout.entries[key][1].name / name).write_bytes(
+                data.reshape(-1).view(np.uint8))  # Its own bytes: tobytes() would copy them.
             self.bytes_written += data.nbytes
       return
     touched = set()
