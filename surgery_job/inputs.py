@@ -89,8 +89,12 @@ class Inputs:
     return sum(entry.reader.held_bytes(entry.source) for entry in self.entries)
 
   def fingerprint(self, config) -> str:
-    """What makes two runs the same surgery (`output.fingerprint`), with every input's place."""
+    """What makes two runs the same surgery (`output.fingerprint`), with every input's place and
+    the primary input's config.json, which ops read and a safetensors output carries."""
     primary = output.fingerprint(config, self.primary.source)
+    model_config = self.primary.reader.model_config(self.primary.source)
+    if model_config is not None:
+      primary = hashlib.sha256(json.dumps([primary, model_config], sort_keys=True).encode()).hexdigest()
     if len(self.entries) == 1:
       return primary
     places = [[e.name, paths.real(e.source.root), e.source.step, e.source.item] for e in self.entries]

@@ -119,6 +119,21 @@ def test_a_rerun_is_already_done_and_overwrite_replaces_the_export(layered, tmp_
                f'--config.output.path={single}'))
 
 
+def test_a_changed_config_json_is_another_surgery(tmp_path):
+  # The input folder's config.json goes to the output: a rerun after it changed is not done.
+  folder, out = tmp_path / 'hf', tmp_path / 'out'
+  folder.mkdir()
+  save_file({'model.norm.weight': np.ones(4, np.float32)}, folder / 'model.safetensors')
+  (folder / 'config.json').write_text('{"model_type": "first"}')
+  config = {'output': {'format': 'safetensors'}}
+  ok(run(tmp_path, 'export', config, folder, out))
+  (folder / 'config.json').write_text('{"model_type": "second"}')
+  again = run(tmp_path, 'export', config, folder, out)
+  assert again.returncode == 2 and 'output.overwrite=True' in again.stderr.strip().splitlines()[-1]
+  ok(run(tmp_path, 'export', config, folder, out, '--config.output.overwrite=True'))
+  assert json.loads((out / 'config.json').read_text()) == {'model_type': 'second'}
+
+
 def test_the_ready_export_config(layered, tmp_path):
   in_path, x = layered
   out = tmp_path / 'hf'
