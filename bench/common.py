@@ -1,8 +1,10 @@
-"""What the benchmarks share: the environment of 8 fake CPU devices, and timing a command."""
+"""What the benchmarks share: the environment of 8 fake CPU devices, timing a command, and what the
+figures are recorded with."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
@@ -20,3 +22,18 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[floa
   if out[0] != '0':
     raise SystemExit(f'failed (exit {out[0]}): {" ".join(command)}')
   return float(out[1]), int(out[2]) * 1024 / GIB
+
+
+def load_average() -> str:
+  """The 1, 5 and 15 minute load averages: the machine is shared, and its load moves the figures."""
+  return ' '.join(Path('/proc/loadavg').read_text().split()[:3])
+
+
+def commit() -> str:
+  """The commit measured (with '+' when the work tree has changes)."""
+  repo = Path(__file__).resolve().parent.parent
+  head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=repo, capture_output=True,
+                        text=True, check=True).stdout.strip()
+  changed = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.strip()
+  return head + ('+' if changed else '')

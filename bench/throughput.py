@@ -16,9 +16,14 @@ Then times, interleaved, the median of `--runs` runs of:
   (b) the job, renaming every param (every leaf passed through, sharded ones copied as their
       stored chunks; validated), and (b0) the same with `output.copy_stored_chunks=False` (every
       leaf decoded and encoded again);
-  (c) the job, `configs/params_only_bf16.py`, and (c0) a params-only export without cast
-      (`drop_optimizer`);
-  (d) `cp -r` + `sync` of the checkpoint: the disk's practical limit.
+  (a1) naive serving export: restore everything, drop the optimizer state, cast the params to
+      bfloat16, save; (c) the job, `configs/params_only_bf16.py`;
+  (a2) naive params-only export: restore everything, save the params; (c0) the job, the same
+      without cast (`drop_optimizer`);
+  (d) `cp -r` + `sync` of the checkpoint: the disk's practical limit; (d0) the same of the params
+      (c0) keeps (its output);
+  (s) the job renaming a tiny checkpoint: its fixed start-up;
+each with its peak RSS, then the ratios the targets use (docs/performance.md).
 `--main_only` stops after that table.
 A safetensors table times the export of a checkpoint of `--safetensors_gib` GiB of float32 params
 (4 matrices sharded over the 2x4 mesh, and a step):
@@ -50,7 +55,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from common import ENV, GIB, measure
+from common import ENV, GIB, commit, load_average, measure
 from surgery_job import memory, report
 from surgery_job.errors import SurgeryError
 
@@ -87,10 +92,11 @@ BUILD = textwrap.dedent('''
     print(3 * len(shapes) + 2, sum(math.prod(s) * 4 for s in shapes.values()) * 3)
 ''')
 
-# The naive script of the Flax surgery guide, with Orbax: everything in memory, no validation.
-NAIVE = textwrap.dedent('''
+# The naive script of the Flax surgery guide, with Orbax: everything restored with its saved
+# shardings, changed in memory, saved; no validation. Each naive script below ends it.
+NAIVE_RESTORE_ALL = textwrap.dedent('''
     import sys
-    import jax, orbax.checkpoint as ocp
+    import jax, jax.numpy as jnp, orbax.checkpoint as ocp
     from flax import traverse_util
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
     import numpy as np
@@ -101,12 +107,24 @@ NAIVE = textwrap.dedent('''
       abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=NamedSharding(
           mesh, P(*getattr(m.sharding, 'partition_spec', ())))), metadata)
       state = manager.restore(1, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract)))['default']
+    def save(tree):
+      with ocp.CheckpointManager(target) as manager:
+        manager.save(1, args=ocp.args.Composite(default=ocp.args.StandardSave(tree)))
+        manager.wait_until_finished()
+''')
+
+NAIVE = NAIVE_RESTORE_ALL + textwrap.dedent('''
     flat = traverse_util.flatten_dict(state, sep='/')
-    flat = {k.replace('/kernel', '/w'): v for k, v in flat.items()}
-    with ocp.CheckpointManager(target) as manager:
-      manager.save(1, args=ocp.args.Composite(default=ocp.args.StandardSave(
-          traverse_util.unflatten_dict(flat, sep='/'))))
-      manager.wait_until_finished()
+    save(traverse_util.unflatten_dict({k.replace('/kernel', '/w'): v for k, v in flat.items()}, sep='/'))
+''')
+
+# The serving export as a script: the optimizer state dropped, the params cast to bfloat16.
+NAIVE_SERVING = NAIVE_RESTORE_ALL + textwrap.dedent('''
+    save({'params': jax.tree.map(lambda x: x.astype(jnp.bfloat16), state['params']), 'step': state['step']})
+''')
+
+NAIVE_PARAMS_ONLY = NAIVE_RESTORE_ALL + textwrap.dedent('''
+    save({'params': state['params'], 'step': state['step']})
 ''')
 
 # The usual export script: everything gathered on one host, then one save_file.
@@ -244,6 +262,29 @@ RENAME = textwrap.dedent('''
 ''')
 
 
+MAIN_ROWS = {
+    'a': 'naive rename: restore all, rename, save',
+    'b': 'job, rename',
+    'b0': 'job, rename, decoded and encoded',
+    'a1': 'naive serving export: restore all, params to bf16, save',
+    'c': 'job, params_only_bf16',
+    'a2': 'naive params only: restore all, save the params',
+    'c0': 'job, params only, no cast',
+    'd': 'cp -r + sync',
+    'd0': 'cp -r + sync of the params (c0) keeps',
+    's': 'job, rename, 30 leaves of 0.001 GiB: start-up',
+}
+
+
+def write_scripts(root: Path) -> dict[str, str]:
+  """{name: path} of the configs and naive scripts the tables run, written in `root`."""
+  scripts = {'rename': RENAME, 'params_only': PARAMS_ONLY, 'naive': NAIVE,
+             'naive_serving': NAIVE_SERVING, 'naive_params_only': NAIVE_PARAMS_ONLY}
+  for name, text in scripts.items():
+    (root / f'{name}.py').write_text(text)
+  return {name: str(root / f'{name}.py') for name in scripts}
+
+
 def build(path: Path, gib: float, leaves: int, moments: str = 'trained') -> tuple[int, int]:
   out = subprocess.run([sys.executable, '-c', BUILD, str(path), str(gib), str(leaves), moments],
                        env=ENV, capture_output=True, text=True, check=True).stdout.split()
@@ -316,34 +357,41 @@ def main() -> None:
   if args.only_merge:
     merge_rows(root, root / 'out', args)
     return
-  (root / 'rename.py').write_text(RENAME)
-  (root / 'naive.py').write_text(NAIVE)
-  (root / 'params_only.py').write_text(PARAMS_ONLY)
   source, out = root / 'in', root / 'out'
   leaves, size = build(source, args.gib, 30, args.moments)
   print(f'checkpoint: {leaves} leaves, {size / GIB:.2f} GiB (params and Adam state, {args.moments} '
         f'moments), {disk_mib(source):.0f} MiB on disk, 2x4 mesh')
+  tiny, kept = root / 'in_tiny', root / 'params_kept'
+  build(tiny, 0.001, 30)
+  scripts = write_scripts(root)
+  subprocess.run(job(scripts['params_only'], source, kept), env=ENV, capture_output=True, check=True)
   commands = {
-      '(a) naive Orbax script': [sys.executable, str(root / 'naive.py'), str(source), str(out)],
-      '(b) job, rename': job(str(root / 'rename.py'), source, out),
-      '(b0) job, rename, decoded and encoded': [*job(str(root / 'rename.py'), source, out),
-                                                '--config.output.copy_stored_chunks=False'],
-      '(c) job, params_only_bf16': job(str(REPO / 'configs' / 'params_only_bf16.py'), source, out),
-      '(c0) job, params only, no cast': job(str(root / 'params_only.py'), source, out),
-      '(d) cp -r + sync': copy_and_sync(source, out),
+      'a': [sys.executable, scripts['naive'], str(source), str(out)],
+      'b': job(scripts['rename'], source, out),
+      'b0': [*job(scripts['rename'], source, out), '--config.output.copy_stored_chunks=False'],
+      'a1': [sys.executable, scripts['naive_serving'], str(source), str(out)],
+      'c': job(str(REPO / 'configs' / 'params_only_bf16.py'), source, out),
+      'a2': [sys.executable, scripts['naive_params_only'], str(source), str(out)],
+      'c0': job(scripts['params_only'], source, out),
+      'd': copy_and_sync(source, out),
+      'd0': copy_and_sync(kept, out),
+      's': job(scripts['rename'], tiny, out),
   }
   rows = median_runs(commands, out, args.runs)
-  print(f'\nmedian of {args.runs}, interleaved\n')
-  print('| run | wall s | read MB/s | peak RSS GiB | phases (s) |')
+  kept_bytes = disk_mib(kept) * 2**20
+  print(f'\nmedian of {args.runs}, interleaved; MB/s of the checkpoint ((d0): of what it copies)\n')
+  print('| run | wall s | MB/s | peak RSS GiB | phases (s) |')
   print('|---|---|---|---|---|')
-  for name, row in rows.items():
-    print(f"| {name} | {row['wall']:.1f} | {size / 1e6 / row['wall']:.0f} | {row['rss']:.2f} | "
-          f"{phases(row)} |")
-  a, b, b0, c0, d = (rows[name]['wall'] for name in (
-      '(a) naive Orbax script', '(b) job, rename', '(b0) job, rename, decoded and encoded',
-      '(c0) job, params only, no cast', '(d) cp -r + sync'))
-  print(f'\nb/a = {b / a:.2f}, b/b0 = {b / b0:.2f}, b/d = {b / d:.2f}, c0/d = {c0 / d:.2f} '
-        '(d copies the whole checkpoint, c0 a third of it)')
+  for code, row in rows.items():
+    speed = '-' if code == 's' else f"{(kept_bytes if code == 'd0' else size) / 1e6 / row['wall']:.0f}"
+    print(f"| ({code}) {MAIN_ROWS[code]} | {row['wall']:.1f} | {speed} | {row['rss']:.2f} | "
+          f'{phases(row)} |')
+  wall = {code: row['wall'] for code, row in rows.items()}
+  print(f"\nb/a = {wall['b'] / wall['a']:.2f}, c/a1 = {wall['c'] / wall['a1']:.2f}, "
+        f"c0/a2 = {wall['c0'] / wall['a2']:.2f}, b/b0 = {wall['b'] / wall['b0']:.2f}, "
+        f"b/d = {wall['b'] / wall['d']:.2f}, c0/d0 = {wall['c0'] / wall['d0']:.2f}, "
+        f"(c0 - s)/d0 = {(wall['c0'] - wall['s']) / wall['d0']:.2f} "
+        f'((d0) copies the {kept_bytes / 2**20:.0f} MiB of params (c0) keeps; (s) is the start-up)')
   if args.main_only:
     return
 
@@ -359,7 +407,7 @@ def main() -> None:
 
   safetensors_rows(root, out, args)
   llama_rows(root, out, args)
-  default_budget(root, source, out, args)
+  default_budget(root, source, out, rows['s'], args)
   merge_rows(root, out, args)
 
 
@@ -419,18 +467,15 @@ def llama_rows(root: Path, out: Path, args) -> None:
   shutil.rmtree(source)
 
 
-def default_budget(root: Path, source: Path, out: Path, args) -> None:
+def default_budget(root: Path, source: Path, out: Path, fixed: dict, args) -> None:
   """(b) with the budget the job picks under a faked cgroup limit, against 1.5x that budget plus
-  the runtime's fixed cost."""
+  the runtime's fixed cost (`fixed`: the run of the job on a tiny checkpoint)."""
   cgroup = root / 'cgroup'
   cgroup.mkdir()
   (cgroup / 'memory.max').write_text(f'{int(args.cgroup_gb * 1e9)}\n')
   (cgroup / 'memory.current').write_text('0\n')
   memory.CGROUP_ROOT = cgroup
   budget, how = memory.default_budget(1)
-  tiny = root / 'in_tiny'
-  build(tiny, 0.001, 30)
-  fixed = median_runs({'tiny': job(str(root / 'rename.py'), tiny, out)}, out, args.runs)['tiny']
   row = median_runs({'job': job(str(root / 'rename.py'), source, out)}, out, args.runs,
                     {'SURGERY_JOB_CGROUP_ROOT': str(cgroup)})['job']
   bound = 1.5 * budget / GIB + fixed['rss']
@@ -461,5 +506,6 @@ def merge_rows(root: Path, out: Path, args) -> None:
 
 if __name__ == '__main__':
   start = time.perf_counter()
+  print(f'commit {commit()}, load average {load_average()}')
   main()
-  print(f'\n(benchmark took {time.perf_counter() - start:.0f} s)')
+  print(f'\n(benchmark took {time.perf_counter() - start:.0f} s; load average {load_average()} at the end)')
