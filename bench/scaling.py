@@ -30,13 +30,13 @@ host.
 
 import argparse
 import shutil
-import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
+
 from common import GIB, commit, load_average, measure
 from throughput import REPO, copy_and_sync, disk_mib, job, median_runs, write_scripts
 
@@ -133,8 +133,8 @@ def main() -> None:
 
   rows = []
   tiny = root / 'tiny'
-  rows += timed('tiny', jobs(tiny), out, args.runs, build(tiny, 0.001, 30))
-  shutil.rmtree(tiny)
+  tiny_built = build(tiny, 0.001, 30)
+  rows += timed('tiny', jobs(tiny), out, args.runs, tiny_built)
   many = root / 'many'
   rows += timed('leaves', jobs(many), out, args.runs, build(many, args.leaves_gib, args.leaves))
   shutil.rmtree(many)
@@ -151,11 +151,14 @@ def main() -> None:
     rows += timed('size', commands, out, args.runs, built)
     if gib == args.processes_gib:
       for n in (int(n) for n in args.processes.split(',') if n):
-        rows += timed(
-            'processes', {name: launch(n, command) for name, command in jobs(source).items()}, out, args.runs,
-            built, {'SURGERY_JOB': f'{sys.executable} -m surgery_job', 'LOG_DIR': str(root / 'logs'),
-                    'DEVICES_PER_PROCESS': str(8 // n)}, n)
+        env = {'SURGERY_JOB': f'{sys.executable} -m surgery_job', 'LOG_DIR': str(root / 'logs'),
+               'DEVICES_PER_PROCESS': str(8 // n)}
+        for table, checkpoint, figures in (('processes, tiny', tiny, tiny_built),
+                                           ('processes', source, built)):
+          rows += timed(table, {name: launch(n, command) for name, command in jobs(checkpoint).items()},
+                        out, args.runs, figures, env, n)
     shutil.rmtree(source)
+  shutil.rmtree(tiny)
 
   bound = 1.5 * args.budget_gb * 1e9 / GIB + max(row['rss'] for row in rows if row['table'] == 'tiny')
   print(f'\nbudget {args.budget_gb} GB; peak RSS bound 1.5 x budget + the tiny run\'s RSS = '
@@ -188,41 +191,53 @@ def launch(processes: int, command: list[str]) -> list[str]:
 
 def model(name: str, rows: list[dict], args) -> None:
   """Fits time = start-up + bytes x s/byte + leaves x s/leaf to the one-process `rows` (least
-  squares), prints every row against it, and the prediction for `args.predict_tb` TB."""
-  single = [row for row in rows if row['table'] != 'processes']
+  squares), prints every row against it, and the prediction for `args.predict_tb` TB. Rows through
+  launch/local.sh take the start-up of the tiny checkpoint on as many processes."""
+  single = [row for row in rows if not row['table'].startswith('processes')]
   features = np.array([[1.0, row['bytes'], row['leaves']] for row in single])
   (startup, per_byte, per_leaf), *_ = np.linalg.lstsq(
       features, np.array([row['wall'] for row in single]), rcond=None)
   per_process = 1 / per_byte
-  # What N processes moved together: the bytes over the time the model leaves for them.
-  aggregate = max(row['bytes'] / (row['wall'] - startup - row['leaves'] * per_leaf) for row in rows)
+  # On N processes the start-up is the one-process fit's plus what the tiny checkpoint took more.
+  startups = {row['processes']: row['wall'] - row['bytes'] * per_byte - row['leaves'] * per_leaf
+              for row in rows if row['table'] == 'processes, tiny'}
+
+  def start(row: dict) -> float:
+    return startups[row['processes']] if row['table'].startswith('processes') else startup
+
+  # What N processes moved together at best: the bytes over the time the model leaves for them.
+  aggregate = max([row['bytes'] / max(1e-3, row['wall'] - start(row) - row['leaves'] * per_leaf)
+                   for row in rows if row['table'] == 'processes'] or [per_process])
 
   def predicted(row: dict) -> float:
     bandwidth = min(row['processes'] * per_process, aggregate)
-    return startup + row['bytes'] / bandwidth + row['leaves'] * per_leaf
+    return start(row) + row['bytes'] / bandwidth + row['leaves'] * per_leaf
 
   errors = [predicted(row) / row['wall'] - 1 for row in rows]
-  print(f'\n{name}: time = {startup:.2f} s + bytes / min(N x {per_process / 1e6:.0f} MB/s, '
+  print(f'\n{name}: time = start-up ({startup:.2f} s; on N processes through local.sh: '
+        f'{", ".join(f"{n}: {t:.1f} s" for n, t in startups.items())}) + bytes / min(N x {per_process / 1e6:.0f} MB/s, '
         f'{aggregate / 1e6:.0f} MB/s) + leaves x {per_leaf * 1e3:.2f} ms '
         f'(least squares over {len(single)} one-process rows)\n')
-  print('| GiB | leaves | processes | measured s | model s | error |')
-  print('|---|---|---|---|---|---|')
+  print('| table | GiB | leaves | processes | measured s | model s | error |')
+  print('|---|---|---|---|---|---|---|')
   for row, error in zip(rows, errors):
-    print(f"| {row['bytes'] / GIB:.2f} | {row['leaves']} | {row['processes']} | {row['wall']:.1f} | "
+    print(f"| {row['table']} | {row['bytes'] / GIB:.2f} | {row['leaves']} | {row['processes']} | {row['wall']:.1f} | "
           f'{predicted(row):.1f} | {error:+.0%} |')
   print(f'largest error {max(abs(e) for e in errors):.0%}')
   total = args.predict_tb * 1e12
   per_host = total / args.predict_hosts
+  # The start-up measured on the most processes here stands for the hosts' (one process each).
+  host_startup = max([startup, *startups.values()])
   print(f'\n{args.predict_tb:g} TB in {args.predict_leaves} leaves on {args.predict_hosts} hosts '
-        f'({per_host / 1e9:.1f} GB each; memory per host: the budget, {args.budget_gb} GB, plus the '
-        'fixed cost):\n')
+        f'({per_host / 1e9:.1f} GB each; start-up {host_startup:.1f} s; memory per host: the budget, '
+        f'{args.budget_gb} GB, plus the fixed cost):\n')
   print('| per host | bandwidth MB/s | predicted s |')
   print('|---|---|---|')
   bandwidths = [(f'storage at {gbps} GB/s', float(gbps) * 1e9) for gbps in args.host_gbps.split(',') if gbps]
   bandwidths.append(('one process of this machine', per_process))
   for what, bandwidth in bandwidths:
     print(f'| {what} | {bandwidth / 1e6:.0f} | '
-          f'{startup + per_host / bandwidth + args.predict_leaves * per_leaf:.0f} |')
+          f'{host_startup + per_host / bandwidth + args.predict_leaves * per_leaf:.0f} |')
 
 
 if __name__ == '__main__':
