@@ -82,6 +82,7 @@ BUILD = textwrap.dedent('''
       json.dump(metadata, f)
 ''')
 
+TABLES = ('tiny', 'leaves', 'size', 'processes, tiny', 'processes')
 LEAF_ROWS = 16384  # (16384, 1024) float32: 64 MiB a param.
 
 
@@ -163,11 +164,12 @@ def main() -> None:
   bound = 1.5 * args.budget_gb * 1e9 / GIB + max(row['rss'] for row in rows if row['table'] == 'tiny')
   print(f'\nbudget {args.budget_gb} GB; peak RSS bound 1.5 x budget + the tiny run\'s RSS = '
         f'{bound:.2f} GiB; median of {args.runs}\n')
-  print('| run | GiB | leaves | processes | wall s | s/GiB | MB/s | peak RSS GiB | within bound | groups |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
-  for row in rows:
+  print('| table | run | GiB | leaves | processes | wall s | s/GiB | MB/s | peak RSS GiB | within bound '
+        '| groups |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  for row in sorted(rows, key=lambda row: TABLES.index(row['table'])):
     within = '-' if not row['run'].startswith(('(b)', '(c0)')) else 'yes' if row['rss'] <= bound else 'NO'
-    print(f"| {row['run']} | {row['bytes'] / GIB:.2f} | {row['leaves']} | {row['processes']} | "
+    print(f"| {row['table']} | {row['run']} | {row['bytes'] / GIB:.2f} | {row['leaves']} | {row['processes']} | "
           f"{row['wall']:.1f} | {row['wall'] / (row['bytes'] / GIB):.1f} | "
           f"{row['bytes'] / 1e6 / row['wall']:.0f} | {row['rss']:.2f} | {within} | {row['groups'] or '-'} |")
   for name in ('(b) job, rename', '(c0) job, params only', '(d) cp -r + sync'):
@@ -205,9 +207,11 @@ def model(name: str, rows: list[dict], args) -> None:
   def start(row: dict) -> float:
     return startups[row['processes']] if row['table'].startswith('processes') else startup
 
-  # What N processes moved together at best: the bytes over the time the model leaves for them.
-  aggregate = max([row['bytes'] / max(1e-3, row['wall'] - start(row) - row['leaves'] * per_leaf)
-                   for row in rows if row['table'] == 'processes'] or [per_process])
+  # What N processes moved together at best: the bytes over the time the model leaves for them
+  # (none where the noise leaves no time at all).
+  moving = [row['wall'] - start(row) - row['leaves'] * per_leaf for row in rows]
+  aggregate = max([row['bytes'] / seconds for row, seconds in zip(rows, moving)
+                   if row['table'] == 'processes' and seconds > 0] or [per_process])
 
   def predicted(row: dict) -> float:
     bandwidth = min(row['processes'] * per_process, aggregate)

@@ -44,8 +44,8 @@ def test_scaling_benchmark_runs(tmp_path):
        '--leaves=12', '--leaves_gib=0.002'],
       cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  for row in ('| (b) job, rename | 0.00 | 5 | 1 |', '| (c0) job, params only | 0.00 | 14 | 1 |',
-              '| (d) cp -r + sync |', '| (a) naive rename |', '| (b) job, rename | 0.00 | 5 | 2 |',
+  for row in ('| size | (b) job, rename | 0.00 | 5 | 1 |', '| leaves | (c0) job, params only | 0.00 | 14 | 1 |',
+              '| (d) cp -r + sync |', '| (a) naive rename |', '| processes | (b) job, rename | 0.00 | 5 | 2 |',
               'least squares over 3 one-process rows', '| processes | 0.00 | 5 | 2 |',
               '1 TB in 2200 leaves on 64 hosts', '83 B params, about 167 GB on one host'):
     assert row in result.stdout, result.stdout
