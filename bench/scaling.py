@@ -142,23 +142,25 @@ def main() -> None:
   sizes = [float(g) for g in args.gib.split(',') if g]
   for gib in sizes:
     source = root / f'in_{gib:g}'
-    built = build(source, gib)
-    print(f'{gib:g} GiB: built in {built["build_wall"]:.0f} s, peak RSS {built["build_rss"]:.2f} GiB; '
-          f'{disk_mib(source):.0f} MiB on disk, {built["leaves"]} leaves; load average {load_average()}',
-          flush=True)
-    commands = {**jobs(source), '(d) cp -r + sync': copy_and_sync(source, out)}
-    if gib <= args.naive_max_gib:
-      commands['(a) naive rename'] = [sys.executable, scripts['naive'], str(source), str(out)]
-    rows += timed('size', commands, out, args.runs, built)
-    if gib == args.processes_gib:
-      for n in (int(n) for n in args.processes.split(',') if n):
-        env = {'SURGERY_JOB': f'{sys.executable} -m surgery_job', 'LOG_DIR': str(root / 'logs'),
-               'DEVICES_PER_PROCESS': str(8 // n)}
-        for table, checkpoint, figures in (('processes, tiny', tiny, tiny_built),
-                                           ('processes', source, built)):
-          rows += timed(table, {name: launch(n, command) for name, command in jobs(checkpoint).items()},
-                        out, args.runs, figures, env, n)
-    shutil.rmtree(source)
+    try:  # Gigabytes: gone even when a run fails.
+      built = build(source, gib)
+      print(f'{gib:g} GiB: built in {built["build_wall"]:.0f} s, peak RSS {built["build_rss"]:.2f} GiB; '
+            f'{disk_mib(source):.0f} MiB on disk, {built["leaves"]} leaves; load average {load_average()}',
+            flush=True)
+      commands = {**jobs(source), '(d) cp -r + sync': copy_and_sync(source, out)}
+      if gib <= args.naive_max_gib:
+        commands['(a) naive rename'] = [sys.executable, scripts['naive'], str(source), str(out)]
+      rows += timed('size', commands, out, args.runs, built)
+      if gib == args.processes_gib:
+        for n in (int(n) for n in args.processes.split(',') if n):
+          env = {'SURGERY_JOB': f'{sys.executable} -m surgery_job', 'LOG_DIR': str(root / 'logs'),
+                 'DEVICES_PER_PROCESS': str(8 // n)}
+          for table, checkpoint, figures in (('processes, tiny', tiny, tiny_built),
+                                             ('processes', source, built)):
+            rows += timed(table, {name: launch(n, command) for name, command in jobs(checkpoint).items()},
+                          out, args.runs, figures, env, n)
+    finally:
+      shutil.rmtree(source, ignore_errors=True)
   shutil.rmtree(tiny)
 
   bound = 1.5 * args.budget_gb * 1e9 / GIB + max(row['rss'] for row in rows if row['table'] == 'tiny')
