@@ -10,7 +10,7 @@ model fitted to them.
 Each checkpoint holds float32 params in leaves of 64 MiB (smaller below 0.75 GiB) and their Adam
 moments after one step (random, so zstd packs none of it), sharded over a ('data', 'model') 2x4
 mesh of 8 fake CPU devices. It is built 256 MiB of params at a time with Orbax's partial saves, so
-that building 8 GiB holds one such group and its moments, not the checkpoint.
+that building 8 GiB holds a group or two with their moments, not the checkpoint (3.7 GiB peak).
 By size (`--gib`), each job under `memory.host_budget_gb=--budget_gb`, `--runs` runs interleaved:
   (b) the job renaming every param, (c0) the job keeping the params only (`drop_optimizer`),
   (d) `cp -r` + `sync`, and (a) the naive rename script of bench/throughput.py up to
@@ -22,8 +22,9 @@ By leaves: (b) and (c0) on `--leaves_gib` GiB cut into `--leaves` leaves, and on
 checkpoint (the start-up, and the fixed RSS that every job row's peak is held against: 1.5x the
 budget plus that).
 Then fits time = start-up + bytes x seconds per byte + leaves x seconds per leaf to the
-one-process rows of each job by least squares, shows every row against it (N processes: bytes at
-min(N x the per-process bandwidth, the best aggregate seen)), and predicts `--predict_tb` TB in
+one-process rows of each job by least squares, shows every row against it (N processes: the tiny
+checkpoint's start-up on N, bytes at min(N x the per-process bandwidth, the best aggregate
+seen)), and predicts `--predict_tb` TB in
 `--predict_leaves` leaves on `--predict_hosts` hosts at each of `--host_gbps` GB/s of storage per
 host.
 """
