@@ -365,6 +365,12 @@ def _bad_inputs(folder) -> dict:
                                  'b': {**F32_2, 'data_offsets': [8, 16]}}, b'\0' * 16,
                    "safetensors file {file}: tensor 'b': data_offsets [8, 16] run past the end")
   truncated.write_bytes(truncated.read_bytes()[:-3])
+  case('keys_alike', {'a.b': {**F32_2, 'data_offsets': [0, 8]}, 'a/b': {**F32_2, 'data_offsets': [8, 16]}},
+       expected="safetensors file {file}: tensor 'a/b' and tensor 'a.b' both make the key 'a/b'")
+  case('leaf_and_subtree', {'a': {**F32_2, 'data_offsets': [0, 8]},
+                            'a.b': {**F32_2, 'data_offsets': [8, 16]}},
+       expected="safetensors file {file}: tensor 'a.b' lies under tensor 'a'; a tree holds a leaf or "
+                'a subtree at one key, not both')
   missing = case('index_missing_file', expected="tensor 'b': its file model-00002-of-00002.safetensors "
                  'does not exist')
   raw_file(missing.parent / 'model-00001-of-00002.safetensors',

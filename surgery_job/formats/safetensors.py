@@ -139,6 +139,15 @@ def read_metadata(source: Source) -> dict[str, Any]:
       source.entries[key] = (file, entry)
   if not source.entries:
     raise SurgeryError(f'{source.item_dir} holds no tensors')
+  for key, (file, entry) in source.entries.items():
+    parts = key.split(tree.SEP)
+    above = next((parent for depth in range(1, len(parts))
+                  if (parent := tree.SEP.join(parts[:depth])) in source.entries), None)
+    if above is not None:  # `model.embed` and `model.embed.weight`: a leaf and a subtree at once.
+      other_file, other = source.entries[above]
+      raise SurgeryError(f'safetensors file {file}: tensor {entry.name!r} lies under tensor '
+                         f'{other.name!r}' + (f' of {other_file}' if other_file != file else '')
+                         + '; a tree holds a leaf or a subtree at one key, not both')
   return tree.unflatten({k: jax.ShapeDtypeStruct(e.shape, e.dtype)
                          for k, (_, e) in source.entries.items()}, {})
 
