@@ -7,17 +7,18 @@ import shutil
 import signal
 import time
 
+import numpy as np
 import psutil
 
 import checkpoints
-from jobs import assert_unlocked, ok, run_job
+from jobs import assert_unlocked, ok, run_job, write_config
 from test_safety import STREAMED, assert_same, paths, start_paused, values
 from test_stops import job_processes, start_two, wait_for
 
 
-def rerun(config, in_path, out):
+def rerun(config, in_path, out, budget: str = STREAMED):
   """The streamed surgery run again: it must finish."""
-  result = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}', STREAMED)
+  result = run_job(config, f'--config.input.path={in_path}', f'--config.output.path={out}', budget)
   ok(result)
   return result
 
@@ -93,6 +94,32 @@ def test_a_save_cut_short_keeps_the_groups_on_record(layered, baseline, tmp_path
   result = rerun(config, layered[0], out)
   assert 'groups were written by an earlier run (groups 0)' in result.stderr
   assert_same(values(out), want)
+  assert not staging.exists()
+
+
+def test_sigkill_in_a_partial_save_keeps_the_groups_on_record(tmp_path):
+  """Killed while Orbax writes a group's partial save, with its temporary folder in the staging
+  folder (most of a long run's time): the groups on record are kept."""
+  rng = np.random.default_rng(0)
+  state = {'params': {f'w{i}': rng.normal(size=(1024, 2048)).astype(np.float32) for i in range(3)}}
+  in_path, out, pause = tmp_path / 'in', tmp_path / 'out', tmp_path / 'paused'
+  checkpoints.save_manager(in_path, state, step=3)
+  config = write_config(tmp_path, {'transforms': []})
+  one_leaf_a_group = '--config.memory.host_budget_gb=0.01'  # Each leaf is 8 MB.
+  staging = out / '3.orbax-checkpoint-tmp-surgery'
+  process = start_paused(config, in_path, out, 'group_written', pause, one_leaf_a_group)
+  pause.unlink()  # Group 0 is on record; group 1 goes on.
+  saving = '*/checkpoint.default.partial_save.orbax-checkpoint-tmp'
+  while not list(staging.glob(saving)):
+    assert process.poll() is None and not pause.exists(), 'group 1 was saved before it was seen'
+    time.sleep(0.002)
+  process.kill()
+  process.wait(timeout=60)
+  assert list(staging.glob(saving))
+  result = rerun(config, in_path, out, one_leaf_a_group)
+  assert 'Resuming: 1 of 3 groups were written by an earlier run (groups 0)' in result.stderr
+  assert_same(checkpoints.flat_numpy(checkpoints.restore_plain(out / '3' / 'default')),
+              checkpoints.flat_numpy(state))
   assert not staging.exists()
 
 
