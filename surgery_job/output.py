@@ -11,8 +11,9 @@ does every step below for a unit U; the other processes wait at barriers and wri
    U is absent; an object-store commit that had begun is finished. A staging folder of the same
    surgery of the same input bytes on the same topology (`resume_key`), stopped before its commit,
    is taken over to resume from; anything else there is removed.
-3. Decide: U holding this surgery's fingerprint is already done; a checkpoint of U's kind holding
-   anything else is replaced only with `output.overwrite`; anything else is never replaced.
+3. Decide: U holding this surgery's fingerprint is already done, unless `output.overwrite` asks
+   for it again (but for the rerun of a run stopped in its commit); a checkpoint of U's kind is
+   replaced only with `output.overwrite`; anything else is never replaced.
 4. Stage: `U.orbax-checkpoint-tmp-surgery/` beside U, holding a marker (the run's `resume_key` and
    the name of its work folder) and the work folder, named by the run's lock token: `checkpoint/`,
    the future U, its partial saves, and a record of each group saved. Orbax takes a name holding
