@@ -396,7 +396,8 @@ def _bad_inputs(folder) -> dict:
 
 
 BAD_INPUTS = ('header_length', 'broken_json', 'unknown_dtype', 'shape_size', 'overlap', 'gap',
-              'truncated', 'index_missing_file', 'index_tensor_twice', 'index_names_a_tensor_twice')
+              'truncated', 'keys_alike', 'leaf_and_subtree', 'index_missing_file',
+              'index_tensor_twice', 'index_names_a_tensor_twice')
 
 
 @pytest.mark.parametrize('name', BAD_INPUTS)
