@@ -3,6 +3,7 @@
 dtype. Outputs are compared leaf by leaf with plain Orbax (PRNG keys by key data and key dtype), and
 the NNX trainer restores each into its own abstract state and trains one more step."""
 
+import json
 import re
 
 import jax
@@ -59,6 +60,9 @@ def test_identity_keeps_every_leaf_and_the_rng_keys(scanned, tmp_path):
   assert sorted(got) == sorted(x)
   assert_same(got, x, x)
   assert key_dtypes == {RNG_KEY: 'key<urbg>'}
+  # The trainer restores the sharded leaves copied as their stored chunks as it restores its own.
+  copied = json.loads((out / str(STEP) / 'surgery_report.json').read_text())['copied_as_stored_chunks']
+  assert 'model/blocks/linear/kernel/value' in copied, copied
   assert_same(resumes(item_dir), x, x)
 
 
