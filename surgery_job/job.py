@@ -537,7 +537,8 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, stagin
     if copies:
       with phases('copy'):
         check()
-        checksums = stored_chunks.copy(copies, read.primary.source, written_trees, barrier)
+        checksums = stored_chunks.copy(copies, read.primary.source, written_trees, barrier,
+                                       budget_bytes)
     faults.corrupt_output(staging.checkpoint)
     barrier('written')
     with phases('validate'):
@@ -545,7 +546,7 @@ def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, stagin
                 lambda index: progress.phase('validate', index, written_bytes[index]))
       if copies:
         # Each process reads back the stored bytes it copied, none decoded; all hear how many differ.
-        bad = stored_chunks.mismatches(copies, written_trees, checksums)
+        bad = stored_chunks.mismatches(copies, written_trees, checksums, budget_bytes)
         found = int(multihost_utils.process_allgather(np.asarray([len(bad)], np.int32)).sum())
         if found:
           raise BadStagedOutput(f'validation failed: {found} leaves copied as stored chunks differ '

@@ -30,7 +30,7 @@ from surgery_job import checkpoint, faults, orbax_speedups, paths, plan as plan_
 _ZARR = {'compressor': {'id': 'zstd', 'level': 1}, 'dimension_separator': '.',
          'fill_value': None, 'filters': None, 'order': 'C', 'zarr_format': 2}
 _DATABASE = 'ocdbt.copied_'  # Each process's database of copied chunks, beside Orbax's.
-_BATCH_BYTES = 64 << 20  # Of chunks read, per process, before they are written.
+_BATCH_BYTES = 64 << 20  # Of chunks read, per process, before they are written: at most.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,25 +168,33 @@ def _chunks(copies: dict[str, Copy], source: checkpoint.Location) -> list[tuple[
   return chunks
 
 
-def _batches(chunks: list, copies: dict[str, Copy]):
-  """`chunks` (tuples starting with the output key) in runs of about `_BATCH_BYTES`, so that a
-  process holds little of them at once."""
-  batch, size = [], 0
+def _batch_bytes(budget_bytes: int | None) -> int:
+  """The bytes of chunks in a batch. A copy holds about three batches at once (the next one
+  read, this one's values, tensorstore's buffers writing them): a third of the memory budget."""
+  return _BATCH_BYTES if budget_bytes is None else max(1, min(_BATCH_BYTES, budget_bytes // 3))
+
+
+def _batches(chunks: list, copies: dict[str, Copy], budget_bytes: int | None):
+  """`chunks` (tuples starting with the output key) in runs of at most `_batch_bytes` (or one
+  chunk), so that a process holds little of them at once."""
+  batch, size, most = [], 0, _batch_bytes(budget_bytes)
   for chunk in chunks:
-    batch.append(chunk)
-    size += copies[chunk[0]].chunk_bytes
-    if size >= _BATCH_BYTES:
+    chunk_bytes = copies[chunk[0]].chunk_bytes
+    if batch and size + chunk_bytes > most:
       yield batch
       batch, size = [], 0
+    batch.append(chunk)
+    size += chunk_bytes
   if batch:
     yield batch
 
 
 def copy(copies: dict[str, Copy], source: checkpoint.Location, out_trees: dict[str, paths.Path],
-         barrier) -> dict[tuple[str, str], int]:
+         barrier, budget_bytes: int | None) -> dict[tuple[str, str], int]:
   """Copies the stored chunks of `copies` into the finished output trees `out_trees` (every
-  process its share, then process 0 merges them in and writes their metadata). Returns this
-  process's share: {(output key, stored key in the output): checksum of the bytes copied}."""
+  process its share, then process 0 merges them in and writes their metadata), in batches that
+  fit the memory budget. Returns this process's share: {(output key, stored key in the output):
+  checksum of the bytes copied}."""
   if not copies:
     return {}
   me, count = jax.process_index(), jax.process_count()
@@ -195,7 +203,7 @@ def copy(copies: dict[str, Copy], source: checkpoint.Location, out_trees: dict[s
   targets = {prefix: _database(folder / f'{_DATABASE}{me}', 'WRITE')
              for prefix, folder in out_trees.items() if any(copies[c[0]].tree == prefix for c in mine)}
   checksums, writing = {}, []
-  for batch in _batches(mine, copies):
+  for batch in _batches(mine, copies, budget_bytes):
     # The next batch is read while the last one is written: two batches in memory at most.
     reads = [sources[copies[key].source_tree].read(stored) for key, stored, _ in batch]
     for write in writing:
@@ -255,13 +263,13 @@ def _add_metadata(folder: paths.Path, leaves: list[Copy]) -> None:
 
 
 def mismatches(copies: dict[str, Copy], out_trees: dict[str, paths.Path],
-               checksums: dict[tuple[str, str], int]) -> list[str]:
+               checksums: dict[tuple[str, str], int], budget_bytes: int | None) -> list[str]:
   """The copied leaves whose stored values in the output (zarr header and chunks) that this
   process copied (`checksums`, as `copy` returned them) differ from what it read, or are missing
   or unreadable; and those whose number of stored values differs from the input's."""
   outputs = {prefix: _reader(folder) for prefix, folder in out_trees.items()}
   bad = set()
-  for batch in _batches(sorted(checksums), copies):
+  for batch in _batches(sorted(checksums), copies, budget_bytes):
     reads = [outputs[copies[key].tree].read(name) for key, name in batch]
     bad |= {key for (key, name), read in zip(batch, reads) if _checksum(read) != checksums[key, name]}
   return sorted(bad)

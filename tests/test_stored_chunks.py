@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 from jobs import launch, ok, outcome, write_config
-from surgery_job import diff, faults, inspect, job, paths
+from surgery_job import diff, faults, inspect, job, paths, stored_chunks
 from test_memory import float32_checkpoint
 
 RENAME = [dict(op='rename', pattern=r'(.*)/kernel', replacement=r'\1/w')]
@@ -130,3 +130,15 @@ def test_a_run_stopped_while_copying_is_done_again_by_the_next(trained, tmp_path
   assert run(trained, tmp_path / 'copied')['copied_as_stored_chunks'] == COPIED
   run(trained, tmp_path / 'decoded', copy=False)
   assert_same_checkpoint(tmp_path / 'copied' / '3' / 'default', tmp_path / 'decoded' / '3' / 'default')
+
+
+def test_chunks_are_copied_in_batches_of_a_third_of_the_budget():
+  # A copy holds about three batches at once; none passes a third of the budget but a lone chunk.
+  leaf = stored_chunks.Copy('', 'a', '', 'a', 'a', (), (4,), 10, '')
+  chunks = [('a', f'a/{i}', f'a/{i}') for i in range(7)]
+
+  def batch_sizes(budget_bytes):
+    return [len(batch) for batch in stored_chunks._batches(chunks, {'a': leaf}, budget_bytes)]
+  assert batch_sizes(90) == [3, 3, 1]
+  assert batch_sizes(20) == [1] * 7
+  assert batch_sizes(None) == [7]
