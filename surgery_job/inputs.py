@@ -71,7 +71,11 @@ class Inputs:
       except SurgeryError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        raise SurgeryError(checkpoint.read_error(e, entry.source.item_dir)) from None
+        source = entry.source
+        if source.step is not None and not source.item_dir.exists():
+          raise SurgeryError(f'input.step {source.step} not found in {source.root}: deleted while '
+                             'it was read') from None
+        raise SurgeryError(checkpoint.read_error(e, source.item_dir)) from None
       restored.update({entry.key(k): v for k, v in leaves.items()})
     return restored
 

@@ -205,6 +205,27 @@ def test_a_step_the_trainer_deletes_while_it_is_read_is_skipped(run, layered, tm
   assert_same(checkpoints.flat_numpy(checkpoints.restore_plain(out / '2' / 'default')), layered[1])
 
 
+def test_a_step_named_by_the_user_and_deleted_while_it_is_read_is_one_line(layered, tmp_path):
+  in_path, out, pause = tmp_path / 'in', tmp_path / 'out', tmp_path / 'paused'
+  shutil.copytree(layered[0] / '3', in_path / '1')
+  run = subprocess.Popen(
+      job_command(write_config(tmp_path, {'transforms': [], 'input': {'step': 1}}),
+                  f'--config.input.path={in_path}', f'--config.output.path={out}'),
+      cwd=REPO, env=job_env(env={'SURGERY_JOB_PAUSE': 'restore', 'SURGERY_JOB_PAUSE_FILE': str(pause)}),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while not pause.exists():
+    assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
+    time.sleep(0.1)
+  shutil.rmtree(in_path / '1')
+  pause.unlink()
+  stderr = run.communicate(timeout=300)[1]
+  assert run.returncode == 2, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == (
+      f'surgery-job: error: input.step 1 not found in {in_path}: deleted while it was read')
+  assert checkpoints.visible_steps(out) == []
+
+
 def test_what_stopped_runs_left_for_deleted_input_steps_is_swept(layered, tmp_path):
   # A run killed mid-write leaves its staging folder and lock for a resume; one killed just after
   # its commit leaves its lock. Once the trainer has deleted those input steps, no run comes back
