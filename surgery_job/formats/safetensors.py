@@ -31,7 +31,7 @@ ITEM = 'default'  # The item of an Orbax output of a step, as a CheckpointManage
 METADATA = {'format': 'pt'}  # What save_pretrained writes; transformers 4.x requires it.
 CONFIG_JSON = 'config.json'  # The model's Hugging Face config, beside the files.
 _UPLOAD_PIECE = 1 << 24  # Bytes handed to an object store's upload buffer at a time.
-_WRITE_PIECE = 1 << 24  # Bytes of shards joined into whole rows at a time.
+_WRITE_PIECE = 1 << 22  # Bytes of shards joined into whole rows at a time (held beside the group).
 
 abstract_inputs = flax_msgpack.abstract_inputs
 
