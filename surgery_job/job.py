@@ -339,13 +339,13 @@ def _claimed(config, claim: output.Claim, read, skeletons, inputs, planned, grou
   # Only process 0 holds the lock: it checks before each write that no other run took it over.
   check = claim.check if jax.process_index() == 0 else lambda: None
   cast_errors = {}
+  read_ahead = _read_ahead(groups, budget_bytes, resumed)
   with memory.long_lived():
     _write_and_validate(read, inputs, planned, groups, staging, writer,
-                        phases, barrier, check, budget_bytes, resumed, cast_errors)
+                        phases, barrier, check, budget_bytes, resumed, read_ahead, cast_errors)
   reused = sorted(resumed)
   report = report_lib.build(config, plan, groups, source, target, phases.seconds, run_fingerprint,
-                            reused, cast_errors, sorted(copies),
-                            sorted(_read_ahead(groups, budget_bytes, resumed)))
+                            reused, cast_errors, sorted(copies), sorted(read_ahead))
   read.add_to_report(report, plan)
   with phases('commit'), stopping.committing():
     if jax.process_index() == 0:
@@ -465,17 +465,17 @@ def _resumed(writer, groups, written: dict) -> list[int]:
 
 def _write_and_validate(read: inputs_lib.Inputs, inputs, planned, groups, staging: output.Staging,
                         writer, phases, barrier, check: Callable[[], None], budget_bytes,
-                        resumed: dict[int, dict], cast_errors: dict) -> None:
+                        resumed: dict[int, dict], read_ahead: set[int], cast_errors: dict) -> None:
   """Restores, transforms and writes each group into the staging folder with the output format's
   `writer`, then reads it all back. `read`: the inputs; `planned`: the plan, its groups' compiled
-  transforms and the outputs copied as stored chunks (after the groups). Groups in `resumed` ({index: its record}, written by an earlier run of
-  this surgery) are taken as they are. `check()` comes before each write. Fills `cast_errors`
-  with what each cast of a computed group lost."""
+  transforms and the outputs copied as stored chunks (after the groups). Groups in `resumed`
+  ({index: its record}, written by an earlier run of this surgery) are taken as they are; those
+  in `read_ahead` are restored while the group before them is written. `check()` comes before
+  each write. Fills `cast_errors` with what each cast of a computed group lost."""
   plan, programs, copies = planned
   streamed = len(groups) > 1
   read_bytes = [plan.inputs_bytes(group.inputs) for group in groups]
   written_bytes = [sum(plan.outputs[k].nbytes for k in group.outputs) for group in groups]
-  read_ahead = _read_ahead(groups, budget_bytes, resumed)
   reading = {}  # {group index: its restore, started while the group before it is written}
   reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='surgery_job_read_ahead')
   with Progress(sum(read_bytes), sum(written_bytes), len(groups)) as progress, \
